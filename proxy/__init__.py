@@ -1,0 +1,1 @@
+"""mongoproxy: an asyncio MongoDB wire-protocol proxy."""

@@ -1,0 +1,43 @@
+"""Command line: ``mongoproxy run --config FILE`` and ``mongoproxy check-config FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from proxy.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mongoproxy", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("--config", required=True, help="YAML configuration file")
+    run.add_argument("--log-level", default="INFO")
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    path = args.config if args.command == "run" else args.file
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"mongoproxy: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(f"{path}: OK")
+        return 0
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    from proxy.app import run as run_proxy  # deferred: check-config needs no event loop
+
+    run_proxy(config)
+    return 0

@@ -1,0 +1,121 @@
+"""The proxy's configuration: one typed, validated object loaded from YAML.
+
+Unknown keys are rejected everywhere, and every error names the offending key path
+(``upstream.pool.max_size: Input should be greater than 0``) so an operator can fix the
+file without reading code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pymongo.errors import InvalidURI
+from pymongo.uri_parser import parse_uri
+
+from proxy.wire import SUPPORTED_COMPRESSORS
+
+
+
+class ConfigError(Exception):
+    """The configuration file is unreadable or invalid; the message names the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=27016, ge=0, le=65535)
+    # Offered to clients in the handshake, in this order of preference of ours; the
+    # client's own order decides among those both sides support.
+    compressors: tuple[Literal["zstd", "snappy", "zlib"], ...] = SUPPORTED_COMPRESSORS  # type: ignore[assignment]
+    zlib_compression_level: int = Field(default=-1, ge=-1, le=9)
+    max_message_size_bytes: int = Field(default=48_000_000, ge=1024, le=48_000_000)
+    # Bounded time for anything the proxy waits on from a client: a message that has
+    # started arriving must be complete within this time.
+    read_timeout_ms: int = Field(default=60_000, gt=0)
+
+
+class AdminConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9216, ge=0, le=65535)
+
+
+class PoolConfig(_Strict):
+    max_size: int = Field(default=100, gt=0)
+    min_size: int = Field(default=0, ge=0)
+    connect_timeout_ms: int = Field(default=5_000, gt=0)
+    wait_queue_timeout_ms: int = Field(default=10_000, gt=0)
+
+
+class UpstreamConfig(_Strict):
+    uri: str
+    pool: PoolConfig = PoolConfig()
+    # Upper bound on one request/reply exchange with the upstream. Long reports should
+    # carry their own maxTimeMS below this.
+    socket_timeout_ms: int = Field(default=300_000, gt=0)
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, value: str) -> str:
+        try:
+            parse_uri(value)
+        except (InvalidURI, ValueError) as exc:
+            raise ValueError(f"not a valid MongoDB connection string: {exc}") from None
+        return value
+
+    def hosts(self) -> list[tuple[str, int]]:
+        """The seed list of the connection string as (host, port) pairs."""
+        return [(str(host), int(port)) for host, port in parse_uri(self.uri)["nodelist"]]
+
+
+class ShutdownConfig(_Strict):
+    # How long SIGTERM/SIGINT waits for in-flight requests before closing everything.
+    drain_timeout_ms: int = Field(default=10_000, ge=0)
+
+
+class Config(_Strict):
+    listen: ListenConfig = ListenConfig()
+    admin: AdminConfig = AdminConfig()
+    upstream: UpstreamConfig
+    shutdown: ShutdownConfig = ShutdownConfig()
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        lines.append(f"{path}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any) -> Config:
+    """Validate an already-parsed YAML document."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("(top level): the configuration must be a mapping of keys")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML configuration file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,69 @@
+"""MongoDB-style error replies built by the proxy itself.
+
+Codes and names are the server's own (src/mongo/base/error_codes.yml), so drivers apply
+their usual retry rules: HostUnreachable and NetworkTimeout are retryable reads, and the
+``RetryableWriteError`` label makes a driver retry a write that carried a txnNumber.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import bson
+
+BAD_VALUE = (2, "BadValue")
+HOST_UNREACHABLE = (6, "HostUnreachable")
+AUTHENTICATION_FAILED = (18, "AuthenticationFailed")
+PROTOCOL_ERROR = (17, "ProtocolError")
+INVALID_BSON = (22, "InvalidBSON")
+COMMAND_NOT_FOUND = (59, "CommandNotFound")
+NETWORK_TIMEOUT = (89, "NetworkTimeout")
+SHUTDOWN_IN_PROGRESS = (91, "ShutdownInProgress")
+UNSUPPORTED_OP_QUERY = (352, "UnsupportedOpQueryCommand")
+
+RETRYABLE_WRITE_ERROR = "RetryableWriteError"
+TRANSIENT_TRANSACTION_ERROR = "TransientTransactionError"
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself, instead of a server reply."""
+
+    def __init__(
+        self, code: tuple[int, str], errmsg: str, labels: Iterable[str] = ()
+    ) -> None:
+        super().__init__(errmsg)
+        self.code, self.code_name = code
+        self.errmsg = errmsg
+        self.labels = tuple(labels)
+
+    def document(self) -> dict[str, Any]:
+        return error_document(self.code, self.code_name, self.errmsg, self.labels)
+
+
+def error_document(
+    code: int, code_name: str, errmsg: str, labels: Iterable[str] = ()
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {"ok": 0.0, "errmsg": errmsg, "code": code, "codeName": code_name}
+    labels = list(labels)
+    if labels:
+        doc["errorLabels"] = labels
+    return doc
+
+
+def network_error_labels(command: Mapping[str, Any]) -> list[str]:
+    """Labels mongos adds when the exchange with a shard failed at the network level.
+
+    A retryable write (txnNumber outside a transaction) is safe to retry because the
+    server deduplicates it; a transaction statement makes the whole transaction retryable.
+    Anything else gets no label: the write may or may not have been applied.
+    """
+    if "txnNumber" not in command:
+        return []
+    if command.get("autocommit") is False:
+        return [TRANSIENT_TRANSACTION_ERROR]
+    return [RETRYABLE_WRITE_ERROR]
+
+
+def encode(doc: Mapping[str, Any]) -> bytes:
+    return bson.encode(doc)

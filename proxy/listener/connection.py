@@ -1,0 +1,301 @@
+"""One client connection: read a message, answer it or forward it, write the reply.
+
+This is the only place that touches client sockets. Messages on one connection are
+handled in order (drivers never pipeline requests on a connection), so a slow reply
+for one client never delays another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import struct
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import bson
+
+from proxy.errors import (
+    AUTHENTICATION_FAILED,
+    HOST_UNREACHABLE,
+    NETWORK_TIMEOUT,
+    SHUTDOWN_IN_PROGRESS,
+    UNSUPPORTED_OP_QUERY,
+    ProxyError,
+    error_document,
+    network_error_labels,
+)
+from proxy.identity.handshake import HELLO_COMMANDS, hello_reply, read_client_hello
+from proxy.pool.connection import UpstreamProtocolError, next_request_id
+from proxy.wire import (
+    FLAG_CHECKSUM_PRESENT,
+    FLAG_EXHAUST_ALLOWED,
+    HEADER_SIZE,
+    REPLY_FLAG_QUERY_FAILURE,
+    OpCode,
+    WireError,
+    compress,
+    decode_body,
+    decompress,
+    encode_op_msg,
+    encode_op_reply,
+    parse_header,
+    parse_op_msg,
+    parse_op_query,
+    with_flags,
+)
+
+if TYPE_CHECKING:
+    from proxy.app import Proxy
+
+log = logging.getLogger("mongoproxy.connection")
+
+_LENGTH = struct.Struct("<i")
+# Flags the upstream must not see: exhaust replies would stream several messages into a
+# pooled connection (the client falls back to plain getMore), and the checksum would be
+# wrong once any flag changes.
+_STRIPPED_FLAGS = FLAG_EXHAUST_ALLOWED | FLAG_CHECKSUM_PRESENT
+_AUTH_COMMANDS = frozenset({"saslStart", "saslContinue", "authenticate"})
+_REMOVED_OPCODES = {
+    OpCode.OP_INSERT: "OP_INSERT",
+    OpCode.OP_UPDATE: "OP_UPDATE",
+    OpCode.OP_DELETE: "OP_DELETE",
+    OpCode.OP_GET_MORE: "OP_GET_MORE",
+    OpCode.OP_KILL_CURSORS: "OP_KILL_CURSORS",
+}
+
+
+class ClientConnection:
+    """Serves one client socket until it closes or the proxy shuts down."""
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        connection_id: int,
+    ) -> None:
+        self.proxy = proxy
+        self.reader = reader
+        self.writer = writer
+        self.connection_id = connection_id
+        self.app_name: str | None = None
+        self.compressors: list[str] = []
+        self.peer = writer.get_extra_info("peername")
+        # True while a request is being handled: shutdown waits for these.
+        self.busy = False
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                message = await self._read_message()
+                if message is None:
+                    return
+                if self.proxy.shutting_down:
+                    self._reply_error_to(message, ProxyError(
+                        SHUTDOWN_IN_PROGRESS, "mongoproxy is shutting down"))
+                    return
+                self.busy = True
+                try:
+                    await self._handle(message)
+                finally:
+                    self.busy = False
+                await self.writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away; nothing to answer
+        except WireError as exc:
+            # Only fatal framing errors reach here: answered, then the stream is closed.
+            log.info("closing client %s: %s", self.peer, exc.errmsg)
+        finally:
+            self.writer.close()
+
+    async def _read_message(self) -> bytes | None:
+        """The next whole message, or None at a clean end of stream."""
+        try:
+            header = await self.reader.readexactly(HEADER_SIZE)
+        except asyncio.IncompleteReadError:
+            return None
+        try:
+            length = parse_header(header, self.proxy.config.listen.max_message_size_bytes).length
+        except WireError as exc:
+            self._write_op_msg(exc.request_id or 0, _wire_error_document(exc))
+            await self.writer.drain()
+            raise
+        timeout_s = self.proxy.config.listen.read_timeout_ms / 1000
+        try:
+            async with asyncio.timeout(timeout_s):
+                body = await self.reader.readexactly(length - HEADER_SIZE)
+        except TimeoutError:
+            raise WireError(
+                f"message of {length} bytes not received within {timeout_s:g} s", fatal=True
+            ) from None
+        return header + body
+
+    async def _handle(self, message: bytes) -> None:
+        op_code = parse_header(message).op_code
+        request_id = parse_header(message).request_id
+        compressor: str | None = None
+        try:
+            if op_code == OpCode.OP_COMPRESSED:
+                message, compressor = decompress(
+                    message, self.proxy.config.listen.max_message_size_bytes
+                )
+                op_code = parse_header(message).op_code
+            if op_code == OpCode.OP_MSG:
+                await self._handle_op_msg(message, compressor)
+            elif op_code == OpCode.OP_QUERY:
+                self._handle_op_query(message)
+            elif op_code in _REMOVED_OPCODES:
+                raise WireError(
+                    f"opcode {_REMOVED_OPCODES[OpCode(op_code)]} ({op_code}) was removed in "
+                    "MongoDB 5.1 and is not supported; use OP_MSG"
+                )
+            else:
+                raise WireError(f"unknown opcode {op_code}")
+        except WireError as exc:
+            if op_code == OpCode.OP_QUERY:
+                self._write_query_failure(request_id, _wire_error_document(exc))
+            else:
+                self._write_op_msg(request_id, _wire_error_document(exc))
+
+    async def _handle_op_msg(self, message: bytes, compressor: str | None) -> None:
+        msg = parse_op_msg(message)
+        command = decode_body(msg)
+        name = next(iter(command), None)
+        if name is None:
+            raise WireError("OP_MSG body is an empty document: no command", code=59,
+                            code_name="CommandNotFound")
+        if name in HELLO_COMMANDS:
+            self._write_op_msg(msg.request_id, self._hello(name, command))
+        elif name in _AUTH_COMMANDS:
+            self._write_op_msg(msg.request_id, ProxyError(
+                AUTHENTICATION_FAILED,
+                "mongoproxy has no client users configured; connect without credentials",
+            ).document())
+        else:
+            if msg.flags & _STRIPPED_FLAGS:
+                message = with_flags(message, msg.flags & ~_STRIPPED_FLAGS)
+            await self._forward(message, msg.request_id, command, msg.more_to_come, compressor)
+
+    def _handle_op_query(self, message: bytes) -> None:
+        query = parse_op_query(message)
+        if query.collection.endswith(".$cmd"):
+            command = _decode_query(query.query)
+            name = next(iter(command), None)
+            if name in HELLO_COMMANDS:
+                reply = bson.encode(self._hello(str(name), command))
+                self._write(encode_op_reply(next_request_id(), query.request_id, [reply]))
+                return
+        self._write_query_failure(query.request_id, error_document(
+            *UNSUPPORTED_OP_QUERY,
+            f"OP_QUERY on {query.collection} is only supported for the hello/isMaster "
+            "handshake; use OP_MSG",
+        ))
+
+    def _hello(self, name: str, command: Mapping[str, Any]) -> dict[str, Any]:
+        if "client" in command:  # the connection's first handshake; heartbeats omit it
+            hello = read_client_hello(command, self.proxy.config.listen.compressors)
+            self.app_name = hello.app_name
+            self.compressors = hello.compressors
+        return hello_reply(
+            name,
+            self.proxy.upstream_limits(),
+            self.connection_id,
+            self.compressors,
+            datetime.datetime.now(datetime.UTC),
+        )
+
+    async def _forward(
+        self,
+        message: bytes,
+        request_id: int,
+        command: dict[str, Any],
+        more_to_come: bool,
+        compressor: str | None,
+    ) -> None:
+        pool = self.proxy.pool
+        try:
+            conn = await pool.checkout()
+        except ProxyError as exc:
+            if not more_to_come:
+                self._write_op_msg(request_id, _with_network_labels(exc, command))
+            return
+        reusable = False
+        try:
+            if more_to_come:
+                conn.send(message)
+                await conn.drain()
+                reusable = True
+                return
+            header, body = await conn.exchange(
+                message, request_id, self.proxy.config.upstream.socket_timeout_ms / 1000
+            )
+            reusable = True
+        except TimeoutError:
+            self._write_op_msg(request_id, _with_network_labels(ProxyError(
+                NETWORK_TIMEOUT,
+                f"no reply from upstream {pool.label} within "
+                f"{self.proxy.config.upstream.socket_timeout_ms} ms",
+            ), command))
+            return
+        except (OSError, asyncio.IncompleteReadError, UpstreamProtocolError) as exc:
+            if not more_to_come:
+                self._write_op_msg(request_id, _with_network_labels(ProxyError(
+                    HOST_UNREACHABLE,
+                    f"connection to upstream {pool.label} failed during {next(iter(command))}: "
+                    f"{_describe(exc)}",
+                ), command))
+            return
+        except asyncio.CancelledError:
+            # Shutdown gave up waiting for this request: tell the client, then stop.
+            if not more_to_come:
+                self._write_op_msg(request_id, _with_network_labels(ProxyError(
+                    SHUTDOWN_IN_PROGRESS, "mongoproxy shut down before the reply arrived"
+                ), command))
+            raise
+        finally:
+            pool.checkin(conn, reusable)
+        if compressor is not None and compressor in self.compressors:
+            self._write(compress(header + body, compressor,
+                                 self.proxy.config.listen.zlib_compression_level))
+        else:
+            self.writer.writelines((header, body))
+
+    def _write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def _write_op_msg(self, response_to: int, document: Mapping[str, Any]) -> None:
+        self._write(encode_op_msg(next_request_id(), response_to, bson.encode(document)))
+
+    def _write_query_failure(self, response_to: int, document: Mapping[str, Any]) -> None:
+        legacy = {"$err": document["errmsg"], **document}
+        self._write(encode_op_reply(next_request_id(), response_to, [bson.encode(legacy)],
+                                    flags=REPLY_FLAG_QUERY_FAILURE))
+
+    def _reply_error_to(self, message: bytes, error: ProxyError) -> None:
+        self._write_op_msg(parse_header(message).request_id, error.document())
+
+
+def _wire_error_document(exc: WireError) -> dict[str, Any]:
+    return error_document(exc.code, exc.code_name, exc.errmsg)
+
+
+def _with_network_labels(exc: ProxyError, command: Mapping[str, Any]) -> dict[str, Any]:
+    return error_document(exc.code, exc.code_name, exc.errmsg,
+                          [*exc.labels, *network_error_labels(command)])
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection closed by the server"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _decode_query(raw: bytes) -> dict[str, Any]:
+    try:
+        return bson.decode(raw)
+    except Exception as exc:  # bson raises several types for corrupt input
+        raise WireError(f"OP_QUERY query document is invalid BSON: {exc}", code=22,
+                        code_name="InvalidBSON") from None
+

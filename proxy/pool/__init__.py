@@ -1,0 +1,1 @@
+"""Upstream connections and the per-server pools that multiplex clients onto them."""

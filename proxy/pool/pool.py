@@ -1,0 +1,167 @@
+"""A bounded pool of upstream connections to one server.
+
+A connection is checked out for one request/reply exchange and returned, so any number
+of client connections share at most ``max_size`` upstream connections. Waiters are
+served first-come first-served and every wait is bounded by ``wait_queue_timeout_ms``.
+A connection that saw a network error is discarded by the caller, never reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+from collections import deque
+from typing import Any
+
+from proxy.config import PoolConfig
+from proxy.errors import HOST_UNREACHABLE, NETWORK_TIMEOUT, ProxyError
+from proxy.pool.connection import UpstreamConnection
+
+log = logging.getLogger("mongoproxy.pool")
+
+HANDSHAKE: dict[str, Any] = {
+    "hello": 1,
+    "helloOk": True,
+    "client": {
+        "driver": {"name": "mongoproxy", "version": "0.1.0"},
+        "os": {"type": platform.system(), "architecture": platform.machine()},
+        "platform": f"CPython {platform.python_version()}",
+    },
+    "$db": "admin",
+}
+
+
+class UpstreamPool:
+    """Connections to one upstream server, at most ``config.max_size`` of them."""
+
+    def __init__(self, address: tuple[str, int], config: PoolConfig) -> None:
+        self.address = address
+        self.config = config
+        self.label = f"{address[0]}:{address[1]}"
+        self._idle: list[UpstreamConnection] = []
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        # Connections that exist or are being opened; never above max_size.
+        self.size = 0
+        self.in_use = 0
+        self.last_hello: dict[str, Any] = {}
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
+    async def checkout(self) -> UpstreamConnection:
+        """An idle connection, a new one, or the next one returned, within the wait limit."""
+        if self._closed:
+            raise ProxyError(HOST_UNREACHABLE, f"pool for {self.label} is closed")
+        if self._idle:
+            conn = self._idle.pop()
+        elif self.size < self.config.max_size:
+            self.size += 1
+            conn = await self._open_reserved()
+        else:
+            conn = await self._wait_for_connection()
+        self.in_use += 1
+        return conn
+
+    def checkin(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Return a checked-out connection; ``reusable=False`` discards it."""
+        self.in_use -= 1
+        if not reusable or self._closed:
+            conn.close()
+            self._release_slot()
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    async def fill(self) -> None:
+        """Open connections up to ``min_size`` (start-up and after failures)."""
+        while not self._closed and self.size < self.config.min_size:
+            self.size += 1
+            self.checkin(await self._open_reserved(), reusable=True)
+            self.in_use += 1  # balance checkin's decrement: this one was never out
+
+    async def close(self) -> None:
+        self._closed = True
+        for conn in self._idle:
+            conn.close()
+        self.size -= len(self._idle)
+        self._idle.clear()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ProxyError(HOST_UNREACHABLE, "proxy is shutting down"))
+
+    async def _open_reserved(self) -> UpstreamConnection:
+        """Open a connection for a slot already counted in ``size``."""
+        timeout_s = self.config.connect_timeout_ms / 1000
+        try:
+            conn = await UpstreamConnection.open(self.address, timeout_s, HANDSHAKE)
+        except TimeoutError:
+            self._release_slot()
+            raise ProxyError(
+                NETWORK_TIMEOUT,
+                f"connecting to upstream {self.label} timed out after "
+                f"{self.config.connect_timeout_ms} ms",
+            ) from None
+        except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
+            self._release_slot()
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise ProxyError(
+                HOST_UNREACHABLE, f"upstream {self.label} is unreachable: {reason}"
+            ) from None
+        except BaseException:
+            self._release_slot()
+            raise
+        self.last_hello = conn.hello
+        return conn
+
+    def _release_slot(self) -> None:
+        """A connection slot became free: let the first live waiter open a connection."""
+        self.size -= 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.size += 1  # reserved on the waiter's behalf
+                waiter.set_result(None)
+                return
+
+    async def _wait_for_connection(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
+        self._waiters.append(waiter)
+        timeout_ms = self.config.wait_queue_timeout_ms
+        # A timer that fails the future (rather than cancelling the task) cannot lose a
+        # connection handed over in the same loop iteration as the timeout.
+        timer = loop.call_later(
+            timeout_ms / 1000,
+            lambda: waiter.done()
+            or waiter.set_exception(
+                ProxyError(
+                    NETWORK_TIMEOUT,
+                    f"timed out after {timeout_ms} ms waiting for a connection to upstream "
+                    f"{self.label} (pool max_size {self.config.max_size}, all in use)",
+                )
+            ),
+        )
+        try:
+            conn = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                handed = waiter.result()
+                if handed is None:
+                    self._release_slot()
+                else:
+                    self.in_use += 1
+                    self.checkin(handed, reusable=True)
+            raise
+        finally:
+            timer.cancel()
+        if conn is None:
+            return await self._open_reserved()
+        return conn
