@@ -69,7 +69,12 @@ def test_parse_header_ok() -> None:
     [
         (b"\x00" * 15, MAX_MESSAGE_SIZE, "need 16 bytes, got 15", None),
         (b"", MAX_MESSAGE_SIZE, "got 0", None),
-        (hdr(7, 99, 0, 2013), MAX_MESSAGE_SIZE, "message length 7 is invalid: min 16, max 48000000", 99),
+        (
+            hdr(7, 99, 0, 2013),
+            MAX_MESSAGE_SIZE,
+            "message length 7 is invalid: min 16, max 48000000",
+            99,
+        ),
         (hdr(-1, 3, 0, 2013), MAX_MESSAGE_SIZE, "message length -1 is invalid", 3),
         (hdr(48_000_001, 4, 0, 2013), MAX_MESSAGE_SIZE, "message length 48000001", 4),
         (hdr(1001, 4, 0, 2013), 1000, "max 1000", 4),
@@ -188,7 +193,11 @@ def test_pymongo_parses_our_op_msg() -> None:
 
 
 BAD_OP_MSG: list[tuple[str, bytes, str]] = [
-    ("wrong opcode", raw_op_msg(flags_b(0) + b"\x00" + PING, op_code=2004), "opCode 2004 is not 2013"),
+    (
+        "wrong opcode",
+        raw_op_msg(flags_b(0) + b"\x00" + PING, op_code=2004),
+        "opCode 2004 is not 2013",
+    ),
     ("too short", raw_op_msg(flags_b(0) + b"\x00"), "too short"),
     (
         "length mismatch",
@@ -197,7 +206,11 @@ BAD_OP_MSG: list[tuple[str, bytes, str]] = [
     ),
     ("unknown required bit", raw_op_msg(flags_b(1 << 2) + b"\x00" + PING), "0x0004"),
     ("unknown required bit 15", raw_op_msg(flags_b(1 << 15) + b"\x00" + PING), "0x8000"),
-    ("bad section kind", raw_op_msg(flags_b(0) + b"\x02" + PING), "section 0 at offset 20: invalid section kind 2"),
+    (
+        "bad section kind",
+        raw_op_msg(flags_b(0) + b"\x02" + PING),
+        "section 0 at offset 20: invalid section kind 2",
+    ),
     (
         "duplicate body",
         raw_op_msg(flags_b(0) + b"\x00" + PING + b"\x00" + PING),
@@ -219,7 +232,11 @@ BAD_OP_MSG: list[tuple[str, bytes, str]] = [
         raw_op_msg(flags_b(0) + b"\x00" + struct.pack("<i", -20) + PING[4:]),
         "size -20 is below",
     ),
-    ("doc not terminated", raw_op_msg(flags_b(0) + b"\x00" + PING[:-1] + b"\x01"), "does not end with a 0x00"),
+    (
+        "doc not terminated",
+        raw_op_msg(flags_b(0) + b"\x00" + PING[:-1] + b"\x01"),
+        "does not end with a 0x00",
+    ),
     (
         "trailing bytes",
         raw_op_msg(flags_b(0) + b"\x00" + PING + b"\x01\x00"),
@@ -258,7 +275,9 @@ BAD_OP_MSG: list[tuple[str, bytes, str]] = [
     ),
     (
         "sequence document overruns sequence",
-        raw_op_msg(flags_b(0) + b"\x00" + PING + kind1(b"d", PING, size=4 + 2 + len(PING) - 1) + b"\x00"),
+        raw_op_msg(
+            flags_b(0) + b"\x00" + PING + kind1(b"d", PING, size=4 + 2 + len(PING) - 1) + b"\x00"
+        ),
         "('d') document at offset",
     ),
     (
@@ -306,7 +325,10 @@ def test_optional_flag_bits_ignored() -> None:
     "body",
     [
         PING[:-2] + b"\x07\x00",  # unknown element type
-        struct.pack("<i", 13) + b"\x02a\x00" + struct.pack("<i", 100) + b"x\x00\x00",  # string overrun
+        struct.pack("<i", 13)
+        + b"\x02a\x00"
+        + struct.pack("<i", 100)
+        + b"x\x00\x00",  # string overrun
         struct.pack("<i", 12) + b"\x02a\x00\x02\x00\x00\x00\xff\x00\x00",  # invalid UTF-8 string
         struct.pack("<i", 6) + b"\x00\x00",  # terminator before the end
     ],
@@ -329,8 +351,14 @@ def test_document_sequence_documents_malformed() -> None:
 
 
 def build_op_query(
-    collection: bytes, query: bytes, fields: bytes | None = None, *, flags: int = 4,
-    skip: int = 0, limit: int = -1, request_id: int = 77,
+    collection: bytes,
+    query: bytes,
+    fields: bytes | None = None,
+    *,
+    flags: int = 4,
+    skip: int = 0,
+    limit: int = -1,
+    request_id: int = 77,
 ) -> bytes:
     rest = struct.pack("<i", flags) + collection + b"\x00" + struct.pack("<ii", skip, limit) + query
     if fields is not None:
@@ -368,7 +396,11 @@ BAD_OP_QUERY: list[tuple[str, bytes, str]] = [
     ),
     ("missing query", build_op_query(b"a.b", b""), "query at offset 32: BSON document length"),
     ("query overruns", build_op_query(b"a.b", PING[:-3]), "exceeds the"),
-    ("bad fields doc", build_op_query(b"a.b", PING, b"\x05\x00\x00\x00\x01"), "returnFieldsSelector"),
+    (
+        "bad fields doc",
+        build_op_query(b"a.b", PING, b"\x05\x00\x00\x00\x01"),
+        "returnFieldsSelector",
+    ),
     ("trailing bytes", build_op_query(b"a.b", PING, PING + b"zz"), "2 trailing bytes"),
 ]
 
@@ -385,7 +417,9 @@ def test_parse_op_query_errors(name: str, data: bytes, needle: str) -> None:
 def test_encode_op_reply_layout() -> None:
     d1 = bson.encode({"ismaster": True, "ok": 1.0})
     d2 = bson.encode({"x": 1})
-    out = encode_op_reply(10, 77, [d1, d2], flags=REPLY_FLAG_QUERY_FAILURE, cursor_id=2**40, starting_from=5)
+    out = encode_op_reply(
+        10, 77, [d1, d2], flags=REPLY_FLAG_QUERY_FAILURE, cursor_id=2**40, starting_from=5
+    )
     length = 16 + 4 + 8 + 4 + 4 + len(d1) + len(d2)
     expected = (
         struct.pack("<iiii", length, 10, 77, 1)

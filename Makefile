@@ -1,0 +1,63 @@
+# mongoproxy build/test entry points.  `make test` is what CI runs (.ci/run).
+# Every prerequisite step is idempotent: stamped or self-checking, so a second
+# run spends its time only on lint, typecheck and the tests.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := test
+
+# Tools we build (ferretdb) live in .tools/bin; Debian puts haproxy in /usr/sbin.
+export PATH := $(CURDIR)/.tools/bin:$(PATH):/usr/sbin:/sbin
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-stamp
+NODE_DIR   := tests/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.ci-stamp
+PYTEST_ARGS ?=
+
+.PHONY: deps tools node lint typecheck test run bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# Reinstall only when pyproject.toml changes (or the venv is new).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+deps: $(STAMP)
+
+# Each script checks for itself and returns at once when already installed.
+tools:
+	bash scripts/install-system-deps.sh
+	bash scripts/install-ferretdb.sh
+
+# npm ci only when the lockfile changes or node_modules is missing.
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json $(NODE_DIR)/package.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund
+	touch $@
+
+node: $(NODE_STAMP)
+
+lint: deps
+	$(VENV)/bin/ruff check proxy tests bench scripts
+
+# `mypy` alone checks the packages listed in pyproject ([tool.mypy] files);
+# the second run covers the dev scripts and the test helpers.
+typecheck: deps
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy scripts tests/support tests/conftest.py
+
+test: deps tools node
+	$(MAKE) --no-print-directory lint typecheck
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+run: deps tools
+	$(PY) scripts/devstack.py
+
+bench: deps tools
+	$(PY) -m bench run
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules
