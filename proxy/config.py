@@ -18,7 +18,6 @@ from pymongo.uri_parser import parse_uri
 from proxy.wire import SUPPORTED_COMPRESSORS
 
 
-
 class ConfigError(Exception):
     """The configuration file is unreadable or invalid; the message names the key path."""
 

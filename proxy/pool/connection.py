@@ -30,7 +30,7 @@ class UpstreamProtocolError(Exception):
 class UpstreamConnection:
     """A TCP connection to one upstream server, used by one exchange at a time."""
 
-    __slots__ = ("address", "hello", "_reader", "_writer")
+    __slots__ = ("_reader", "_writer", "address", "hello")
 
     def __init__(
         self,

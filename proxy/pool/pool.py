@@ -138,17 +138,15 @@ class UpstreamPool:
         timeout_ms = self.config.wait_queue_timeout_ms
         # A timer that fails the future (rather than cancelling the task) cannot lose a
         # connection handed over in the same loop iteration as the timeout.
-        timer = loop.call_later(
-            timeout_ms / 1000,
-            lambda: waiter.done()
-            or waiter.set_exception(
-                ProxyError(
+        def expire() -> None:
+            if not waiter.done():
+                waiter.set_exception(ProxyError(
                     NETWORK_TIMEOUT,
                     f"timed out after {timeout_ms} ms waiting for a connection to upstream "
                     f"{self.label} (pool max_size {self.config.max_size}, all in use)",
-                )
-            ),
-        )
+                ))
+
+        timer = loop.call_later(timeout_ms / 1000, expire)
         try:
             conn = await waiter
         except asyncio.CancelledError:
