@@ -8,55 +8,93 @@ import itertools
 import logging
 import signal
 import time
+from typing import Any
 
 from proxy.admin.http import AdminServer, json_response
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.identity.handshake import UpstreamLimits
 from proxy.listener.connection import ClientConnection
-from proxy.pool.pool import UpstreamPool
+from proxy.pool.registry import Pools
+from proxy.route.cursors import CursorTable
+from proxy.route.readpref import read_preference
+from proxy.route.router import Router
+from proxy.route.topology import make_topology
 
 log = logging.getLogger("mongoproxy")
+PRIMARY_PREFERRED = read_preference("primaryPreferred")
 
 
 class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
-        host = config.upstream.hosts()[0]
-        self.pool = UpstreamPool(host, config.upstream.pool)
+        self.topology = make_topology(config.upstream)
+        self.pools = Pools(config.upstream.pool)
+        self.cursors = CursorTable()
+        self.router = Router(self.topology, self.cursors)
+        self._background: set[asyncio.Task[None]] = set()
         self.admin = AdminServer({"/healthz": self._healthz})
         self.server: asyncio.Server | None = None
         self.connections: dict[ClientConnection, asyncio.Task[None]] = {}
         self.shutting_down = False
         self._connection_ids = itertools.count(1)
-        self._limits: UpstreamLimits | None = None
         self._started = time.monotonic()
 
     def upstream_limits(self) -> UpstreamLimits:
-        """The upstream's limits, from the newest handshake any pooled connection made."""
-        if self._limits is None and self.pool.last_hello:
-            self._limits = UpstreamLimits.from_hello(self.pool.last_hello)
-        return self._limits or UpstreamLimits()
+        """The limits the upstream servers report (pymongo's view of the topology)."""
+        return UpstreamLimits.from_description(self.topology.description())
+
+    def release_cursors(self, owner: int) -> None:
+        """Kill, on their servers, the cursors a departed client connection left open."""
+        for (server, namespace), ids in self.cursors.release_owner(owner).items():
+            database, _, collection = namespace.partition(".")
+            command = {"killCursors": collection, "cursors": ids, "$db": database}
+            task = asyncio.create_task(self._run_on(server, command))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _run_on(self, server: tuple[str, int], command: dict[str, Any]) -> None:
+        pool = self.pools.get(server)
+        try:
+            conn = await pool.checkout()
+        except ProxyError as exc:
+            log.info("could not run %s on %s: %s", next(iter(command)), pool.label, exc.errmsg)
+            return
+        ok = False
+        try:
+            await conn.command(command, self.config.upstream.socket_timeout_ms / 1000)
+            ok = True
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            log.info("could not run %s on %s: %r", next(iter(command)), pool.label, exc)
+        finally:
+            pool.checkin(conn, ok)
 
     async def start(self) -> None:
         listen = self.config.listen
         await self.admin.start(self.config.admin.host, self.config.admin.port)
         # Learn the upstream's limits before the first client handshake; an upstream that
         # is down now is not fatal (clients get errors until it is back).
+        await self.topology.start()
         try:
-            await self.pool.fill()
-            if not self.pool.last_hello:
-                conn = await self.pool.checkout()
-                self.pool.checkin(conn, reusable=True)
+            await self.topology.select(PRIMARY_PREFERRED)
         except ProxyError as exc:
             log.warning("upstream not reachable at start: %s", exc.errmsg)
+        for sd in self.topology.description().known_servers:
+            await self._fill_pool(sd.address)
         self.server = await asyncio.start_server(
             self._accept, listen.host, listen.port, backlog=4096
         )
         log.info(
             "mongoproxy listening on %s:%d, upstream %s, admin http://%s:%d",
-            listen.host, self.port, self.pool.label, self.config.admin.host, self.admin.port,
+            listen.host, self.port, self.topology.summary(), self.config.admin.host,
+            self.admin.port,
         )
+
+    async def _fill_pool(self, address: tuple[str, int | None]) -> None:
+        try:
+            await self.pools.get((address[0], address[1] or 27017)).fill()
+        except ProxyError as exc:
+            log.warning("could not open min_size connections: %s", exc.errmsg)
 
     @property
     def port(self) -> int:
@@ -88,7 +126,8 @@ class Proxy:
                 conn.writer.close()
         if self.connections:
             await asyncio.wait(list(self.connections.values()), timeout=1)
-        await self.pool.close()
+        await self.pools.close()
+        await self.topology.close()
         await self.admin.close()
         log.info("mongoproxy stopped")
 

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
@@ -51,24 +58,67 @@ class PoolConfig(_Strict):
     wait_queue_timeout_ms: int = Field(default=10_000, gt=0)
 
 
+class MemberConfig(_Strict):
+    """A server whose role is declared rather than discovered."""
+
+    host: str
+    role: Literal["primary", "secondary"]
+    tags: dict[str, str] = {}
+
+    @field_validator("host")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
+        return value
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.host.rpartition(":")
+        return host, int(port)
+
+
 class UpstreamConfig(_Strict):
-    uri: str
+    # Discovery: a standard connection string (standalone, replicaSet=..., or mongos list).
+    uri: str | None = None
+    # Declared roles: used instead of the uri's hosts when given.
+    members: tuple[MemberConfig, ...] = ()
     pool: PoolConfig = PoolConfig()
+    server_selection_timeout_ms: int = Field(default=10_000, gt=0)
+    local_threshold_ms: int = Field(default=15, ge=0)
+    # Health-check interval (declared roles) / pymongo heartbeatFrequencyMS (discovery).
+    heartbeat_ms: int = Field(default=1_000, ge=500)
     # Upper bound on one request/reply exchange with the upstream. Long reports should
     # carry their own maxTimeMS below this.
     socket_timeout_ms: int = Field(default=300_000, gt=0)
 
     @field_validator("uri")
     @classmethod
-    def _valid_uri(cls, value: str) -> str:
+    def _valid_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         try:
             parse_uri(value)
         except (InvalidURI, ValueError) as exc:
             raise ValueError(f"not a valid MongoDB connection string: {exc}") from None
         return value
 
+    @model_validator(mode="after")
+    def _one_mode(self) -> UpstreamConfig:
+        if self.uri is None and not self.members:
+            raise ValueError("give either uri (discovery) or members (declared roles)")
+        if sum(m.role == "primary" for m in self.members) > 1:
+            raise ValueError("members: at most one member may have role primary")
+        if len({m.address for m in self.members}) != len(self.members):
+            raise ValueError("members: the same host is listed twice")
+        return self
+
     def hosts(self) -> list[tuple[str, int]]:
-        """The seed list of the connection string as (host, port) pairs."""
+        """The servers to reach: declared members, or the connection string's seed list."""
+        if self.members:
+            return [m.address for m in self.members]
+        assert self.uri is not None
         return [(str(host), int(port)) for host, port in parse_uri(self.uri)["nodelist"]]
 
 

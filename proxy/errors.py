@@ -21,6 +21,8 @@ COMMAND_NOT_FOUND = (59, "CommandNotFound")
 NETWORK_TIMEOUT = (89, "NetworkTimeout")
 SHUTDOWN_IN_PROGRESS = (91, "ShutdownInProgress")
 UNSUPPORTED_OP_QUERY = (352, "UnsupportedOpQueryCommand")
+FAILED_TO_SATISFY_READ_PREFERENCE = (133, "FailedToSatisfyReadPreference")
+CURSOR_NOT_FOUND = (43, "CursorNotFound")
 
 RETRYABLE_WRITE_ERROR = "RetryableWriteError"
 TRANSIENT_TRANSACTION_ERROR = "TransientTransactionError"

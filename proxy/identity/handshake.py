@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pymongo.topology_description import TopologyDescription
+
 from proxy.wire import negotiate
 
 HELLO_COMMANDS = frozenset({"hello", "isMaster", "ismaster"})
@@ -27,6 +29,10 @@ class UpstreamLimits:
     max_message_size_bytes: int = 48_000_000
     max_write_batch_size: int = 100_000
     logical_session_timeout_minutes: int | None = 30
+
+    @classmethod
+    def from_description(cls, description: TopologyDescription) -> UpstreamLimits:
+        return _limits_from_description(description)
 
     @classmethod
     def from_hello(cls, reply: Mapping[str, Any]) -> UpstreamLimits:
@@ -46,6 +52,24 @@ class UpstreamLimits:
             ),
             logical_session_timeout_minutes=None if timeout is None else int(timeout),
         )
+
+
+def _limits_from_description(description: TopologyDescription) -> UpstreamLimits:
+    """Limits of the primary (else any known server); defaults while none is known."""
+    known = description.known_servers
+    if not known:
+        return UpstreamLimits()
+    primaries = [sd for sd in known if sd.is_writable]
+    sd = (primaries or known)[0]
+    timeout = description.logical_session_timeout_minutes
+    return UpstreamLimits(
+        min_wire_version=sd.min_wire_version,
+        max_wire_version=sd.max_wire_version,
+        max_bson_object_size=sd.max_bson_size,
+        max_message_size_bytes=sd.max_message_size,
+        max_write_batch_size=sd.max_write_batch_size,
+        logical_session_timeout_minutes=None if timeout is None else int(timeout),
+    )
 
 
 @dataclass(frozen=True, slots=True)

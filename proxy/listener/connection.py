@@ -28,6 +28,7 @@ from proxy.errors import (
 )
 from proxy.identity.handshake import HELLO_COMMANDS, hello_reply, read_client_hello
 from proxy.pool.connection import UpstreamProtocolError, next_request_id
+from proxy.route.cursors import CURSOR_COMMANDS, Address
 from proxy.wire import (
     FLAG_CHECKSUM_PRESENT,
     FLAG_EXHAUST_ALLOWED,
@@ -43,6 +44,7 @@ from proxy.wire import (
     parse_header,
     parse_op_msg,
     parse_op_query,
+    reply_cursor_id,
     with_flags,
 )
 
@@ -109,6 +111,7 @@ class ClientConnection:
             log.info("closing client %s: %s", self.peer, exc.errmsg)
         finally:
             self.writer.close()
+            self.proxy.release_cursors(self.connection_id)
 
     async def _read_message(self) -> bytes | None:
         """The next whole message, or None at a clean end of stream."""
@@ -214,8 +217,10 @@ class ClientConnection:
         more_to_come: bool,
         compressor: str | None,
     ) -> None:
-        pool = self.proxy.pool
+        name = next(iter(command))
         try:
+            address = await self.proxy.router.server_for(name, command)
+            pool = self.proxy.pools.get(address)
             conn = await pool.checkout()
         except ProxyError as exc:
             if not more_to_come:
@@ -233,6 +238,7 @@ class ClientConnection:
             )
             reusable = True
         except TimeoutError:
+            self.proxy.topology.mark_failed(address)
             self._write_op_msg(request_id, _with_network_labels(ProxyError(
                 NETWORK_TIMEOUT,
                 f"no reply from upstream {pool.label} within "
@@ -240,10 +246,11 @@ class ClientConnection:
             ), command))
             return
         except (OSError, asyncio.IncompleteReadError, UpstreamProtocolError) as exc:
+            self.proxy.topology.mark_failed(address)
             if not more_to_come:
                 self._write_op_msg(request_id, _with_network_labels(ProxyError(
                     HOST_UNREACHABLE,
-                    f"connection to upstream {pool.label} failed during {next(iter(command))}: "
+                    f"connection to upstream {pool.label} failed during {name}: "
                     f"{_describe(exc)}",
                 ), command))
             return
@@ -256,11 +263,31 @@ class ClientConnection:
             raise
         finally:
             pool.checkin(conn, reusable)
+        self._bookkeeping(name, command, address, body)
         if compressor is not None and compressor in self.compressors:
             self._write(compress(header + body, compressor,
                                  self.proxy.config.listen.zlib_compression_level))
         else:
             self.writer.writelines((header, body))
+
+    def _bookkeeping(
+        self, name: str, command: Mapping[str, Any], address: Address, reply: bytes
+    ) -> None:
+        """Cursor and transaction state that later requests are routed by."""
+        cursors = self.proxy.cursors
+        if name in CURSOR_COMMANDS:
+            cursor_id = reply_cursor_id(reply)
+            if name == "getMore":
+                if cursor_id == 0:
+                    cursors.remove(command["getMore"])
+            elif cursor_id:
+                cursors.add(cursor_id, address, _namespace(name, command), self.connection_id)
+        elif name == "killCursors":
+            for cursor_id in command.get("cursors") or ():
+                if isinstance(cursor_id, int):
+                    cursors.remove(cursor_id)
+        elif name in ("commitTransaction", "abortTransaction"):
+            self.proxy.router.transaction_ended(command)
 
     def _write(self, data: bytes) -> None:
         self.writer.write(data)
@@ -275,6 +302,13 @@ class ClientConnection:
 
     def _reply_error_to(self, message: bytes, error: ProxyError) -> None:
         self._write_op_msg(parse_header(message).request_id, error.document())
+
+
+def _namespace(name: str, command: Mapping[str, Any]) -> str:
+    target = command.get(name)
+    if name == "listCollections" or not isinstance(target, str):
+        target = f"$cmd.{name}"
+    return f"{command.get('$db', 'admin')}.{target}"
 
 
 def _wire_error_document(exc: WireError) -> dict[str, Any]:

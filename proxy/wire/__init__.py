@@ -42,6 +42,7 @@ from proxy.wire.op_query import (
     encode_op_reply,
     parse_op_query,
 )
+from proxy.wire.reply import reply_cursor_id
 
 __all__ = [
     "COMPRESSOR_IDS",
@@ -68,6 +69,7 @@ __all__ = [
     "parse_header",
     "parse_op_msg",
     "parse_op_query",
+    "reply_cursor_id",
     "with_flags",
     "with_ids",
 ]

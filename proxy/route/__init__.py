@@ -1,0 +1,1 @@
+"""Where a command goes: the upstream topology, server selection and cursor pinning."""

@@ -1,0 +1,58 @@
+"""Which server owns each open cursor, and which client connection opened it.
+
+Multiplexing must not break cursors: getMore and killCursors go to the server that
+answered the find/aggregate, and when a client disconnects the cursors it opened are
+killed on their servers rather than left to time out.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+Address = tuple[str, int]
+
+# Commands whose reply may open a cursor (reply ``cursor.id`` != 0).
+CURSOR_COMMANDS = frozenset(
+    {"find", "aggregate", "listCollections", "listIndexes", "getMore"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CursorEntry:
+    server: Address
+    namespace: str  # "db.collection", needed by killCursors
+    owner: int  # client connection id
+
+
+class CursorTable:
+    def __init__(self) -> None:
+        self._cursors: dict[int, CursorEntry] = {}
+        self._by_owner: dict[int, set[int]] = defaultdict(set)
+
+    def __len__(self) -> int:
+        return len(self._cursors)
+
+    def add(self, cursor_id: int, server: Address, namespace: str, owner: int) -> None:
+        self._cursors[cursor_id] = CursorEntry(server, namespace, owner)
+        self._by_owner[owner].add(cursor_id)
+
+    def get(self, cursor_id: int) -> CursorEntry | None:
+        return self._cursors.get(cursor_id)
+
+    def remove(self, cursor_id: int) -> None:
+        entry = self._cursors.pop(cursor_id, None)
+        if entry is not None:
+            owned = self._by_owner.get(entry.owner)
+            if owned is not None:
+                owned.discard(cursor_id)
+                if not owned:
+                    del self._by_owner[entry.owner]
+
+    def release_owner(self, owner: int) -> dict[tuple[Address, str], list[int]]:
+        """Forget an owner's cursors; returns them grouped by (server, namespace)."""
+        groups: dict[tuple[Address, str], list[int]] = defaultdict(list)
+        for cursor_id in self._by_owner.pop(owner, set()):
+            entry = self._cursors.pop(cursor_id)
+            groups[(entry.server, entry.namespace)].append(cursor_id)
+        return dict(groups)

@@ -1,0 +1,118 @@
+"""Which server a command goes to.
+
+Cursor continuations follow their cursor; statements of a transaction follow the server
+that took the first one; writes and anything not known to be a read go to the primary;
+reads honour the ``$readPreference`` the driver sent (as they would through mongos).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.errors import BAD_VALUE, ProxyError
+from proxy.route.cursors import CursorTable
+from proxy.route.readpref import PRIMARY, ReadPreferenceError, from_command
+from proxy.route.topology import Topology
+
+Address = tuple[str, int]
+
+# Commands that only read, so a read preference may send them to a secondary.
+READ_COMMANDS = frozenset({
+    "find", "aggregate", "count", "distinct", "listCollections", "listIndexes",
+    "dbStats", "collStats", "explain", "listDatabases",
+})
+_WRITE_STAGES = ("$out", "$merge")
+# A transaction that was neither committed nor aborted is forgotten after this long
+# (the server's own transactionLifetimeLimitSeconds default).
+TRANSACTION_PIN_TTL_S = 60.0
+
+
+def is_read(name: str, command: Mapping[str, Any]) -> bool:
+    if name not in READ_COMMANDS:
+        return False
+    if name == "aggregate":
+        pipeline = command.get("pipeline")
+        if isinstance(pipeline, list) and any(
+            isinstance(stage, Mapping) and any(k in stage for k in _WRITE_STAGES)
+            for stage in pipeline
+        ):
+            return False
+    if name == "explain":
+        inner = command.get("explain")
+        if not isinstance(inner, Mapping) or not inner:
+            return False
+        inner_name = next(iter(inner))
+        return inner_name != "explain" and is_read(inner_name, inner)
+    return True
+
+
+def transaction_key(command: Mapping[str, Any]) -> tuple[bytes, int] | None:
+    """(session id, txnNumber) of a statement inside a multi-statement transaction."""
+    if command.get("autocommit") is not False:
+        return None
+    lsid = command.get("lsid")
+    session = lsid.get("id") if isinstance(lsid, Mapping) else None
+    txn = command.get("txnNumber")
+    if not isinstance(session, bytes) or not isinstance(txn, int):
+        return None
+    return bytes(session), txn
+
+
+class Router:
+    def __init__(self, topology: Topology, cursors: CursorTable) -> None:
+        self.topology = topology
+        self.cursors = cursors
+        self._transactions: dict[tuple[bytes, int], tuple[Address, float]] = {}
+
+    async def server_for(self, name: str, command: Mapping[str, Any]) -> Address:
+        pinned = self._cursor_server(name, command)
+        if pinned is not None:
+            return pinned
+        txn = transaction_key(command)
+        if txn is not None:
+            return await self._transaction_server(txn, name)
+        if not is_read(name, command):
+            return await self.topology.select(PRIMARY)
+        try:
+            selector = from_command(command)
+        except ReadPreferenceError as exc:
+            raise ProxyError(BAD_VALUE, f"{name}: {exc}") from None
+        return await self.topology.select(selector)
+
+    def transaction_ended(self, command: Mapping[str, Any]) -> None:
+        txn = transaction_key(command)
+        if txn is not None:
+            self._transactions.pop(txn, None)
+
+    def _cursor_server(self, name: str, command: Mapping[str, Any]) -> Address | None:
+        if name == "getMore":
+            ids: Any = [command.get("getMore")]
+        elif name == "killCursors":
+            ids = command.get("cursors")
+        else:
+            return None
+        for cursor_id in ids if isinstance(ids, list) else ():
+            entry = self.cursors.get(cursor_id) if isinstance(cursor_id, int) else None
+            if entry is not None:
+                return entry.server
+        return None  # unknown cursor: the primary will answer CursorNotFound
+
+    async def _transaction_server(self, txn: tuple[bytes, int], name: str) -> Address:
+        now = time.monotonic()
+        pinned = self._transactions.get(txn)
+        if pinned is not None:
+            self._transactions[txn] = (pinned[0], now)
+            return pinned[0]
+        address = await self.topology.select(PRIMARY)
+        if name not in ("commitTransaction", "abortTransaction"):
+            self._expire(now)
+            self._transactions[txn] = (address, now)
+        return address
+
+    def _expire(self, now: float) -> None:
+        stale = [k for k, (_, t) in self._transactions.items()
+                 if now - t > TRANSACTION_PIN_TTL_S]
+        for key in stale:
+            del self._transactions[key]

@@ -1,0 +1,285 @@
+"""The upstream deployment as pymongo sees it, in one of two modes.
+
+* Discovery: ``upstream.uri`` is an ordinary connection string; pymongo's own Server
+  Discovery and Monitoring (an ``AsyncMongoClient`` used only for monitoring) keeps the
+  ``TopologyDescription`` current.
+* Declared roles: ``upstream.members`` names each server's role (for backends that do not
+  report replica-set roles, such as FerretDB or a writer/reader endpoint pair); the proxy
+  health-checks each member with ``hello`` and builds the same kind of
+  ``TopologyDescription`` from what it sees.
+
+Either way, selection is pymongo's ``TopologyDescription.apply_selector`` with pymongo
+read-preference objects (tag sets, maxStalenessSeconds, the latency window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.settings import TopologySettings
+from pymongo.hello import Hello
+from pymongo.monitoring import TopologyDescriptionChangedEvent, TopologyListener
+from pymongo.read_preferences import MovingAverage, _ServerMode, make_read_preference
+from pymongo.server_description import ServerDescription
+from pymongo.server_type import SERVER_TYPE
+from pymongo.topology_description import TOPOLOGY_TYPE, TopologyDescription
+
+from proxy.config import MemberConfig, UpstreamConfig
+from proxy.errors import FAILED_TO_SATISFY_READ_PREFERENCE, ProxyError
+from proxy.pool.connection import UpstreamConnection
+from proxy.pool.pool import HANDSHAKE
+
+log = logging.getLogger("mongoproxy.topology")
+
+Address = tuple[str, int]
+
+
+class Topology(ABC):
+    """The current view of the upstream servers, and server selection over it."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self._changed = asyncio.Event()
+        # Servers a request just failed on: avoided until a newer health check succeeds.
+        self._failed: dict[Address, float] = {}
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    def description(self) -> TopologyDescription: ...
+
+    def summary(self) -> str:
+        return _summary(self.description())
+
+    def notify_changed(self) -> None:
+        self._changed.set()
+
+    def mark_failed(self, address: Address) -> None:
+        """A network error on ``address``: stop selecting it until it is seen healthy."""
+        self._failed[address] = time.monotonic()
+
+    def _not_recently_failed(self, servers: list[ServerDescription]) -> list[ServerDescription]:
+        if not self._failed:
+            return servers
+        return [
+            sd for sd in servers
+            if sd.address not in self._failed or sd.last_update_time > self._failed[sd.address]
+        ]
+
+    def candidates(self, selector: _ServerMode) -> list[ServerDescription]:
+        """Servers suitable for ``selector`` now (pymongo's selection and latency window)."""
+        return self.description().apply_selector(
+            self._adapt(selector), custom_selector=self._not_recently_failed
+        )
+
+    def _adapt(self, selector: _ServerMode) -> _ServerMode:
+        return selector
+
+    async def select(self, selector: _ServerMode) -> Address:
+        """A server for ``selector``, waiting up to server_selection_timeout_ms for one."""
+        timeout_ms = self.config.server_selection_timeout_ms
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            servers = self.candidates(selector)
+            if servers:
+                host, port = random.choice(servers).address
+                return host, port or 27017
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProxyError(
+                    FAILED_TO_SATISFY_READ_PREFERENCE,
+                    f"no upstream server available for read preference "
+                    f"{_describe(selector)} after {timeout_ms} ms; topology: "
+                    f"{_summary(self.description())}",
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+
+
+class DiscoveryTopology(Topology):
+    """pymongo's SDAM, through an AsyncMongoClient that only monitors."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        super().__init__(config)
+        assert config.uri is not None
+        self.client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            config.uri,
+            event_listeners=[_ChangeListener(self)],
+            serverSelectionTimeoutMS=config.server_selection_timeout_ms,
+            localThresholdMS=config.local_threshold_ms,
+            heartbeatFrequencyMS=config.heartbeat_ms,
+            connect=False,
+            appname="mongoproxy-monitor",
+        )
+
+    async def start(self) -> None:
+        await self.client.aconnect()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def description(self) -> TopologyDescription:
+        return self.client.topology_description
+
+
+class _ChangeListener(TopologyListener):
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.loop = asyncio.get_running_loop()
+
+    def opened(self, event: Any) -> None:
+        pass
+
+    def closed(self, event: Any) -> None:
+        pass
+
+    def description_changed(self, event: TopologyDescriptionChangedEvent) -> None:
+        self.loop.call_soon_threadsafe(self.topology.notify_changed)
+
+
+class DeclaredTopology(Topology):
+    """Roles from the config; liveness and round-trip times from the proxy's own checks."""
+
+    SET_NAME = "mongoproxy-declared"
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        super().__init__(config)
+        self.members = {m.address: m for m in config.members}
+        self._servers: dict[Any, ServerDescription] = {
+            addr: ServerDescription(addr) for addr in self.members
+        }
+        self._rtt = {addr: MovingAverage() for addr in self.members}
+        self._settings = TopologySettings(
+            seeds=list(self.members),
+            replica_set_name=self.SET_NAME,
+            local_threshold_ms=config.local_threshold_ms,
+            heartbeat_frequency=max(1, config.heartbeat_ms // 1000),
+        )
+        self._description = self._build()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        first_checks = [asyncio.Event() for _ in self.members]
+        self._tasks = [
+            asyncio.create_task(self._monitor(addr, done), name=f"monitor {addr}")
+            for addr, done in zip(self.members, first_checks, strict=True)
+        ]
+        # Start serving once every member has been checked once (up or down).
+        await asyncio.gather(*(e.wait() for e in first_checks))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def description(self) -> TopologyDescription:
+        return self._description
+
+    def _adapt(self, selector: _ServerMode) -> _ServerMode:
+        # Declared members report no lastWrite, so staleness cannot be estimated:
+        # maxStalenessSeconds is not applied in this mode (documented).
+        if selector.max_staleness == -1:
+            return selector
+        return make_read_preference(selector.mode, list(selector.tag_sets))
+
+    def _build(self) -> TopologyDescription:
+        has_primary = any(sd.server_type == SERVER_TYPE.RSPrimary for sd in self._servers.values())
+        kind = (
+            TOPOLOGY_TYPE.ReplicaSetWithPrimary if has_primary
+            else TOPOLOGY_TYPE.ReplicaSetNoPrimary
+        )
+        return TopologyDescription(
+            kind,
+            dict(self._servers),
+            self.SET_NAME,
+            None,
+            None,
+            self._settings,
+        )
+
+    def _update(self, address: Address, description: ServerDescription) -> None:
+        before = self._servers[address]
+        self._servers[address] = description
+        self._description = self._build()
+        if before.server_type != description.server_type:
+            log.warning(
+                "member %s:%d is now %s", address[0], address[1], description.server_type_name
+            )
+        self.notify_changed()
+
+    def _synthetic_hello(self, member: MemberConfig, reply: dict[str, Any]) -> dict[str, Any]:
+        doc = {k: v for k, v in reply.items() if k.startswith(("max", "min", "logical"))}
+        doc.update(
+            ok=1.0,
+            setName=self.SET_NAME,
+            hosts=[f"{h}:{p}" for h, p in self.members],
+            me=f"{member.address[0]}:{member.address[1]}",
+            isWritablePrimary=member.role == "primary",
+            secondary=member.role == "secondary",
+            tags=dict(member.tags),
+        )
+        return doc
+
+    async def _monitor(self, address: Address, first_check: asyncio.Event) -> None:
+        member = self.members[address]
+        timeout_s = self.config.pool.connect_timeout_ms / 1000
+        conn: UpstreamConnection | None = None
+        while True:
+            try:
+                if conn is None:
+                    conn = await UpstreamConnection.open(address, timeout_s, HANDSHAKE)
+                start = time.monotonic()
+                reply = await conn.command({"hello": 1, "$db": "admin"}, timeout_s)
+                self._rtt[address].add_sample(time.monotonic() - start)
+                self._update(address, ServerDescription(
+                    address,
+                    Hello(self._synthetic_hello(member, reply)),
+                    self._rtt[address].get(),
+                ))
+            except asyncio.CancelledError:
+                if conn is not None:
+                    conn.close()
+                raise
+            except Exception as exc:  # any failure means "down" until the next check
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                self._rtt[address].reset()
+                self._update(address, ServerDescription(address, error=exc))
+            first_check.set()
+            await asyncio.sleep(self.config.heartbeat_ms / 1000)
+
+
+def make_topology(config: UpstreamConfig) -> Topology:
+    if config.members:
+        return DeclaredTopology(config)
+    return DiscoveryTopology(config)
+
+
+def _describe(selector: _ServerMode) -> str:
+    parts = [f"mode: {selector.mongos_mode}"]
+    if selector.tag_sets not in (None, [{}]):
+        parts.append(f"tags: {selector.tag_sets}")
+    if selector.max_staleness != -1:
+        parts.append(f"maxStalenessSeconds: {selector.max_staleness}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _summary(description: TopologyDescription) -> str:
+    servers = ", ".join(
+        f"{sd.address[0]}:{sd.address[1]} {sd.server_type_name}"
+        for sd in description.server_descriptions().values()
+    )
+    return f"{description.topology_type_name} [{servers}]"
