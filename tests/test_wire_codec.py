@@ -298,12 +298,24 @@ BAD_OP_MSG: list[tuple[str, bytes, str]] = [
 ]
 
 
+# A document whose own length prefix or terminator is wrong is invalid BSON (code 22);
+# every other structural fault is a protocol error (code 17).
+INVALID_BSON_CASES = {
+    name: (22, "InvalidBSON")
+    for name in (
+        "doc size exceeds", "doc size too small", "doc size negative", "doc not terminated",
+        "sequence document overruns sequence", "query overruns", "bad fields doc",
+    )
+}
+
+
 @pytest.mark.parametrize(("name", "data", "needle"), BAD_OP_MSG, ids=[c[0] for c in BAD_OP_MSG])
 def test_parse_op_msg_errors(name: str, data: bytes, needle: str) -> None:
     with pytest.raises(WireError) as info:
         parse_op_msg(data)
     err = info.value
-    assert (err.code, err.code_name, err.fatal) == (17, "ProtocolError", False)
+    expected = INVALID_BSON_CASES.get(name, (17, "ProtocolError"))
+    assert (err.code, err.code_name, err.fatal) == (*expected, False)
     assert needle.lower() in err.errmsg.lower(), err.errmsg
     if len(data) >= 8:
         assert err.request_id == struct.unpack_from("<i", data, 4)[0]
@@ -410,7 +422,7 @@ def test_parse_op_query_errors(name: str, data: bytes, needle: str) -> None:
     with pytest.raises(WireError) as info:
         parse_op_query(data)
     err = info.value
-    assert (err.code, err.fatal) == (17, False)
+    assert (err.code, err.fatal) == (INVALID_BSON_CASES.get(name, (17, ""))[0], False)
     assert needle in err.errmsg, err.errmsg
 
 

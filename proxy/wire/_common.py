@@ -43,6 +43,9 @@ def check_message_header(data: bytes, what: str, op_code: int) -> Header:
 def check_document(data: bytes, offset: int, end: int, where: str, request_id: int) -> int:
     """Validate the framing of the BSON document at ``offset`` (must end by ``end``).
 
+    A document whose own length or terminator is wrong is invalid BSON (code 22), as the
+    server reports it; the contents are checked later by ``decode_body``.
+
     Returns the offset just past the document.  Contents are not decoded.
     """
     left = end - offset
@@ -57,11 +60,15 @@ def check_document(data: bytes, offset: int, end: int, where: str, request_id: i
             f"{where} at offset {offset}: BSON document size {size} is below the "
             f"minimum of {MIN_BSON_SIZE}",
             request_id=request_id,
+            code=22,
+            code_name="InvalidBSON",
         )
     if size > left:
         raise WireError(
             f"{where} at offset {offset}: BSON document size {size} exceeds the {left} bytes left",
             request_id=request_id,
+            code=22,
+            code_name="InvalidBSON",
         )
     stop = offset + size
     if data[stop - 1] != 0:
@@ -69,6 +76,8 @@ def check_document(data: bytes, offset: int, end: int, where: str, request_id: i
             f"{where} at offset {offset}: BSON document of size {size} does not end "
             f"with a 0x00 byte",
             request_id=request_id,
+            code=22,
+            code_name="InvalidBSON",
         )
     return stop
 
