@@ -49,6 +49,10 @@ class Topology(ABC):
         self._changed = asyncio.Event()
         # Servers a request just failed on: avoided until a newer health check succeeds.
         self._failed: dict[Address, float] = {}
+        # Selection is pure given the description, so its result is cached per read
+        # preference until the description changes or a server fails.
+        self._selection_cache: dict[tuple[Any, ...], list[ServerDescription]] = {}
+        self._cached_for: TopologyDescription | None = None
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -68,6 +72,7 @@ class Topology(ABC):
     def mark_failed(self, address: Address) -> None:
         """A network error on ``address``: stop selecting it until it is seen healthy."""
         self._failed[address] = time.monotonic()
+        self._selection_cache.clear()
 
     def _not_recently_failed(self, servers: list[ServerDescription]) -> list[ServerDescription]:
         if not self._failed:
@@ -79,9 +84,18 @@ class Topology(ABC):
 
     def candidates(self, selector: _ServerMode) -> list[ServerDescription]:
         """Servers suitable for ``selector`` now (pymongo's selection and latency window)."""
-        return self.description().apply_selector(
-            self._adapt(selector), custom_selector=self._not_recently_failed
-        )
+        description = self.description()
+        if description is not self._cached_for:
+            self._selection_cache.clear()
+            self._cached_for = description
+        key = (selector.mode, repr(selector.tag_sets), selector.max_staleness)
+        servers = self._selection_cache.get(key)
+        if servers is None:
+            servers = description.apply_selector(
+                self._adapt(selector), custom_selector=self._not_recently_failed
+            )
+            self._selection_cache[key] = servers
+        return servers
 
     def _adapt(self, selector: _ServerMode) -> _ServerMode:
         return selector

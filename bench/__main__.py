@@ -1,0 +1,31 @@
+"""`python -m bench <subcommand>`: the mongoproxy benchmarks.
+
+Subcommands:
+  core   proxy vs direct on find-by-_id and insert_one (bench/core.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bench import core
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="mongoproxy benchmarks")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Each benchmark module registers its own subcommand (and sets `func`).
+    core.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
