@@ -34,25 +34,6 @@ class UpstreamLimits:
     def from_description(cls, description: TopologyDescription) -> UpstreamLimits:
         return _limits_from_description(description)
 
-    @classmethod
-    def from_hello(cls, reply: Mapping[str, Any]) -> UpstreamLimits:
-        default = cls()
-        timeout = reply.get("logicalSessionTimeoutMinutes")
-        return cls(
-            min_wire_version=int(reply.get("minWireVersion", default.min_wire_version)),
-            max_wire_version=int(reply.get("maxWireVersion", default.max_wire_version)),
-            max_bson_object_size=int(
-                reply.get("maxBsonObjectSize", default.max_bson_object_size)
-            ),
-            max_message_size_bytes=int(
-                reply.get("maxMessageSizeBytes", default.max_message_size_bytes)
-            ),
-            max_write_batch_size=int(
-                reply.get("maxWriteBatchSize", default.max_write_batch_size)
-            ),
-            logical_session_timeout_minutes=None if timeout is None else int(timeout),
-        )
-
 
 def _limits_from_description(description: TopologyDescription) -> UpstreamLimits:
     """Limits of the primary (else any known server); defaults while none is known."""

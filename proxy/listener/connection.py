@@ -32,6 +32,7 @@ from proxy.route.cursors import CURSOR_COMMANDS, Address
 from proxy.wire import (
     FLAG_CHECKSUM_PRESENT,
     FLAG_EXHAUST_ALLOWED,
+    FLAG_MORE_TO_COME,
     HEADER_SIZE,
     REPLY_FLAG_QUERY_FAILURE,
     OpCode,
@@ -55,9 +56,10 @@ log = logging.getLogger("mongoproxy.connection")
 
 _LENGTH = struct.Struct("<i")
 # Flags the upstream must not see: exhaust replies would stream several messages into a
-# pooled connection (the client falls back to plain getMore), and the checksum would be
-# wrong once any flag changes.
-_STRIPPED_FLAGS = FLAG_EXHAUST_ALLOWED | FLAG_CHECKSUM_PRESENT
+# pooled connection (the client falls back to plain getMore), moreToCome would leave the
+# exchange without a reply to wait for (the proxy reads and drops it instead), and the
+# checksum would be wrong once any flag changes.
+_STRIPPED_FLAGS = FLAG_EXHAUST_ALLOWED | FLAG_CHECKSUM_PRESENT | FLAG_MORE_TO_COME
 _AUTH_COMMANDS = frozenset({"saslStart", "saslContinue", "authenticate"})
 _REMOVED_OPCODES = {
     OpCode.OP_INSERT: "OP_INSERT",
@@ -219,40 +221,11 @@ class ClientConnection:
     ) -> None:
         name = next(iter(command))
         try:
-            address = await self.proxy.router.server_for(name, command)
-            pool = self.proxy.pools.get(address)
-            conn = await pool.checkout()
+            address, header, body = await self._exchange(name, message, request_id, command)
         except ProxyError as exc:
+            log.warning("%s from client %d failed: %s", name, self.connection_id, exc.errmsg)
             if not more_to_come:
                 self._write_op_msg(request_id, _with_network_labels(exc, command))
-            return
-        reusable = False
-        try:
-            if more_to_come:
-                conn.send(message)
-                await conn.drain()
-                reusable = True
-                return
-            header, body = await conn.exchange(
-                message, request_id, self.proxy.config.upstream.socket_timeout_ms / 1000
-            )
-            reusable = True
-        except TimeoutError:
-            self.proxy.topology.mark_failed(address)
-            self._write_op_msg(request_id, _with_network_labels(ProxyError(
-                NETWORK_TIMEOUT,
-                f"no reply from upstream {pool.label} within "
-                f"{self.proxy.config.upstream.socket_timeout_ms} ms",
-            ), command))
-            return
-        except (OSError, asyncio.IncompleteReadError, UpstreamProtocolError) as exc:
-            self.proxy.topology.mark_failed(address)
-            if not more_to_come:
-                self._write_op_msg(request_id, _with_network_labels(ProxyError(
-                    HOST_UNREACHABLE,
-                    f"connection to upstream {pool.label} failed during {name}: "
-                    f"{_describe(exc)}",
-                ), command))
             return
         except asyncio.CancelledError:
             # Shutdown gave up waiting for this request: tell the client, then stop.
@@ -261,14 +234,51 @@ class ClientConnection:
                     SHUTDOWN_IN_PROGRESS, "mongoproxy shut down before the reply arrived"
                 ), command))
             raise
-        finally:
-            pool.checkin(conn, reusable)
         self._bookkeeping(name, command, address, body)
+        if more_to_come:
+            return  # fire-and-forget: the client reads no reply
         if compressor is not None and compressor in self.compressors:
             self._write(compress(header + body, compressor,
                                  self.proxy.config.listen.zlib_compression_level))
         else:
             self.writer.writelines((header, body))
+
+    async def _exchange(
+        self, name: str, message: bytes, request_id: int, command: Mapping[str, Any]
+    ) -> tuple[Address, bytes, bytes]:
+        """Select a server, send the request on a pooled connection, read the reply.
+
+        Always reads a reply: the moreToCome flag was cleared before forwarding, because
+        a pooled connection must never be left with an unread reply (FerretDB answers
+        moreToCome messages anyway) and the next request on this client connection
+        should see the fire-and-forget write.
+        """
+        address = await self.proxy.router.server_for(name, command)
+        pool = self.proxy.pools.get(address)
+        conn = await pool.checkout()
+        timeout_ms = self.proxy.config.upstream.socket_timeout_ms
+        reusable = False
+        try:
+            header, body = await conn.exchange(message, request_id, timeout_ms / 1000)
+            reusable = True
+        except TimeoutError:
+            self.proxy.topology.mark_failed(address)
+            raise ProxyError(
+                NETWORK_TIMEOUT,
+                f"no reply from upstream {pool.label} to {name} within {timeout_ms} ms",
+            ) from None
+        except (OSError, asyncio.IncompleteReadError, UpstreamProtocolError) as exc:
+            # The server (or the path to it) failed: its other idle connections are
+            # suspect too, as SDAM clears a pool on a network error.
+            self.proxy.topology.mark_failed(address)
+            pool.clear()
+            raise ProxyError(
+                HOST_UNREACHABLE,
+                f"connection to upstream {pool.label} failed during {name}: {_describe(exc)}",
+            ) from None
+        finally:
+            pool.checkin(conn, reusable)
+        return address, header, body
 
     def _bookkeeping(
         self, name: str, command: Mapping[str, Any], address: Address, reply: bytes

@@ -30,7 +30,7 @@ class UpstreamProtocolError(Exception):
 class UpstreamConnection:
     """A TCP connection to one upstream server, used by one exchange at a time."""
 
-    __slots__ = ("_reader", "_writer", "address", "hello")
+    __slots__ = ("_reader", "_writer", "address")
 
     def __init__(
         self,
@@ -41,7 +41,6 @@ class UpstreamConnection:
         self.address = address
         self._reader = reader
         self._writer = writer
-        self.hello: dict[str, Any] = {}
 
     @classmethod
     async def open(
@@ -55,7 +54,7 @@ class UpstreamConnection:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = cls(address, reader, writer)
             try:
-                conn.hello = await conn.command(handshake, timeout_s)
+                await conn.command(handshake, timeout_s)
             except BaseException:
                 conn.close()
                 raise
@@ -91,6 +90,14 @@ class UpstreamConnection:
                 raise UpstreamProtocolError(f"unexpected reply opcode {op_code}")
             body = await self._reader.readexactly(length - HEADER_SIZE)
         return header, body
+
+    def closed_by_peer(self) -> bool:
+        """True once the server closed its end (seen without a read: EOF or an error)."""
+        return (
+            self._reader.at_eof()
+            or self._reader.exception() is not None
+            or self._writer.transport.is_closing()
+        )
 
     def close(self) -> None:
         self._writer.close()

@@ -44,7 +44,6 @@ class UpstreamPool:
         # Connections that exist or are being opened; never above max_size.
         self.size = 0
         self.in_use = 0
-        self.last_hello: dict[str, Any] = {}
         self._closed = False
 
     @property
@@ -55,6 +54,8 @@ class UpstreamPool:
         """An idle connection, a new one, or the next one returned, within the wait limit."""
         if self._closed:
             raise ProxyError(HOST_UNREACHABLE, f"pool for {self.label} is closed")
+        while self._idle and self._idle[-1].closed_by_peer():
+            self._discard(self._idle.pop())
         if self._idle:
             conn = self._idle.pop()
         elif self.size < self.config.max_size:
@@ -69,8 +70,7 @@ class UpstreamPool:
         """Return a checked-out connection; ``reusable=False`` discards it."""
         self.in_use -= 1
         if not reusable or self._closed:
-            conn.close()
-            self._release_slot()
+            self._discard(conn)
             return
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -78,6 +78,16 @@ class UpstreamPool:
                 waiter.set_result(conn)
                 return
         self._idle.append(conn)
+
+    def clear(self) -> None:
+        """Close every idle connection (after a network error on this server)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._discard(conn)
+
+    def _discard(self, conn: UpstreamConnection) -> None:
+        conn.close()
+        self._release_slot()
 
     async def fill(self) -> None:
         """Open connections up to ``min_size`` (start-up and after failures)."""
@@ -118,7 +128,6 @@ class UpstreamPool:
         except BaseException:
             self._release_slot()
             raise
-        self.last_hello = conn.hello
         return conn
 
     def _release_slot(self) -> None:

@@ -1,0 +1,104 @@
+"""Many client connections at once through one proxy: mixed reads and writes all succeed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from typing import Any
+
+from pymongo import AsyncMongoClient, MongoClient
+
+from tests.support import FerretDBProcess, ProxyFactory
+
+Doc = dict[str, Any]
+
+CLIENTS = 500
+INSERTS_PER_CLIENT = 4
+
+
+def healthz(admin_url: str) -> Doc:
+    with urllib.request.urlopen(f"{admin_url}/healthz", timeout=5) as resp:
+        doc: Doc = json.loads(resp.read())
+        return doc
+
+
+async def test_500_concurrent_clients_mixed_reads_and_writes(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, db_name: str
+) -> None:
+    proxy = proxy_factory(ferretdb.uri)
+    with MongoClient(ferretdb.uri, directConnection=True) as direct:
+        direct.drop_database(db_name)
+        coll = direct[db_name]["conc"]
+        coll.create_index("c")
+        coll.insert_many([{"_id": f"seed-{i}", "c": -1, "v": i} for i in range(50)])
+
+    clients: list[AsyncMongoClient[Doc]] = [
+        AsyncMongoClient(
+            proxy.uri,
+            maxPoolSize=1,
+            serverSelectionTimeoutMS=30_000,
+            connectTimeoutMS=30_000,
+            socketTimeoutMS=60_000,
+            heartbeatFrequencyMS=60_000,
+            appname=f"conc-{i}",
+        )
+        for i in range(CLIENTS)
+    ]
+    errors: list[str] = []
+    done_ops = 0
+
+    async def connect(i: int) -> None:
+        try:
+            assert (await clients[i].admin.command("ping"))["ok"] == 1.0
+        except Exception as exc:
+            errors.append(f"client {i} connect: {exc!r}")
+
+    async def work(i: int, start: asyncio.Event) -> None:
+        nonlocal done_ops
+        coll = clients[i][db_name]["conc"]
+        await start.wait()
+        try:
+            for k in range(INSERTS_PER_CLIENT):
+                _id = f"{i:04d}-{k}"
+                res = await coll.insert_one({"_id": _id, "c": i, "k": k})
+                assert res.inserted_id == _id
+                assert await coll.find_one({"_id": _id}) == {"_id": _id, "c": i, "k": k}
+                done_ops += 2
+            # A cursor over this client's own documents, with getMores.
+            mine = await coll.find({"c": i}).sort("k", 1).batch_size(2).to_list()
+            assert [d["k"] for d in mine] == list(range(INSERTS_PER_CLIENT)), mine
+            seed = await coll.find_one({"_id": f"seed-{i % 50}"})
+            assert seed is not None and seed["v"] == i % 50
+            n = await coll.count_documents({"c": i})
+            assert n == INSERTS_PER_CLIENT
+            done_ops += 3
+        except Exception as exc:
+            errors.append(f"client {i}: {exc!r}")
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(connect(i) for i in range(CLIENTS)))
+        assert errors == [], errors[:10]
+        # Every client holds its connection(s) open now.
+        assert healthz(proxy.admin_url)["client_connections"] >= CLIENTS
+
+        start = asyncio.Event()
+        tasks = [asyncio.create_task(work(i, start)) for i in range(CLIENTS)]
+        await asyncio.sleep(0)
+        start.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+    elapsed = time.monotonic() - started
+
+    log_tail = "\n".join(proxy.log_text().splitlines()[-30:])
+    assert errors == [], f"{len(errors)} clients failed, e.g. {errors[:5]}\n{log_tail}"
+    assert done_ops == CLIENTS * (2 * INSERTS_PER_CLIENT + 3)
+    with MongoClient(ferretdb.uri, directConnection=True) as direct:
+        coll = direct[db_name]["conc"]
+        assert coll.count_documents({"c": {"$gte": 0}}) == CLIENTS * INSERTS_PER_CLIENT
+        assert coll.count_documents({}) == CLIENTS * INSERTS_PER_CLIENT + 50
+        direct.drop_database(db_name)
+    assert elapsed < 90, f"took {elapsed:.1f}s"
