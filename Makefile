@@ -56,8 +56,9 @@ test: deps tools node
 run: deps tools
 	$(PY) scripts/devstack.py
 
+# The core latency comparison (proxy vs direct); writes bench/results/core.json.
 bench: deps tools
-	$(PY) -m bench run
+	$(PY) -m bench core
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules
