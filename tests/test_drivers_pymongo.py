@@ -245,8 +245,8 @@ def test_aggregate_count_distinct_match_direct(dbs: tuple[Database[Doc], ...]) -
     both(dbs, seed_sales)
     pipeline: list[Doc] = [
         {"$match": {"qty": {"$gte": 3}}},
-        {"$group": {"_id": "$item", "total": {"$sum": "$qty"}, "n": {"$sum": 1},
-                    "price": {"$sum": "$price"}}},
+        # (FerretDB 1.24 sums a constant {$sum: 1} to 0 next to a {$sum: "$field"}.)
+        {"$group": {"_id": "$item", "total": {"$sum": "$qty"}}},
         {"$sort": {"total": -1, "_id": 1}},
     ]
 
@@ -264,7 +264,13 @@ def test_aggregate_count_distinct_match_direct(dbs: tuple[Database[Doc], ...]) -
 
     via_proxy, direct = both(dbs, reads)
     assert via_proxy == direct
-    assert len(via_proxy[0]) == 5
+    totals: dict[str, int] = {}
+    for i in range(200):
+        if i % 11 >= 3:
+            totals[f"item{i % 5}"] = totals.get(f"item{i % 5}", 0) + i % 11
+    assert via_proxy[0] == [
+        {"_id": k, "total": v} for k, v in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
     assert via_proxy[0] == via_proxy[1]
     assert via_proxy[2] == 200
     assert via_proxy[5] == [f"item{i}" for i in range(5)]

@@ -194,7 +194,7 @@ async def test_aggregate_count_distinct_match_direct(sides: Sides) -> None:
     await sides.both(seed)
     pipeline: list[Doc] = [
         {"$match": {"qty": {"$gte": 2}}},
-        {"$group": {"_id": "$item", "total": {"$sum": "$qty"}, "n": {"$sum": 1}}},
+        {"$group": {"_id": "$item", "total": {"$sum": "$qty"}}},
         {"$sort": {"total": -1, "_id": 1}},
     ]
 
@@ -211,7 +211,15 @@ async def test_aggregate_count_distinct_match_direct(sides: Sides) -> None:
 
     via_proxy, direct = await sides.both(reads)
     assert via_proxy == direct
-    assert len(via_proxy[0]) == 6 and via_proxy[0] == via_proxy[1]
+    totals: dict[str, int] = {}
+    for i in range(150):
+        if i % 9 >= 2:
+            totals[f"item{i % 6}"] = totals.get(f"item{i % 6}", 0) + i % 9
+    expected = [
+        {"_id": k, "total": v} for k, v in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
+    assert via_proxy[0] == expected
+    assert via_proxy[1] == expected
     assert via_proxy[2] == 150
     assert via_proxy[4] == [f"item{i}" for i in range(6)]
 
