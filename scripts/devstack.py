@@ -143,7 +143,7 @@ def main() -> int:
             "==============================================================\n"
             " mongoproxy dev stack\n"
             f"   connect:  {PROXY_URI}\n"
-            f"   admin:    {ADMIN_URL}  (healthz, metrics)\n"
+            f"   admin:    {ADMIN_URL}  (GET /healthz)\n"
             f"   upstream: FerretDB 127.0.0.1:{FERRETDB_PORT}, Redis 127.0.0.1:{REDIS_PORT}\n"
             f"   logs:     {LOG_DIR}/ferretdb.log, {LOG_DIR}/redis.log\n"
             " Ctrl-C stops everything.\n"
