@@ -2,6 +2,8 @@
 
 Subcommands:
   core   proxy vs direct on find-by-_id and insert_one (bench/core.py)
+  pool   proxy RSS with many idle clients; many clients on a small pool vs direct
+         (bench/pool.py)
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import core
+from bench import core, pool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Each benchmark module registers its own subcommand (and sets `func`).
     core.add_parser(subparsers)
+    pool.add_parser(subparsers)
     return parser
 
 

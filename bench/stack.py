@@ -155,6 +155,8 @@ class Stack:
     proxy_uri: str
     started: bool = False
     workdir: Path | None = None
+    # The proxy's admin endpoint (http://host:port), when we started it.
+    admin_url: str | None = None
     _children: list[_Child] = field(default_factory=list)
 
     @property
@@ -182,8 +184,13 @@ def external_stack(direct_uri: str, proxy_uri: str) -> Stack:
     return Stack(direct_uri=direct_uri, proxy_uri=proxy_uri)
 
 
-def start_stack(timeout: float = 30.0) -> Stack:
-    """Start FerretDB and the proxy (default config) in a fresh temporary directory."""
+def start_stack(timeout: float = 30.0, pool_max_size: int | None = None) -> Stack:
+    """Start FerretDB and the proxy in a fresh temporary directory.
+
+    The proxy runs with the default config, except ``upstream.pool.max_size`` when
+    ``pool_max_size`` is given.  Children inherit this process's resource limits
+    (RLIMIT_NOFILE included): raise them before calling this.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="mongoproxy-bench-"))
     data_dir, state_dir = workdir / "ferretdb-data", workdir / "ferretdb-state"
     data_dir.mkdir()
@@ -206,11 +213,12 @@ def start_stack(timeout: float = 30.0) -> Stack:
         workdir / "ferretdb.log",
     )
     config_path = workdir / "proxy.yaml"
+    pool = "" if pool_max_size is None else f", pool: {{max_size: {int(pool_max_size)}}}"
     # Flow-style YAML by hand: no PyYAML dependency for three lines.
     config_path.write_text(
         f"listen: {{host: {HOST}, port: {proxy_port}}}\n"
         f"admin: {{host: {HOST}, port: {admin_port}}}\n"
-        f'upstream: {{uri: "{direct_uri}"}}\n'
+        f'upstream: {{uri: "{direct_uri}"{pool}}}\n'
     )
     proxy = _Child(
         "proxy",
@@ -222,6 +230,7 @@ def start_stack(timeout: float = 30.0) -> Stack:
         proxy_uri=f"mongodb://{HOST}:{proxy_port}/",
         started=True,
         workdir=workdir,
+        admin_url=f"http://{HOST}:{admin_port}",
         _children=[ferretdb, proxy],
     )
 
