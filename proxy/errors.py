@@ -22,7 +22,11 @@ NETWORK_TIMEOUT = (89, "NetworkTimeout")
 SHUTDOWN_IN_PROGRESS = (91, "ShutdownInProgress")
 UNSUPPORTED_OP_QUERY = (352, "UnsupportedOpQueryCommand")
 FAILED_TO_SATISFY_READ_PREFERENCE = (133, "FailedToSatisfyReadPreference")
-CURSOR_NOT_FOUND = (43, "CursorNotFound")
+MAX_STALENESS_OUT_OF_RANGE = (215, "MaxStalenessOutOfRange")
+INTERNAL_ERROR = (1, "InternalError")
+# Replies meaning "this server is no longer (or not) the primary": SDAM marks it
+# Unknown so the next request selects again instead of waiting for a heartbeat.
+NOT_PRIMARY_CODES = frozenset({10107, 13435, 13436, 189, 91, 11600, 11602})
 
 RETRYABLE_WRITE_ERROR = "RetryableWriteError"
 TRANSIENT_TRANSACTION_ERROR = "TransientTransactionError"

@@ -19,7 +19,9 @@ import bson
 from proxy.errors import (
     AUTHENTICATION_FAILED,
     HOST_UNREACHABLE,
+    INTERNAL_ERROR,
     NETWORK_TIMEOUT,
+    NOT_PRIMARY_CODES,
     SHUTDOWN_IN_PROGRESS,
     UNSUPPORTED_OP_QUERY,
     ProxyError,
@@ -163,6 +165,15 @@ class ClientConnection:
                 self._write_query_failure(request_id, _wire_error_document(exc))
             else:
                 self._write_op_msg(request_id, _wire_error_document(exc))
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            # A bug must cost one error reply, never the client's connection.
+            log.exception("internal error handling request %d from client %d",
+                          request_id, self.connection_id)
+            self._write_op_msg(request_id, ProxyError(
+                INTERNAL_ERROR, f"mongoproxy internal error: {type(exc).__name__}: {exc}"
+            ).document())
 
     async def _handle_op_msg(self, message: bytes, compressor: str | None) -> None:
         msg = parse_op_msg(message)
@@ -278,6 +289,8 @@ class ClientConnection:
             ) from None
         finally:
             pool.checkin(conn, reusable)
+        if _is_not_primary_reply(body):
+            self.proxy.topology.mark_failed(address)
         return address, header, body
 
     def _bookkeeping(
@@ -312,6 +325,24 @@ class ClientConnection:
 
     def _reply_error_to(self, message: bytes, error: ProxyError) -> None:
         self._write_op_msg(parse_header(message).request_id, error.document())
+
+
+_CODE_ELEMENT = b"\x10code\x00"
+
+
+def _is_not_primary_reply(reply: bytes) -> bool:
+    """A small error reply saying the server is not (or no longer) the primary.
+
+    Only short replies that contain an int32 ``code`` element are decoded, so ordinary
+    results cost one bounded byte search.
+    """
+    if len(reply) > 2048 or _CODE_ELEMENT not in reply:
+        return False
+    try:
+        code = bson.decode(reply[5:]).get("code")
+    except Exception:
+        return False
+    return code in NOT_PRIMARY_CODES
 
 
 def _namespace(name: str, command: Mapping[str, Any]) -> str:

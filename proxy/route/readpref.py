@@ -5,6 +5,7 @@ Pure functions: the selection itself is pymongo's own (``TopologyDescription.app
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,7 +37,7 @@ def read_preference(
         )
     try:
         return make_read_preference(_MODES[mode], tag_sets, max_staleness_s)
-    except ConfigurationError as exc:
+    except (ConfigurationError, ValueError, TypeError) as exc:
         raise ReadPreferenceError(str(exc)) from None
 
 
@@ -53,8 +54,14 @@ def from_command(command: Mapping[str, Any]) -> _ServerMode:
     ):
         raise ReadPreferenceError("$readPreference.tags must be an array of documents")
     staleness = doc.get("maxStalenessSeconds", -1)
-    if not isinstance(staleness, int | float) or isinstance(staleness, bool):
-        raise ReadPreferenceError("$readPreference.maxStalenessSeconds must be a number")
+    if (
+        not isinstance(staleness, int | float)
+        or isinstance(staleness, bool)
+        or not math.isfinite(staleness)
+    ):
+        raise ReadPreferenceError(
+            "$readPreference.maxStalenessSeconds must be a finite number"
+        )
     return read_preference(
         doc["mode"],
         [dict(t) for t in tags] if tags is not None else None,

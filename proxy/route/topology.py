@@ -24,6 +24,7 @@ from typing import Any
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.settings import TopologySettings
+from pymongo.errors import ConfigurationError
 from pymongo.hello import Hello
 from pymongo.monitoring import TopologyDescriptionChangedEvent, TopologyListener
 from pymongo.read_preferences import MovingAverage, _ServerMode, make_read_preference
@@ -32,7 +33,11 @@ from pymongo.server_type import SERVER_TYPE
 from pymongo.topology_description import TOPOLOGY_TYPE, TopologyDescription
 
 from proxy.config import MemberConfig, UpstreamConfig
-from proxy.errors import FAILED_TO_SATISFY_READ_PREFERENCE, ProxyError
+from proxy.errors import (
+    FAILED_TO_SATISFY_READ_PREFERENCE,
+    MAX_STALENESS_OUT_OF_RANGE,
+    ProxyError,
+)
 from proxy.pool.connection import UpstreamConnection
 from proxy.pool.pool import HANDSHAKE
 
@@ -91,9 +96,12 @@ class Topology(ABC):
         key = (selector.mode, repr(selector.tag_sets), selector.max_staleness)
         servers = self._selection_cache.get(key)
         if servers is None:
-            servers = description.apply_selector(
-                self._adapt(selector), custom_selector=self._not_recently_failed
-            )
+            try:
+                servers = description.apply_selector(
+                    self._adapt(selector), custom_selector=self._not_recently_failed
+                )
+            except ConfigurationError as exc:  # e.g. maxStalenessSeconds below the minimum
+                raise ProxyError(MAX_STALENESS_OUT_OF_RANGE, str(exc)) from None
             self._selection_cache[key] = servers
         return servers
 
