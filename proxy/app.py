@@ -10,11 +10,14 @@ import signal
 import time
 from typing import Any
 
+from bson import Int64
+
 from proxy.admin.http import AdminServer, json_response
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.identity.handshake import UpstreamLimits
 from proxy.listener.connection import ClientConnection
+from proxy.pool.auth import Credentials
 from proxy.pool.registry import Pools
 from proxy.route.cursors import CursorTable
 from proxy.route.readpref import read_preference
@@ -29,7 +32,7 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.topology = make_topology(config.upstream)
-        self.pools = Pools(config.upstream.pool)
+        self.pools = Pools(config.upstream.pool, Credentials.from_uri(config.upstream.uri))
         self.cursors = CursorTable()
         self.router = Router(self.topology, self.cursors)
         self._background: set[asyncio.Task[None]] = set()
@@ -48,7 +51,9 @@ class Proxy:
         """Kill, on their servers, the cursors a departed client connection left open."""
         for (server, namespace), ids in self.cursors.release_owner(owner).items():
             database, _, collection = namespace.partition(".")
-            command = {"killCursors": collection, "cursors": ids, "$db": database}
+            # Cursor ids are longs on the wire; a small id encoded as int32 is refused.
+            command = {"killCursors": collection, "cursors": [Int64(i) for i in ids],
+                       "$db": database}
             task = asyncio.create_task(self._run_on(server, command))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -62,8 +67,11 @@ class Proxy:
             return
         ok = False
         try:
-            await conn.command(command, self.config.upstream.socket_timeout_ms / 1000)
+            reply = await conn.command(command, self.config.upstream.socket_timeout_ms / 1000)
             ok = True
+            if not reply.get("ok"):
+                log.warning("%s on %s failed: %s", next(iter(command)), pool.label,
+                            reply.get("errmsg"))
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
             log.info("could not run %s on %s: %r", next(iter(command)), pool.label, exc)
         finally:

@@ -22,6 +22,7 @@ from pydantic import (
 from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
+from proxy.pool.auth import Credentials
 from proxy.wire import SUPPORTED_COMPRESSORS
 
 
@@ -56,6 +57,9 @@ class PoolConfig(_Strict):
     min_size: int = Field(default=0, ge=0)
     connect_timeout_ms: int = Field(default=5_000, gt=0)
     wait_queue_timeout_ms: int = Field(default=10_000, gt=0)
+    # Idle connections are closed after this long unused (0 = never, the drivers'
+    # maxIdleTimeMS default); never one that owns open cursors, never below min_size.
+    max_idle_ms: int = Field(default=0, ge=0)
 
 
 class MemberConfig(_Strict):
@@ -102,6 +106,8 @@ class UpstreamConfig(_Strict):
             parse_uri(value)
         except (InvalidURI, ValueError) as exc:
             raise ValueError(f"not a valid MongoDB connection string: {exc}") from None
+        # The proxy authenticates its own upstream connections as the uri's user.
+        Credentials.from_uri(value)  # ValueError: unsupported authMechanism, no password
         return value
 
     @model_validator(mode="after")

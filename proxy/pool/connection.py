@@ -6,10 +6,19 @@ import asyncio
 import itertools
 import socket
 import struct
+import time
 from typing import Any
 
 import bson
 
+from proxy.pool.auth import (
+    AuthenticationError,
+    Credentials,
+    ScramConversation,
+    authenticate,
+    authentication_failed,
+    with_speculative_auth,
+)
 from proxy.wire import HEADER_SIZE, OpCode, decode_body, encode_op_msg, parse_op_msg
 
 _HEADER = struct.Struct("<iiii")
@@ -28,9 +37,16 @@ class UpstreamProtocolError(Exception):
 
 
 class UpstreamConnection:
-    """A TCP connection to one upstream server, used by one exchange at a time."""
+    """A TCP connection to one upstream server, used by one exchange at a time.
 
-    __slots__ = ("_reader", "_writer", "address")
+    ``open_cursors`` counts the server cursors opened by a request on this connection
+    and not yet exhausted or killed: the server kills a connection's cursors when the
+    connection closes, so a pool never reaps a connection while it is nonzero. The
+    listener keeps it with :meth:`cursor_opened` / :meth:`cursor_closed`.
+    ``last_used`` (``time.monotonic()``) is when it was opened or last returned.
+    """
+
+    __slots__ = ("_reader", "_writer", "address", "last_used", "open_cursors")
 
     def __init__(
         self,
@@ -41,12 +57,24 @@ class UpstreamConnection:
         self.address = address
         self._reader = reader
         self._writer = writer
+        self.last_used = time.monotonic()
+        self.open_cursors = 0
 
     @classmethod
     async def open(
-        cls, address: tuple[str, int], timeout_s: float, handshake: dict[str, Any]
+        cls,
+        address: tuple[str, int],
+        timeout_s: float,
+        handshake: dict[str, Any],
+        credentials: Credentials | None = None,
     ) -> UpstreamConnection:
-        """Connect and run the handshake, all within ``timeout_s``."""
+        """Connect, run the handshake and authenticate, all within ``timeout_s``.
+
+        With ``credentials`` the handshake carries ``speculativeAuthenticate`` and the
+        SCRAM conversation is finished (or started over with ``saslStart`` if the server
+        ignored it) before the connection is returned. A failed authentication raises
+        ProxyError AuthenticationFailed (18) naming the upstream, never the password.
+        """
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(address[0], address[1])
             sock = writer.get_extra_info("socket")
@@ -54,11 +82,44 @@ class UpstreamConnection:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = cls(address, reader, writer)
             try:
-                await conn.command(handshake, timeout_s)
+                if credentials is None:
+                    await conn.command(handshake, timeout_s)
+                else:
+                    await conn._handshake_and_authenticate(handshake, credentials, timeout_s)
             except BaseException:
                 conn.close()
                 raise
         return conn
+
+    async def _handshake_and_authenticate(
+        self, handshake: dict[str, Any], credentials: Credentials, timeout_s: float
+    ) -> None:
+        async def run(command: dict[str, Any]) -> dict[str, Any]:
+            return await self.command(command, timeout_s)
+
+        try:
+            conversation = ScramConversation(credentials)
+            reply = await run(
+                with_speculative_auth(handshake, credentials, conversation.client_first())
+            )
+            speculative = reply.get("speculativeAuthenticate")
+            await authenticate(
+                run,
+                credentials,
+                conversation if isinstance(speculative, dict) else None,
+                speculative if isinstance(speculative, dict) else None,
+            )
+        except AuthenticationError as exc:
+            raise authentication_failed(self.address, credentials, exc) from None
+
+    def cursor_opened(self) -> None:
+        """A reply on this connection opened a server cursor (``cursor.id`` != 0)."""
+        self.open_cursors += 1
+
+    def cursor_closed(self) -> None:
+        """A cursor this connection opened was exhausted, killed or found gone."""
+        if self.open_cursors > 0:
+            self.open_cursors -= 1
 
     async def command(self, command: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         """Run one command originated by the proxy and return the decoded reply."""

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 from proxy.config import PoolConfig
+from proxy.pool.auth import Credentials
 from proxy.pool.pool import UpstreamPool
 
 Address = tuple[str, int]
 
 
 class Pools:
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, credentials: Credentials | None = None) -> None:
+        """``credentials``: ``Credentials.from_uri(upstream.uri)``, used for every server."""
         self.config = config
+        self.credentials = credentials
         self._pools: dict[Address, UpstreamPool] = {}
 
     def get(self, address: Address) -> UpstreamPool:
         pool = self._pools.get(address)
         if pool is None:
-            pool = self._pools[address] = UpstreamPool(address, self.config)
+            pool = self._pools[address] = UpstreamPool(address, self.config, self.credentials)
         return pool
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """``UpstreamPool.stats()`` per server, keyed by its ``host:port`` label."""
+        return {pool.label: pool.stats() for pool in self._pools.values()}
 
     def all(self) -> list[UpstreamPool]:
         return list(self._pools.values())
