@@ -667,7 +667,7 @@ def test_primary_killed_mid_traffic_prompt_errors_then_recovery(
             for _ in range(5):
                 assert marker(coll, ReadPreference.SECONDARY) == "secondary"
                 assert marker(coll, ReadPreference.PRIMARY_PREFERRED) == "secondary"
-        time.sleep(max(0.0, killed + 3.0 - time.monotonic()))
+        time.sleep(max(0.0, killed + 5.0 - time.monotonic()))
 
         restart_begun = time.monotonic()
         members.primary.start()

@@ -29,7 +29,8 @@ from proxy.errors import (
     network_error_labels,
 )
 from proxy.identity.handshake import HELLO_COMMANDS, hello_reply, read_client_hello
-from proxy.pool.connection import UpstreamProtocolError, next_request_id
+from proxy.pool.connection import UpstreamConnection, UpstreamProtocolError, next_request_id
+from proxy.pool.pool import ConnectFailed
 from proxy.route.cursors import CURSOR_COMMANDS, Address
 from proxy.wire import (
     FLAG_CHECKSUM_PRESENT,
@@ -232,7 +233,9 @@ class ClientConnection:
     ) -> None:
         name = next(iter(command))
         try:
-            address, header, body = await self._exchange(name, message, request_id, command)
+            address, conn, header, body = await self._exchange(
+                name, message, request_id, command
+            )
         except ProxyError as exc:
             log.warning("%s from client %d failed: %s", name, self.connection_id, exc.errmsg)
             if not more_to_come:
@@ -245,7 +248,7 @@ class ClientConnection:
                     SHUTDOWN_IN_PROGRESS, "mongoproxy shut down before the reply arrived"
                 ), command))
             raise
-        self._bookkeeping(name, command, address, body)
+        self._bookkeeping(name, command, address, conn, body)
         if more_to_come:
             return  # fire-and-forget: the client reads no reply
         if compressor is not None and compressor in self.compressors:
@@ -256,7 +259,7 @@ class ClientConnection:
 
     async def _exchange(
         self, name: str, message: bytes, request_id: int, command: Mapping[str, Any]
-    ) -> tuple[Address, bytes, bytes]:
+    ) -> tuple[Address, UpstreamConnection, bytes, bytes]:
         """Select a server, send the request on a pooled connection, read the reply.
 
         Always reads a reply: the moreToCome flag was cleared before forwarding, because
@@ -266,7 +269,13 @@ class ClientConnection:
         """
         address = await self.proxy.router.server_for(name, command)
         pool = self.proxy.pools.get(address)
-        conn = await pool.checkout()
+        try:
+            conn = await pool.checkout()
+        except ConnectFailed:
+            # Between heartbeats, a refused connect is the first sign the server is down.
+            self.proxy.topology.mark_failed(address)
+            pool.clear()
+            raise
         timeout_ms = self.proxy.config.upstream.socket_timeout_ms
         reusable = False
         try:
@@ -291,20 +300,27 @@ class ClientConnection:
             pool.checkin(conn, reusable)
         if _is_not_primary_reply(body):
             self.proxy.topology.mark_failed(address)
-        return address, header, body
+        return address, conn, header, body
 
     def _bookkeeping(
-        self, name: str, command: Mapping[str, Any], address: Address, reply: bytes
+        self,
+        name: str,
+        command: Mapping[str, Any],
+        address: Address,
+        conn: UpstreamConnection,
+        reply: bytes,
     ) -> None:
         """Cursor and transaction state that later requests are routed by."""
         cursors = self.proxy.cursors
         if name in CURSOR_COMMANDS:
             cursor_id = reply_cursor_id(reply)
             if name == "getMore":
-                if cursor_id == 0:
+                # Exhausted (id 0), or gone on the server (an error reply has no cursor).
+                if cursor_id is None or cursor_id == 0:
                     cursors.remove(command["getMore"])
             elif cursor_id:
-                cursors.add(cursor_id, address, _namespace(name, command), self.connection_id)
+                cursors.add(cursor_id, address, _namespace(name, command),
+                            self.connection_id, conn)
         elif name == "killCursors":
             for cursor_id in command.get("cursors") or ():
                 if isinstance(cursor_id, int):

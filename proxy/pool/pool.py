@@ -45,6 +45,10 @@ HANDSHAKE: dict[str, Any] = {
 }
 
 
+class ConnectFailed(ProxyError):
+    """A new connection to the server could not be opened (the server looks down)."""
+
+
 class UpstreamPool:
     """Connections to one upstream server, at most ``config.max_size`` of them."""
 
@@ -207,7 +211,7 @@ class UpstreamPool:
             )
         except TimeoutError:
             self._release_slot()
-            raise ProxyError(
+            raise ConnectFailed(
                 NETWORK_TIMEOUT,
                 f"connecting to upstream {self.label} timed out after "
                 f"{self.config.connect_timeout_ms} ms",
@@ -215,7 +219,7 @@ class UpstreamPool:
         except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
             self._release_slot()
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            raise ProxyError(
+            raise ConnectFailed(
                 HOST_UNREACHABLE, f"upstream {self.label} is unreachable: {reason}"
             ) from None
         except BaseException:

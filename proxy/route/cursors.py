@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.pool.connection import UpstreamConnection
 
 Address = tuple[str, int]
 
@@ -23,6 +27,9 @@ class CursorEntry:
     server: Address
     namespace: str  # "db.collection", needed by killCursors
     owner: int  # client connection id
+    # The upstream connection that opened it: FerretDB kills a cursor when that
+    # connection closes, so the pool must not reap it while this cursor lives.
+    conn: UpstreamConnection
 
 
 class CursorTable:
@@ -33,9 +40,18 @@ class CursorTable:
     def __len__(self) -> int:
         return len(self._cursors)
 
-    def add(self, cursor_id: int, server: Address, namespace: str, owner: int) -> None:
-        self._cursors[cursor_id] = CursorEntry(server, namespace, owner)
+    def add(
+        self,
+        cursor_id: int,
+        server: Address,
+        namespace: str,
+        owner: int,
+        conn: UpstreamConnection,
+    ) -> None:
+        self.remove(cursor_id)
+        self._cursors[cursor_id] = CursorEntry(server, namespace, owner, conn)
         self._by_owner[owner].add(cursor_id)
+        conn.cursor_opened()
 
     def get(self, cursor_id: int) -> CursorEntry | None:
         return self._cursors.get(cursor_id)
@@ -43,6 +59,7 @@ class CursorTable:
     def remove(self, cursor_id: int) -> None:
         entry = self._cursors.pop(cursor_id, None)
         if entry is not None:
+            entry.conn.cursor_closed()
             owned = self._by_owner.get(entry.owner)
             if owned is not None:
                 owned.discard(cursor_id)
@@ -54,5 +71,6 @@ class CursorTable:
         groups: dict[tuple[Address, str], list[int]] = defaultdict(list)
         for cursor_id in self._by_owner.pop(owner, set()):
             entry = self._cursors.pop(cursor_id)
+            entry.conn.cursor_closed()
             groups[(entry.server, entry.namespace)].append(cursor_id)
         return dict(groups)
