@@ -120,13 +120,6 @@ class UpstreamConfig(_Strict):
             raise ValueError("members: the same host is listed twice")
         return self
 
-    def hosts(self) -> list[tuple[str, int]]:
-        """The servers to reach: declared members, or the connection string's seed list."""
-        if self.members:
-            return [m.address for m in self.members]
-        assert self.uri is not None
-        return [(str(host), int(port)) for host, port in parse_uri(self.uri)["nodelist"]]
-
 
 class ShutdownConfig(_Strict):
     # How long SIGTERM/SIGINT waits for in-flight requests before closing everything.

@@ -173,7 +173,7 @@ def test_parse_config_defaults() -> None:
     assert config.listen.max_message_size_bytes == 48_000_000
     assert config.upstream.pool.max_size > 0
     assert config.shutdown.drain_timeout_ms >= 0
-    assert config.upstream.hosts() == [("127.0.0.1", 27018)]
+    assert config.upstream.members == ()
 
 
 def test_parse_config_nested_values() -> None:
@@ -188,7 +188,7 @@ def test_parse_config_nested_values() -> None:
     assert config.upstream.pool.connect_timeout_ms == 1000
     assert config.upstream.pool.wait_queue_timeout_ms == 2000
     assert config.upstream.socket_timeout_ms == 5000
-    assert config.upstream.hosts() == [("h1", 1), ("h2", 2)]
+    assert config.upstream.uri == "mongodb://h1:1,h2:2/"
     assert config.shutdown.drain_timeout_ms == 0
 
 
@@ -254,3 +254,20 @@ def test_load_config_example_roundtrip() -> None:
         config = load_config(path)
         raw = yaml.safe_load(path.read_text())
         assert config.upstream.uri == raw["upstream"].get("uri")
+
+
+def test_declared_members_parse_and_validate() -> None:
+    config = parse_config({"upstream": {"members": [
+        {"host": "127.0.0.1:27018", "role": "primary"},
+        {"host": "127.0.0.1:27019", "role": "secondary", "tags": {"use": "analytics"}},
+    ]}})
+    assert [m.address for m in config.upstream.members] == [
+        ("127.0.0.1", 27018), ("127.0.0.1", 27019)]
+    assert config.upstream.members[1].tags == {"use": "analytics"}
+    with pytest.raises(ConfigError, match="at most one member may have role primary"):
+        parse_config({"upstream": {"members": [
+            {"host": "a:1", "role": "primary"}, {"host": "b:1", "role": "primary"}]}})
+    with pytest.raises(ConfigError, match=r"upstream\.members\.0\.host"):
+        parse_config({"upstream": {"members": [{"host": "nocolon", "role": "primary"}]}})
+    with pytest.raises(ConfigError, match=r"upstream\.members\.0\.role"):
+        parse_config({"upstream": {"members": [{"host": "a:1", "role": "arbiter"}]}})
