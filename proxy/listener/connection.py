@@ -325,8 +325,6 @@ class ClientConnection:
             for cursor_id in command.get("cursors") or ():
                 if isinstance(cursor_id, int):
                     cursors.remove(cursor_id)
-        elif name in ("commitTransaction", "abortTransaction"):
-            self.proxy.router.transaction_ended(command)
 
     def _write(self, data: bytes) -> None:
         self.writer.write(data)

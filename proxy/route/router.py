@@ -24,8 +24,8 @@ READ_COMMANDS = frozenset({
     "dbStats", "collStats", "explain", "listDatabases",
 })
 _WRITE_STAGES = ("$out", "$merge")
-# A transaction that was neither committed nor aborted is forgotten after this long
-# (the server's own transactionLifetimeLimitSeconds default).
+# A session's transaction pin is forgotten after this long unused (the server's own
+# transactionLifetimeLimitSeconds default).
 TRANSACTION_PIN_TTL_S = 60.0
 
 
@@ -64,7 +64,8 @@ class Router:
     def __init__(self, topology: Topology, cursors: CursorTable) -> None:
         self.topology = topology
         self.cursors = cursors
-        self._transactions: dict[tuple[bytes, int], tuple[Address, float]] = {}
+        # session id -> (txnNumber, server, last used)
+        self._transactions: dict[bytes, tuple[int, Address, float]] = {}
 
     async def server_for(self, name: str, command: Mapping[str, Any]) -> Address:
         pinned = self._cursor_server(name, command)
@@ -81,11 +82,6 @@ class Router:
             raise ProxyError(BAD_VALUE, f"{name}: {exc}") from None
         return await self.topology.select(selector)
 
-    def transaction_ended(self, command: Mapping[str, Any]) -> None:
-        txn = transaction_key(command)
-        if txn is not None:
-            self._transactions.pop(txn, None)
-
     def _cursor_server(self, name: str, command: Mapping[str, Any]) -> Address | None:
         if name == "getMore":
             ids: Any = [command.get("getMore")]
@@ -100,19 +96,25 @@ class Router:
         return None  # unknown cursor: the primary will answer CursorNotFound
 
     async def _transaction_server(self, txn: tuple[bytes, int], name: str) -> Address:
+        """The server of a session's transaction, pinned from its first statement.
+
+        The pin outlives commit and abort: a driver may send commitTransaction again
+        (a retried or repeated commit) and it must reach the same server. It is replaced
+        when the session starts a newer transaction, and forgotten after the TTL.
+        """
+        session, number = txn
         now = time.monotonic()
-        pinned = self._transactions.get(txn)
-        if pinned is not None:
-            self._transactions[txn] = (pinned[0], now)
-            return pinned[0]
+        pinned = self._transactions.get(session)
+        if pinned is not None and pinned[0] == number:
+            self._transactions[session] = (number, pinned[1], now)
+            return pinned[1]
         address = await self.topology.select(PRIMARY)
-        if name not in ("commitTransaction", "abortTransaction"):
-            self._expire(now)
-            self._transactions[txn] = (address, now)
+        self._expire(now)
+        self._transactions[session] = (number, address, now)
         return address
 
     def _expire(self, now: float) -> None:
-        stale = [k for k, (_, t) in self._transactions.items()
+        stale = [k for k, (_, _, t) in self._transactions.items()
                  if now - t > TRANSACTION_PIN_TTL_S]
         for key in stale:
             del self._transactions[key]
