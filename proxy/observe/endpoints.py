@@ -1,0 +1,117 @@
+"""Admin HTTP handlers (for :class:`proxy.admin.http.AdminServer`): ``/metrics``,
+``/digest`` and ``/readyz``.
+
+Each factory returns a handler ``(query) -> (status, content type, body)``::
+
+    routes.update(observe_routes(metrics, digest, readiness))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.admin.http import Handler, json_response
+from proxy.observe.digest import ORDERS, QueryDigest
+from proxy.observe.metrics import CONTENT_TYPE, Metrics
+
+__all__ = [
+    "MAX_DIGEST_LIMIT",
+    "ReadinessFacts",
+    "digest_handler",
+    "has_usable_primary",
+    "metrics_handler",
+    "observe_routes",
+    "readyz_handler",
+]
+
+MAX_DIGEST_LIMIT = 1000
+Reply = tuple[int, str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadinessFacts:
+    """What ``/readyz`` reports. Ready: a usable primary and not shutting down, and,
+    when ``redis_required``, Redis up. ``redis`` is None when no cache is configured,
+    else a state word ("ok", "down", "connecting", ...)."""
+
+    primary: bool
+    redis: str | None = None
+    redis_required: bool = False
+    shutting_down: bool = False
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        if self.shutting_down or not self.primary:
+            return False
+        return not (self.redis_required and self.redis != "ok")
+
+
+def metrics_handler(metrics: Metrics) -> Handler:
+    def handle(_query: dict[str, list[str]]) -> Reply:
+        return 200, CONTENT_TYPE, metrics.render()
+
+    return handle
+
+
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[-1] if values else None
+
+
+def digest_handler(digest: QueryDigest, default_limit: int = 50) -> Handler:
+    """``GET /digest?limit=N&order=total_time|count|avg_time|p95|max_time|errors|docs|bytes``"""
+
+    def handle(query: dict[str, list[str]]) -> Reply:
+        raw_limit = _one(query, "limit")
+        order = _one(query, "order") or "total_time"
+        try:
+            limit = default_limit if raw_limit is None else int(raw_limit)
+            if limit < 0:
+                raise ValueError
+        except ValueError:
+            return json_response(400, {"error": f"limit must be a non-negative integer, "
+                                                f"got {raw_limit!r}"})
+        if order not in ORDERS:
+            return json_response(400, {"error": f"order must be one of {', '.join(ORDERS)}"})
+        body = digest.summary()
+        body["order"] = order
+        body["top"] = digest.top(min(limit, MAX_DIGEST_LIMIT), order)
+        return json_response(200, body)
+
+    return handle
+
+
+def readyz_handler(facts: Callable[[], ReadinessFacts]) -> Handler:
+    """200 when ready, else 503; the JSON body says why either way."""
+
+    def handle(_query: dict[str, list[str]]) -> Reply:
+        state = facts()
+        body: dict[str, Any] = {
+            "ready": state.ready,
+            "primary": "yes" if state.primary else "no",
+            "redis": state.redis,
+            "shutting_down": state.shutting_down,
+            **state.detail,
+        }
+        return json_response(200 if state.ready else 503, body)
+
+    return handle
+
+
+def observe_routes(
+    metrics: Metrics, digest: QueryDigest, readiness: Callable[[], ReadinessFacts]
+) -> dict[str, Handler]:
+    return {
+        "/metrics": metrics_handler(metrics),
+        "/digest": digest_handler(digest),
+        "/readyz": readyz_handler(readiness),
+    }
+
+
+def has_usable_primary(description: Any) -> bool:
+    """A pymongo ``TopologyDescription`` has a writable member (primary, standalone,
+    mongos) that is up."""
+    return any(sd.is_writable for sd in description.known_servers)

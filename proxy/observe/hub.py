@@ -1,0 +1,48 @@
+"""One object for the request path: ``observer.finish(op)`` feeds the digest, the metrics
+and the slow log."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import IO, Any
+
+from proxy.admin.http import Handler
+from proxy.observe.config import ObservabilityConfig
+from proxy.observe.digest import QueryDigest
+from proxy.observe.endpoints import ReadinessFacts, observe_routes
+from proxy.observe.metrics import MemberState, Metrics
+from proxy.observe.record import OperationRecord
+from proxy.observe.slowlog import SlowLog
+
+__all__ = ["Observer"]
+
+
+class Observer:
+    def __init__(
+        self,
+        config: ObservabilityConfig,
+        *,
+        pool_stats: Callable[[], Mapping[str, Mapping[str, int]]] | None = None,
+        pool_max_size: int | None = None,
+        topology: Callable[[], Mapping[str, MemberState]] | None = None,
+        slow_log_stream: IO[str] | None = None,
+        **metrics_options: Any,
+    ) -> None:
+        self.config = config
+        self.digest = QueryDigest(config.digest_max_shapes, log_values=config.log_values)
+        self.metrics = Metrics(config, pool_stats=pool_stats, pool_max_size=pool_max_size,
+                               topology=topology, **metrics_options)
+        self.slowlog = SlowLog(config, stream=slow_log_stream)
+
+    def finish(self, op: OperationRecord) -> None:
+        """Account for one finished operation (ok, failed or rejected)."""
+        self.digest.record(op)
+        self.metrics.observe(op)
+        self.slowlog.record(op)
+
+    def routes(self, readiness: Callable[[], ReadinessFacts]) -> dict[str, Handler]:
+        """``/metrics``, ``/digest`` and ``/readyz`` for the admin server."""
+        return observe_routes(self.metrics, self.digest, readiness)
+
+    def close(self) -> None:
+        self.slowlog.close()
