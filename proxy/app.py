@@ -17,6 +17,9 @@ from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.identity.handshake import UpstreamLimits
 from proxy.listener.connection import ClientConnection
+from proxy.observe.endpoints import ReadinessFacts, has_usable_primary
+from proxy.observe.hub import Observer
+from proxy.observe.metrics import topology_facts
 from proxy.pool.auth import Credentials
 from proxy.pool.registry import Pools
 from proxy.route.cursors import CursorTable
@@ -36,7 +39,16 @@ class Proxy:
         self.cursors = CursorTable()
         self.router = Router(self.topology, self.cursors)
         self._background: set[asyncio.Task[None]] = set()
-        self.admin = AdminServer({"/healthz": self._healthz})
+        self.observer = Observer(
+            config.observability,
+            pool_stats=lambda: {p.label: p.stats() for p in self.pools.all()},
+            pool_max_size=config.upstream.pool.max_size,
+            topology=lambda: topology_facts(self.topology.description()),
+        )
+        self.admin = AdminServer({
+            "/healthz": self._healthz,
+            **self.observer.routes(self._readiness),
+        })
         self.server: asyncio.Server | None = None
         self.connections: dict[ClientConnection, asyncio.Task[None]] = {}
         self.shutting_down = False
@@ -114,10 +126,12 @@ class Proxy:
         task = asyncio.current_task()
         assert task is not None
         self.connections[conn] = task
+        self.observer.metrics.client_connected()
         try:
             await conn.serve()
         finally:
             del self.connections[conn]
+            self.observer.metrics.client_disconnected()
 
     async def shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish within the drain time, close."""
@@ -137,7 +151,14 @@ class Proxy:
         await self.pools.close()
         await self.topology.close()
         await self.admin.close()
+        self.observer.close()
         log.info("mongoproxy stopped")
+
+    def _readiness(self) -> ReadinessFacts:
+        return ReadinessFacts(
+            primary=has_usable_primary(self.topology.description()),
+            shutting_down=self.shutting_down,
+        )
 
     def _healthz(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         return json_response(200, {

@@ -18,10 +18,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="INFO")
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file")
+    sub.add_parser("top", help="the query digest of a running proxy, refreshing",
+                   add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["top"]:
+        from proxy.observe.top import main as top_main
+
+        return top_main(argv[1:])
     args = _parser().parse_args(argv)
     path = args.config if args.command == "run" else args.file
     try:

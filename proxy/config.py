@@ -22,6 +22,8 @@ from pydantic import (
 from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
+from proxy.observe.config import ObservabilityConfig
+from proxy.route.rules import RoutingConfig
 from proxy.pool.auth import Credentials
 from proxy.wire import SUPPORTED_COMPRESSORS
 
@@ -131,6 +133,8 @@ class Config(_Strict):
     admin: AdminConfig = AdminConfig()
     upstream: UpstreamConfig
     shutdown: ShutdownConfig = ShutdownConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
+    routing: RoutingConfig = RoutingConfig()
 
 
 def _format_errors(exc: ValidationError) -> str:

@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import logging
 import struct
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ from proxy.errors import (
     network_error_labels,
 )
 from proxy.identity.handshake import HELLO_COMMANDS, hello_reply, read_client_hello
+from proxy.observe.record import Timer
+from proxy.observe.shape import describe
 from proxy.pool.connection import UpstreamConnection, UpstreamProtocolError, next_request_id
 from proxy.pool.pool import ConnectFailed
 from proxy.route.cursors import CURSOR_COMMANDS, Address
@@ -39,6 +42,7 @@ from proxy.wire import (
     HEADER_SIZE,
     REPLY_FLAG_QUERY_FAILURE,
     OpCode,
+    OpMsg,
     WireError,
     compress,
     decode_body,
@@ -48,7 +52,8 @@ from proxy.wire import (
     parse_header,
     parse_op_msg,
     parse_op_query,
-    reply_cursor_id,
+    reply_cursor,
+    reply_error_code,
     with_flags,
 )
 
@@ -96,16 +101,17 @@ class ClientConnection:
     async def serve(self) -> None:
         try:
             while True:
-                message = await self._read_message()
-                if message is None:
+                received = await self._read_message()
+                if received is None:
                     return
+                message, started_ns = received
                 if self.proxy.shutting_down:
                     self._reply_error_to(message, ProxyError(
                         SHUTDOWN_IN_PROGRESS, "mongoproxy is shutting down"))
                     return
                 self.busy = True
                 try:
-                    await self._handle(message)
+                    await self._handle(message, Timer(started_ns))
                 finally:
                     self.busy = False
                 await self.writer.drain()
@@ -118,12 +124,14 @@ class ClientConnection:
             self.writer.close()
             self.proxy.release_cursors(self.connection_id)
 
-    async def _read_message(self) -> bytes | None:
-        """The next whole message, or None at a clean end of stream."""
+    async def _read_message(self) -> tuple[bytes, int] | None:
+        """The next whole message and when its header arrived (perf_counter ns), or None
+        at a clean end of stream."""
         try:
             header = await self.reader.readexactly(HEADER_SIZE)
         except asyncio.IncompleteReadError:
             return None
+        started_ns = time.perf_counter_ns()
         try:
             length = parse_header(header, self.proxy.config.listen.max_message_size_bytes).length
         except WireError as exc:
@@ -138,11 +146,12 @@ class ClientConnection:
             raise WireError(
                 f"message of {length} bytes not received within {timeout_s:g} s", fatal=True
             ) from None
-        return header + body
+        return header + body, started_ns
 
-    async def _handle(self, message: bytes) -> None:
-        op_code = parse_header(message).op_code
-        request_id = parse_header(message).request_id
+    async def _handle(self, message: bytes, timer: Timer) -> None:
+        timer.mark("read")
+        header = parse_header(message)
+        op_code, request_id = header.op_code, header.request_id
         compressor: str | None = None
         try:
             if op_code == OpCode.OP_COMPRESSED:
@@ -151,7 +160,7 @@ class ClientConnection:
                 )
                 op_code = parse_header(message).op_code
             if op_code == OpCode.OP_MSG:
-                await self._handle_op_msg(message, compressor)
+                await self._handle_op_msg(message, compressor, timer)
             elif op_code == OpCode.OP_QUERY:
                 self._handle_op_query(message)
             elif op_code in _REMOVED_OPCODES:
@@ -176,24 +185,28 @@ class ClientConnection:
                 INTERNAL_ERROR, f"mongoproxy internal error: {type(exc).__name__}: {exc}"
             ).document())
 
-    async def _handle_op_msg(self, message: bytes, compressor: str | None) -> None:
+    async def _handle_op_msg(self, message: bytes, compressor: str | None, timer: Timer) -> None:
         msg = parse_op_msg(message)
         command = decode_body(msg)
+        timer.mark("decode")
         name = next(iter(command), None)
         if name is None:
             raise WireError("OP_MSG body is an empty document: no command", code=59,
                             code_name="CommandNotFound")
         if name in HELLO_COMMANDS:
+            # Handshakes and heartbeats are not operations: they are neither timed nor logged.
             self._write_op_msg(msg.request_id, self._hello(name, command))
         elif name in _AUTH_COMMANDS:
-            self._write_op_msg(msg.request_id, ProxyError(
+            error = ProxyError(
                 AUTHENTICATION_FAILED,
                 "mongoproxy has no client users configured; connect without credentials",
-            ).document())
+            )
+            self._write_op_msg(msg.request_id, error.document())
+            self._record(timer, name, command, msg, error_code=error.code)
         else:
             if msg.flags & _STRIPPED_FLAGS:
                 message = with_flags(message, msg.flags & ~_STRIPPED_FLAGS)
-            await self._forward(message, msg.request_id, command, msg.more_to_come, compressor)
+            await self._forward(message, msg, command, compressor, timer)
 
     def _handle_op_query(self, message: bytes) -> None:
         query = parse_op_query(message)
@@ -226,39 +239,63 @@ class ClientConnection:
     async def _forward(
         self,
         message: bytes,
-        request_id: int,
+        msg: OpMsg,
         command: dict[str, Any],
-        more_to_come: bool,
         compressor: str | None,
+        timer: Timer,
     ) -> None:
         name = next(iter(command))
+        request_id, more_to_come = msg.request_id, msg.more_to_come
+        address: Address | None = None
+        error_code: int | None = None
+        docs: int | None = None
+        reply_bytes = 0
         try:
-            address, conn, header, body = await self._exchange(
-                name, message, request_id, command
-            )
-        except ProxyError as exc:
-            log.warning("%s from client %d failed: %s", name, self.connection_id, exc.errmsg)
-            if not more_to_come:
-                self._write_op_msg(request_id, _with_network_labels(exc, command))
-            return
-        except asyncio.CancelledError:
-            # Shutdown gave up waiting for this request: tell the client, then stop.
-            if not more_to_come:
-                self._write_op_msg(request_id, _with_network_labels(ProxyError(
-                    SHUTDOWN_IN_PROGRESS, "mongoproxy shut down before the reply arrived"
-                ), command))
-            raise
-        self._bookkeeping(name, command, address, conn, body)
-        if more_to_come:
-            return  # fire-and-forget: the client reads no reply
-        if compressor is not None and compressor in self.compressors:
-            self._write(compress(header + body, compressor,
-                                 self.proxy.config.listen.zlib_compression_level))
-        else:
-            self.writer.writelines((header, body))
+            try:
+                address, conn, header, body = await self._exchange(
+                    name, message, request_id, command, timer
+                )
+            except ProxyError as exc:
+                error_code = exc.code
+                log.warning("%s from client %d failed: %s", name, self.connection_id,
+                            exc.errmsg)
+                if not more_to_come:
+                    self._write_op_msg(request_id, _with_network_labels(exc, command))
+                return
+            except asyncio.CancelledError:
+                # Shutdown gave up waiting for this request: tell the client, then stop.
+                error_code = SHUTDOWN_IN_PROGRESS[0]
+                if not more_to_come:
+                    self._write_op_msg(request_id, _with_network_labels(ProxyError(
+                        SHUTDOWN_IN_PROGRESS, "mongoproxy shut down before the reply arrived"
+                    ), command))
+                raise
+            error_code = reply_error_code(body)
+            if error_code in NOT_PRIMARY_CODES:
+                # SDAM marks such a server Unknown: select again instead of waiting for
+                # the next heartbeat.
+                self.proxy.topology.mark_failed(address)
+            docs = self._bookkeeping(name, command, address, conn, body)
+            reply_bytes = len(header) + len(body)
+            if more_to_come:
+                return  # fire-and-forget: the client reads no reply
+            if compressor is not None and compressor in self.compressors:
+                self._write(compress(header + body, compressor,
+                                     self.proxy.config.listen.zlib_compression_level))
+            else:
+                self.writer.writelines((header, body))
+            timer.mark("write")
+        finally:
+            self._record(timer, name, command, msg, address=address, error_code=error_code,
+                         docs=docs, reply_bytes=reply_bytes)
 
     async def _exchange(
-        self, name: str, message: bytes, request_id: int, command: Mapping[str, Any]
+        self,
+        name: str,
+        message: bytes,
+        request_id: int,
+        command: Mapping[str, Any],
+        timer: Timer,
     ) -> tuple[Address, UpstreamConnection, bytes, bytes]:
         """Select a server, send the request on a pooled connection, read the reply.
 
@@ -268,6 +305,7 @@ class ClientConnection:
         should see the fire-and-forget write.
         """
         address = await self.proxy.router.server_for(name, command)
+        timer.mark("select")
         pool = self.proxy.pools.get(address)
         try:
             conn = await pool.checkout()
@@ -276,6 +314,7 @@ class ClientConnection:
             self.proxy.topology.mark_failed(address)
             pool.clear()
             raise
+        timer.mark("checkout_wait")
         timeout_ms = self.proxy.config.upstream.socket_timeout_ms
         reusable = False
         try:
@@ -298,8 +337,7 @@ class ClientConnection:
             ) from None
         finally:
             pool.checkin(conn, reusable)
-        if _is_not_primary_reply(body):
-            self.proxy.topology.mark_failed(address)
+        timer.mark("upstream")
         return address, conn, header, body
 
     def _bookkeeping(
@@ -309,22 +347,55 @@ class ClientConnection:
         address: Address,
         conn: UpstreamConnection,
         reply: bytes,
+    ) -> int | None:
+        """Cursor state that later requests are routed by; returns the batch length."""
+        if name not in CURSOR_COMMANDS:
+            if name == "killCursors":
+                for cursor_id in command.get("cursors") or ():
+                    if isinstance(cursor_id, int):
+                        self.proxy.cursors.remove(cursor_id)
+            return None
+        cursor_id, docs = reply_cursor(reply)
+        if name == "getMore":
+            # Exhausted (id 0), or gone on the server (an error reply has no cursor).
+            if cursor_id is None or cursor_id == 0:
+                self.proxy.cursors.remove(command["getMore"])
+        elif cursor_id:
+            self.proxy.cursors.add(cursor_id, address, _namespace(name, command),
+                                   self.connection_id, conn)
+        return docs
+
+    def _record(
+        self,
+        timer: Timer,
+        name: str,
+        command: Mapping[str, Any],
+        msg: OpMsg,
+        *,
+        address: Address | None = None,
+        error_code: int | None = None,
+        docs: int | None = None,
+        reply_bytes: int = 0,
     ) -> None:
-        """Cursor and transaction state that later requests are routed by."""
-        cursors = self.proxy.cursors
-        if name in CURSOR_COMMANDS:
-            cursor_id = reply_cursor_id(reply)
-            if name == "getMore":
-                # Exhausted (id 0), or gone on the server (an error reply has no cursor).
-                if cursor_id is None or cursor_id == 0:
-                    cursors.remove(command["getMore"])
-            elif cursor_id:
-                cursors.add(cursor_id, address, _namespace(name, command),
-                            self.connection_id, conn)
-        elif name == "killCursors":
-            for cursor_id in command.get("cursors") or ():
-                if isinstance(cursor_id, int):
-                    cursors.remove(cursor_id)
+        """Hand one finished operation to the observer (metrics, digest, slow log)."""
+        database = command.get("$db")
+        target = command.get("collection" if name == "getMore" else name)
+        shape = describe(command, _statement_samples(msg))
+        self.proxy.observer.finish(timer.record(
+            name,
+            database=database if isinstance(database, str) else None,
+            collection=target if isinstance(target, str) else None,
+            shape_hash=shape.hash,
+            shape_text=shape.text,
+            app_name=self.app_name,
+            member=None if address is None else f"{address[0]}:{address[1]}",
+            member_role=None if address is None else self.proxy.topology.role_of(address),
+            docs_returned=docs,
+            reply_bytes=reply_bytes,
+            error_code=error_code,
+            connection_id=self.connection_id,
+            raw_command=command,
+        ))
 
     def _write(self, data: bytes) -> None:
         self.writer.write(data)
@@ -341,22 +412,18 @@ class ClientConnection:
         self._write_op_msg(parse_header(message).request_id, error.document())
 
 
-_CODE_ELEMENT = b"\x10code\x00"
+# Statements of update/delete batches sampled for the query shape: enough to see the
+# batch's distinct shapes without decoding a large batch.
+_SHAPE_SAMPLE = 8
 
 
-def _is_not_primary_reply(reply: bytes) -> bool:
-    """A small error reply saying the server is not (or no longer) the primary.
-
-    Only short replies that contain an int32 ``code`` element are decoded, so ordinary
-    results cost one bounded byte search.
-    """
-    if len(reply) > 2048 or _CODE_ELEMENT not in reply:
-        return False
-    try:
-        code = bson.decode(reply[5:]).get("code")
-    except Exception:
-        return False
-    return code in NOT_PRIMARY_CODES
+def _statement_samples(msg: OpMsg) -> dict[str, list[dict[str, Any]]] | None:
+    samples = {}
+    for sequence in msg.sequences:
+        if sequence.identifier in ("updates", "deletes"):
+            docs = sequence.documents()[:_SHAPE_SAMPLE]
+            samples[sequence.identifier] = [bson.decode(doc) for doc in docs]
+    return samples or None
 
 
 def _namespace(name: str, command: Mapping[str, Any]) -> str:

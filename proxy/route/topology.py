@@ -44,6 +44,13 @@ from proxy.pool.pool import HANDSHAKE
 log = logging.getLogger("mongoproxy.topology")
 
 Address = tuple[str, int]
+_ROLES = {
+    SERVER_TYPE.RSPrimary: "primary",
+    SERVER_TYPE.RSSecondary: "secondary",
+    SERVER_TYPE.Mongos: "mongos",
+    SERVER_TYPE.Standalone: "standalone",
+    SERVER_TYPE.LoadBalancer: "loadbalancer",
+}
 
 
 class Topology(ABC):
@@ -67,6 +74,13 @@ class Topology(ABC):
 
     @abstractmethod
     def description(self) -> TopologyDescription: ...
+
+    def role_of(self, address: Address) -> str:
+        """The server's role as a short label: primary, secondary, mongos, standalone..."""
+        sd = self.description().server_descriptions().get(address)
+        if sd is None:
+            return "unknown"
+        return _ROLES.get(sd.server_type, "unknown")
 
     def summary(self) -> str:
         return _summary(self.description())

@@ -42,7 +42,7 @@ from proxy.wire.op_query import (
     encode_op_reply,
     parse_op_query,
 )
-from proxy.wire.reply import reply_cursor_id
+from proxy.wire.reply import reply_cursor, reply_error_code
 
 __all__ = [
     "COMPRESSOR_IDS",
@@ -69,7 +69,8 @@ __all__ = [
     "parse_header",
     "parse_op_msg",
     "parse_op_query",
-    "reply_cursor_id",
+    "reply_cursor",
+    "reply_error_code",
     "with_flags",
     "with_ids",
 ]

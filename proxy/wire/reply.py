@@ -1,6 +1,7 @@
 """Reading the one field the proxy needs from a reply without decoding the reply.
 
-Replies are forwarded as raw bytes; to pin cursors the proxy only needs ``cursor.id``.
+Replies are forwarded as raw bytes; to pin cursors the proxy only needs ``cursor.id``
+(and, for the operation record, the batch length and an error reply's code).
 A find reply is ``{cursor: {firstBatch: [...], id, ns}, ok}``: walking the element
 headers and jumping over each value by its length finds the id in a few steps, however
 large the batch is.
@@ -9,6 +10,8 @@ large the batch is.
 from __future__ import annotations
 
 import struct
+
+import bson
 
 _INT32 = struct.Struct("<i")
 _INT64 = struct.Struct("<q")
@@ -42,30 +45,90 @@ def _find(buf: bytes, start: int, end: int, name: bytes) -> tuple[int, int] | No
     return None
 
 
-def reply_cursor_id(payload: bytes) -> int | None:
-    """``cursor.id`` of an OP_MSG reply given without its 16-byte header, or None.
+def _count_elements(buf: bytes, start: int) -> int | None:
+    """Number of elements of the array (document) at ``start``, by walking headers."""
+    end = start + _INT32.unpack_from(buf, start)[0]
+    count = 0
+    pos = start + 4
+    while pos < end - 1:
+        etype = buf[pos]
+        value = buf.index(b"\x00", pos + 1, end) + 1
+        if etype in _LENGTH_PREFIXED_DOCS:
+            pos = value + _INT32.unpack_from(buf, value)[0]
+        elif etype in _FIXED:
+            pos = value + _FIXED[etype]
+        elif etype in _LENGTH_PREFIXED_STRINGS:
+            pos = value + 4 + _INT32.unpack_from(buf, value)[0]
+        elif etype == 0x05:
+            pos = value + 5 + _INT32.unpack_from(buf, value)[0]
+        else:
+            return None
+        count += 1
+    return count
 
-    Malformed input returns None rather than raising: the reply is forwarded anyway.
+
+def reply_cursor(payload: bytes) -> tuple[int | None, int | None]:
+    """(``cursor.id``, documents in its first/next batch) of an OP_MSG reply given
+    without its 16-byte header; None for what the reply does not have.
+
+    Malformed input gives (None, None) rather than raising: the reply is forwarded anyway.
     """
     try:
-        message = payload
-        if len(message) < _BODY_OFFSET + 5 or message[4] != 0:
-            return None
+        if len(payload) < _BODY_OFFSET + 5 or payload[4] != 0:
+            return None, None
         start = _BODY_OFFSET
-        end = start + _INT32.unpack_from(message, start)[0]
-        found = _find(message, start, end, b"cursor")
+        end = start + _INT32.unpack_from(payload, start)[0]
+        found = _find(payload, start, end, b"cursor")
         if found is None or found[0] != 0x03:
-            return None
+            return None, None
         cursor_start = found[1]
-        cursor_end = cursor_start + _INT32.unpack_from(message, cursor_start)[0]
-        found = _find(message, cursor_start, cursor_end, b"id")
-        if found is None:
-            return None
-        etype, value = found
-        if etype == 0x12:
-            return int(_INT64.unpack_from(message, value)[0])
-        if etype == 0x10:
-            return int(_INT32.unpack_from(message, value)[0])
-        return None
+        cursor_end = cursor_start + _INT32.unpack_from(payload, cursor_start)[0]
+        cursor_id: int | None = None
+        batch: int | None = None
+        pos = cursor_start + 4
+        while pos < cursor_end - 1:
+            etype = payload[pos]
+            name_end = payload.index(b"\x00", pos + 1, cursor_end)
+            name = payload[pos + 1:name_end]
+            value = name_end + 1
+            if name == b"id" and etype in (0x10, 0x12):
+                fmt = _INT64 if etype == 0x12 else _INT32
+                cursor_id = int(fmt.unpack_from(payload, value)[0])
+            elif name in (b"firstBatch", b"nextBatch") and etype == 0x04:
+                batch = _count_elements(payload, value)
+            if etype in _FIXED:
+                pos = value + _FIXED[etype]
+            elif etype in _LENGTH_PREFIXED_DOCS:
+                pos = value + _INT32.unpack_from(payload, value)[0]
+            elif etype in _LENGTH_PREFIXED_STRINGS:
+                pos = value + 4 + _INT32.unpack_from(payload, value)[0]
+            elif etype == 0x05:
+                pos = value + 5 + _INT32.unpack_from(payload, value)[0]
+            else:
+                break
+        return cursor_id, batch
     except (ValueError, IndexError, struct.error):
+        return None, None
+
+
+_CODE_ELEMENT = b"\x10code\x00"
+# Error replies are small; larger replies are results and are never decoded here.
+_MAX_ERROR_REPLY = 4096
+
+
+def reply_error_code(payload: bytes) -> int | None:
+    """The ``code`` of an ``ok: 0`` OP_MSG reply given without its header, else None.
+
+    Only short replies that contain an int32 ``code`` element are decoded, so an
+    ordinary result costs one bounded byte search.
+    """
+    if len(payload) > _MAX_ERROR_REPLY or _CODE_ELEMENT not in payload:
         return None
+    try:
+        doc = bson.decode(payload[_BODY_OFFSET:])
+    except Exception:  # a checksum or another section: not worth decoding further
+        return None
+    code = doc.get("code")
+    if doc.get("ok") or not isinstance(code, int):
+        return None
+    return code

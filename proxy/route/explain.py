@@ -1,0 +1,176 @@
+"""``mongoproxy explain-route``: how the routing rules treat one command, in words.
+
+Pure: the caller supplies the routing config and, optionally, a topology description
+(the proxy's current view, or one built for a test); nothing is sent anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from bson import json_util
+from bson.errors import InvalidBSON
+from pymongo.errors import ConfigurationError
+from pymongo.read_preferences import _ServerMode, make_read_preference
+from pymongo.topology_description import TopologyDescription
+
+from proxy.classify import Classification, ClientContext, classify
+from proxy.route.readpref import ReadPreferenceError, from_command
+from proxy.route.rules import RouteDecision, RoutingConfig, decide
+
+__all__ = ["ExplainError", "describe_read_preference", "explain_route"]
+
+
+class ExplainError(ValueError):
+    """The command text is not a usable command document."""
+
+
+def explain_route(
+    config: RoutingConfig,
+    command_json: str,
+    app_name: str | None = None,
+    topology_description: TopologyDescription | None = None,
+) -> str:
+    """Classify and route ``command_json`` (Extended JSON) and describe the outcome.
+
+    Raises :class:`ExplainError` for text that is not a JSON object naming a command, or
+    a ``$readPreference`` the proxy would refuse (BadValue).
+    """
+    try:
+        command = json_util.loads(command_json)
+    except (ValueError, TypeError, InvalidBSON) as exc:
+        raise ExplainError(f"not valid (Extended) JSON: {exc}") from None
+    if not isinstance(command, Mapping) or not command:
+        raise ExplainError("the command must be a non-empty JSON object, e.g. "
+                           '\'{"find": "users", "filter": {}, "$db": "app"}\'')
+    try:
+        client = from_command(command) if command.get("$readPreference") is not None else None
+    except ReadPreferenceError as exc:
+        raise ExplainError(f"$readPreference: {exc}") from None
+    classification = classify(command, ClientContext(app_name=app_name))
+    decision = decide(classification, config, client)
+    lines = [
+        f"command:          {_describe_command(classification)}",
+        f"features:         {_features(classification)}",
+        f"class:            {decision.class_name}",
+        f"rule:             {_rule(decision)}",
+    ]
+    if decision.deny is not None:
+        error = decision.error()
+        lines.append(f"refused:          code {error.code} {error.code_name}: {error.errmsg}")
+        return "\n".join(lines) + "\n"
+    lines.append(f"read preference:  {_read_preference(classification, decision, client)}")
+    if decision.max_time_ms is not None:
+        lines.append(f"maxTimeMS:        set to {decision.max_time_ms} (class cap)")
+    elif classification.max_time_ms is not None:
+        lines.append(f"maxTimeMS:        {classification.max_time_ms} (the client's)")
+    if topology_description is not None:
+        lines.append(f"member:           {_member(decision, topology_description)}")
+    return "\n".join(lines) + "\n"
+
+
+def _describe_command(c: Classification) -> str:
+    name = f"explain of {c.command}" if c.explain else c.command
+    namespace = (c.database or "?") + (f".{c.collection}" if c.collection else "")
+    kind = (
+        "cursor continuation" if c.is_cursor_continuation
+        else "write" if c.is_write
+        else "read" if c.is_read
+        else "other (not a known read)"
+    )
+    extra = ", in a transaction" if c.in_transaction else ""
+    return f"{name} on {namespace} ({kind}{extra})"
+
+
+def _features(c: Classification) -> str:
+    parts = []
+    if c.stages:
+        parts.append("stages " + " ".join(sorted(c.stages)))
+    if c.text_search:
+        parts.append("text search")
+    if c.comment is not None:
+        parts.append(f"comment {json_util.dumps(c.comment)}")
+    if c.app_name is not None:
+        parts.append(f"appName {c.app_name!r}")
+    if c.is_admin:
+        parts.append("admin/handshake command")
+    return ", ".join(parts) or "-"
+
+
+def _rule(decision: RouteDecision) -> str:
+    if decision.rule_index is None:
+        if decision.pinned == "cursor":
+            return "none (cursor continuations are not matched against rules)"
+        return "none matched (routing.default)"
+    return f"#{decision.rule_index} {decision.rule_text}"
+
+
+def describe_read_preference(selector: _ServerMode) -> str:
+    parts = [f"mode: {selector.mongos_mode}"]
+    if selector.tag_sets not in (None, [{}]):
+        parts.append(f"tags: {json_util.dumps(selector.tag_sets)}")
+    if selector.max_staleness != -1:
+        parts.append(f"maxStalenessSeconds: {selector.max_staleness}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _read_preference(
+    c: Classification, decision: RouteDecision, client: _ServerMode | None
+) -> str:
+    rendered = describe_read_preference(decision.read_preference)
+    if decision.pinned == "cursor":
+        return "pinned to the server that opened the cursor (primary if the cursor is unknown)"
+    if decision.pinned == "transaction":
+        return f"{rendered}, then pinned for the rest of the transaction"
+    if c.is_write:
+        return f"{rendered} (writes always go to the primary)"
+    if not c.is_read:
+        return f"{rendered} (not a known read command)"
+    if client is not None and decision.read_preference is client:
+        return f"{rendered} (the client's $readPreference, honoured)"
+    if client is not None:
+        return f"{rendered} (class {decision.class_name!r}; the client's " \
+               f"{describe_read_preference(client)} is overridden)"
+    return f"{rendered} (class {decision.class_name!r})"
+
+
+def _member(decision: RouteDecision, description: TopologyDescription) -> str:
+    if decision.pinned == "cursor":
+        return "the server that opened the cursor"
+    selector = decision.read_preference
+    note = ""
+    if selector.max_staleness != -1 and any(
+        sd.is_server_type_known and sd.last_write_date is None
+        for sd in description.server_descriptions().values()
+    ):
+        # Declared roles: members report no lastWrite, so (as the proxy's
+        # DeclaredTopology does) maxStalenessSeconds is not applied.
+        selector = make_read_preference(selector.mode, list(selector.tag_sets))
+        note = " (maxStalenessSeconds not applied: the members report no lastWrite)"
+    try:
+        servers = description.apply_selector(selector)
+    except ConfigurationError as exc:
+        return f"none: {exc}"
+    if not servers:
+        return (
+            f"none: no member is suitable for {describe_read_preference(selector)}; "
+            f"topology: {_summary(description)}{note}"
+        )
+    rendered = [
+        f"{sd.address[0]}:{sd.address[1]} ({sd.server_type_name}"
+        + (f", rtt {sd.round_trip_time * 1000:.1f} ms" if sd.round_trip_time is not None else "")
+        + (f", tags {json_util.dumps(sd.tags)}" if sd.tags else "")
+        + ")"
+        for sd in sorted(servers, key=lambda s: s.address)
+    ]
+    if len(rendered) == 1:
+        return rendered[0] + note
+    return "one of " + ", ".join(rendered) + " (at random, within the latency window)" + note
+
+
+def _summary(description: TopologyDescription) -> str:
+    servers = ", ".join(
+        f"{sd.address[0]}:{sd.address[1]} {sd.server_type_name}"
+        for sd in description.server_descriptions().values()
+    )
+    return f"{description.topology_type_name} [{servers}]"
