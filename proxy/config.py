@@ -23,8 +23,8 @@ from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
 from proxy.observe.config import ObservabilityConfig
-from proxy.route.rules import RoutingConfig
 from proxy.pool.auth import Credentials
+from proxy.route.rules import RoutingConfig
 from proxy.wire import SUPPORTED_COMPRESSORS
 
 
