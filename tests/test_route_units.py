@@ -20,8 +20,9 @@ from pymongo.read_preferences import (
     _ServerMode,
 )
 
+from proxy.classify import classify
 from proxy.route.readpref import PRIMARY, ReadPreferenceError, from_command, read_preference
-from proxy.route.router import is_read, transaction_key
+from proxy.route.router import transaction_key
 
 # --- from_command --------------------------------------------------------------------
 
@@ -171,15 +172,15 @@ IS_READ: list[tuple[dict[str, Any], bool]] = [
     ({"killCursors": "c", "cursors": []}, False),
     ({"commitTransaction": 1}, False),
     ({"ping": 1}, False),
-    ({"mapReduce": "c", "map": "", "reduce": "", "out": {"inline": 1}}, False),
+    ({"mapReduce": "c", "map": "", "reduce": "", "out": {"inline": 1}}, True),  # inline: a read
+    ({"mapReduce": "c", "map": "", "reduce": "", "out": "d"}, False),
     ({"Find": "c"}, False),  # command names are case-sensitive
 ]
 
 
 @pytest.mark.parametrize(("command", "expected"), IS_READ, ids=lambda v: repr(v)[:50])
 def test_is_read(command: dict[str, Any], expected: bool) -> None:
-    name = next(iter(command))
-    assert is_read(name, command) is expected
+    assert classify(command).is_read is expected
 
 
 # --- transaction_key -----------------------------------------------------------------

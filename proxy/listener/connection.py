@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import bson
 
+from proxy.classify import NO_CONTEXT, ClientContext, classify
 from proxy.errors import (
     AUTHENTICATION_FAILED,
+    BAD_VALUE,
     HOST_UNREACHABLE,
     INTERNAL_ERROR,
     NETWORK_TIMEOUT,
@@ -35,6 +37,8 @@ from proxy.observe.shape import describe
 from proxy.pool.connection import UpstreamConnection, UpstreamProtocolError, next_request_id
 from proxy.pool.pool import ConnectFailed
 from proxy.route.cursors import CURSOR_COMMANDS, Address
+from proxy.route.readpref import PRIMARY, ReadPreferenceError, from_command
+from proxy.route.rules import RouteDecision, decide
 from proxy.wire import (
     FLAG_CHECKSUM_PRESENT,
     FLAG_EXHAUST_ALLOWED,
@@ -93,6 +97,7 @@ class ClientConnection:
         self.writer = writer
         self.connection_id = connection_id
         self.app_name: str | None = None
+        self.context = NO_CONTEXT
         self.compressors: list[str] = []
         self.peer = writer.get_extra_info("peername")
         # True while a request is being handled: shutdown waits for these.
@@ -204,9 +209,34 @@ class ClientConnection:
             self._write_op_msg(msg.request_id, error.document())
             self._record(timer, name, command, msg, error_code=error.code)
         else:
-            if msg.flags & _STRIPPED_FLAGS:
+            decision = self._decide(command)
+            timer.mark("policy")
+            if isinstance(decision, ProxyError):  # refused by the routing rules
+                self._write_op_msg(msg.request_id, decision.document())
+                self._record(timer, name, command, msg, error_code=decision.code)
+                return
+            rewritten = _rewrite_for_route(command, decision)
+            if rewritten is not None:
+                command = rewritten
+                message = encode_op_msg(msg.request_id, msg.response_to, bson.encode(command),
+                                        msg.sequences, msg.flags & ~_STRIPPED_FLAGS)
+            elif msg.flags & _STRIPPED_FLAGS:
                 message = with_flags(message, msg.flags & ~_STRIPPED_FLAGS)
-            await self._forward(message, msg, command, compressor, timer)
+            await self._forward(message, msg, command, decision, compressor, timer)
+
+    def _decide(self, command: Mapping[str, Any]) -> RouteDecision | ProxyError:
+        """The routing rules' decision for a command, or the error that refuses it."""
+        try:
+            client_preference = (
+                from_command(command) if command.get("$readPreference") is not None else None
+            )
+        except ReadPreferenceError as exc:
+            return ProxyError(BAD_VALUE, f"{next(iter(command))}: {exc}")
+        decision = decide(classify(command, self.context), self.proxy.config.routing,
+                          client_preference)
+        if decision.deny is not None:
+            return decision.error()
+        return decision
 
     def _handle_op_query(self, message: bytes) -> None:
         query = parse_op_query(message)
@@ -227,6 +257,7 @@ class ClientConnection:
         if "client" in command:  # the connection's first handshake; heartbeats omit it
             hello = read_client_hello(command, self.proxy.config.listen.compressors)
             self.app_name = hello.app_name
+            self.context = ClientContext(app_name=hello.app_name)
             self.compressors = hello.compressors
         return hello_reply(
             name,
@@ -241,6 +272,7 @@ class ClientConnection:
         message: bytes,
         msg: OpMsg,
         command: dict[str, Any],
+        decision: RouteDecision,
         compressor: str | None,
         timer: Timer,
     ) -> None:
@@ -253,7 +285,7 @@ class ClientConnection:
         try:
             try:
                 address, conn, header, body = await self._exchange(
-                    name, message, request_id, command, timer
+                    name, message, request_id, command, decision, timer
                 )
             except ProxyError as exc:
                 error_code = exc.code
@@ -287,7 +319,7 @@ class ClientConnection:
             timer.mark("write")
         finally:
             self._record(timer, name, command, msg, address=address, error_code=error_code,
-                         docs=docs, reply_bytes=reply_bytes)
+                         docs=docs, reply_bytes=reply_bytes, decision=decision)
 
     async def _exchange(
         self,
@@ -295,6 +327,7 @@ class ClientConnection:
         message: bytes,
         request_id: int,
         command: Mapping[str, Any],
+        decision: RouteDecision,
         timer: Timer,
     ) -> tuple[Address, UpstreamConnection, bytes, bytes]:
         """Select a server, send the request on a pooled connection, read the reply.
@@ -304,7 +337,7 @@ class ClientConnection:
         moreToCome messages anyway) and the next request on this client connection
         should see the fire-and-forget write.
         """
-        address = await self.proxy.router.server_for(name, command)
+        address = await self.proxy.router.server_for(name, command, decision)
         timer.mark("select")
         pool = self.proxy.pools.get(address)
         try:
@@ -376,6 +409,7 @@ class ClientConnection:
         error_code: int | None = None,
         docs: int | None = None,
         reply_bytes: int = 0,
+        decision: RouteDecision | None = None,
     ) -> None:
         """Hand one finished operation to the observer (metrics, digest, slow log)."""
         database = command.get("$db")
@@ -388,6 +422,8 @@ class ClientConnection:
             shape_hash=shape.hash,
             shape_text=shape.text,
             app_name=self.app_name,
+            route_class=None if decision is None else decision.class_name,
+            route_rule=None if decision is None else decision.rule_index,
             member=None if address is None else f"{address[0]}:{address[1]}",
             member_role=None if address is None else self.proxy.topology.role_of(address),
             docs_returned=docs,
@@ -415,6 +451,27 @@ class ClientConnection:
 # Statements of update/delete batches sampled for the query shape: enough to see the
 # batch's distinct shapes without decoding a large batch.
 _SHAPE_SAMPLE = 8
+
+
+def _rewrite_for_route(
+    command: dict[str, Any], decision: RouteDecision
+) -> dict[str, Any] | None:
+    """The command as the route needs it forwarded, or None when it needs no change.
+
+    A class may cap or inject ``maxTimeMS``; and when it sends a read to a non-primary
+    member, the ``$readPreference`` must say so, or a replica-set secondary refuses the
+    read (NotPrimaryNoSecondaryOk).
+    """
+    changes: dict[str, Any] = {}
+    if decision.max_time_ms is not None:
+        changes["maxTimeMS"] = decision.max_time_ms
+    if decision.pinned is None and decision.read_preference.mode != PRIMARY.mode:
+        wanted = decision.read_preference.document
+        if command.get("$readPreference") != wanted:
+            changes["$readPreference"] = wanted
+    if not changes:
+        return None
+    return {**command, **changes}
 
 
 def _statement_samples(msg: OpMsg) -> dict[str, list[dict[str, Any]]] | None:

@@ -1,8 +1,8 @@
-"""Which server a command goes to.
+"""Which server a command goes to, once the routing rules have decided how.
 
 Cursor continuations follow their cursor; statements of a transaction follow the server
-that took the first one; writes and anything not known to be a read go to the primary;
-reads honour the ``$readPreference`` the driver sent (as they would through mongos).
+that took the first one; everything else is selected with the decision's read
+preference (always primary for writes: see ``proxy.route.rules``).
 """
 
 from __future__ import annotations
@@ -11,41 +11,16 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.errors import BAD_VALUE, ProxyError
 from proxy.route.cursors import CursorTable
-from proxy.route.readpref import PRIMARY, ReadPreferenceError, from_command
+from proxy.route.readpref import PRIMARY
+from proxy.route.rules import RouteDecision
 from proxy.route.topology import Topology
 
 Address = tuple[str, int]
 
-# Commands that only read, so a read preference may send them to a secondary.
-READ_COMMANDS = frozenset({
-    "find", "aggregate", "count", "distinct", "listCollections", "listIndexes",
-    "dbStats", "collStats", "explain", "listDatabases",
-})
-_WRITE_STAGES = ("$out", "$merge")
 # A session's transaction pin is forgotten after this long unused (the server's own
 # transactionLifetimeLimitSeconds default).
 TRANSACTION_PIN_TTL_S = 60.0
-
-
-def is_read(name: str, command: Mapping[str, Any]) -> bool:
-    if name not in READ_COMMANDS:
-        return False
-    if name == "aggregate":
-        pipeline = command.get("pipeline")
-        if isinstance(pipeline, list) and any(
-            isinstance(stage, Mapping) and any(k in stage for k in _WRITE_STAGES)
-            for stage in pipeline
-        ):
-            return False
-    if name == "explain":
-        inner = command.get("explain")
-        if not isinstance(inner, Mapping) or not inner:
-            return False
-        inner_name = next(iter(inner))
-        return inner_name != "explain" and is_read(inner_name, inner)
-    return True
 
 
 def transaction_key(command: Mapping[str, Any]) -> tuple[bytes, int] | None:
@@ -67,20 +42,19 @@ class Router:
         # session id -> (txnNumber, server, last used)
         self._transactions: dict[bytes, tuple[int, Address, float]] = {}
 
-    async def server_for(self, name: str, command: Mapping[str, Any]) -> Address:
-        pinned = self._cursor_server(name, command)
-        if pinned is not None:
-            return pinned
-        txn = transaction_key(command)
-        if txn is not None:
-            return await self._transaction_server(txn, name)
-        if not is_read(name, command):
-            return await self.topology.select(PRIMARY)
-        try:
-            selector = from_command(command)
-        except ReadPreferenceError as exc:
-            raise ProxyError(BAD_VALUE, f"{name}: {exc}") from None
-        return await self.topology.select(selector)
+    async def server_for(
+        self, name: str, command: Mapping[str, Any], decision: RouteDecision
+    ) -> Address:
+        """The server for a command the routing rules have decided on."""
+        if decision.pinned == "cursor":
+            pinned = self._cursor_server(name, command)
+            if pinned is not None:
+                return pinned
+        elif decision.pinned == "transaction":
+            txn = transaction_key(command)
+            if txn is not None:
+                return await self._transaction_server(txn)
+        return await self.topology.select(decision.read_preference)
 
     def _cursor_server(self, name: str, command: Mapping[str, Any]) -> Address | None:
         if name == "getMore":
@@ -95,7 +69,7 @@ class Router:
                 return entry.server
         return None  # unknown cursor: the primary will answer CursorNotFound
 
-    async def _transaction_server(self, txn: tuple[bytes, int], name: str) -> Address:
+    async def _transaction_server(self, txn: tuple[bytes, int]) -> Address:
         """The server of a session's transaction, pinned from its first statement.
 
         The pin outlives commit and abort: a driver may send commitTransaction again
