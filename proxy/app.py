@@ -8,6 +8,7 @@ import itertools
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from bson import Int64
@@ -22,6 +23,7 @@ from proxy.observe.hub import Observer
 from proxy.observe.metrics import topology_facts
 from proxy.pool.auth import Credentials
 from proxy.pool.registry import Pools
+from proxy.reload import ConfigReloader
 from proxy.route.cursors import CursorTable
 from proxy.route.readpref import read_preference
 from proxy.route.router import Router
@@ -169,23 +171,31 @@ class Proxy:
         })
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(config: Config, path: Path | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP (or an edit of the
+    file at ``path``) reloads the routing rules."""
     proxy = Proxy(config)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloader = None
+    if path is not None:
+        reloader = ConfigReloader(proxy, path)
+        reloader.start()
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
     await stop.wait()
     log.info("signal received: draining")
+    if reloader is not None:
+        await reloader.close()
     await proxy.shutdown()
 
 
-def run(config: Config) -> None:
+def run(config: Config, path: Path | None = None) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, path))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, path))

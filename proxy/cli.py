@@ -6,8 +6,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from proxy.config import ConfigError, load_config
+from pymongo.topology_description import TopologyDescription
+
+from proxy.config import Config, ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,6 +23,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     sub.add_parser("top", help="the query digest of a running proxy, refreshing",
                    add_help=False)
+    explain = sub.add_parser(
+        "explain-route",
+        help="show the class, rule, read preference and member a command would get",
+    )
+    explain.add_argument("--config", required=True, help="YAML configuration file")
+    explain.add_argument("command_json", help="the command as (Extended) JSON")
+    explain.add_argument("--app-name", default=None, help="the client's appName")
+    explain.add_argument(
+        "--offline", action="store_true",
+        help="do not contact the upstream: no member is chosen",
+    )
     return parser
 
 
@@ -30,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return top_main(argv[1:])
     args = _parser().parse_args(argv)
-    path = args.config if args.command == "run" else args.file
+    path = args.file if args.command == "check-config" else args.config
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -39,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path}: OK")
         return 0
+    if args.command == "explain-route":
+        return _explain_route(config, args.command_json, args.app_name, args.offline)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -46,5 +62,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from proxy.app import run as run_proxy  # deferred: check-config needs no event loop
 
-    run_proxy(config)
+    run_proxy(config, Path(path))
     return 0
+
+
+def _explain_route(config: Config, command_json: str, app_name: str | None,
+                   offline: bool) -> int:
+    import asyncio
+
+    from proxy.route.explain import ExplainError, explain_route
+
+    logging.basicConfig(level=logging.ERROR)  # the monitor's member-state lines are noise here
+    description = None if offline else asyncio.run(_current_topology(config))
+    try:
+        print(explain_route(config.routing, command_json, app_name, description))
+    except ExplainError as exc:
+        print(f"mongoproxy explain-route: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _current_topology(config: Config) -> TopologyDescription:
+    """The upstream as the proxy would see it now: one round of monitoring."""
+    import asyncio
+
+    from proxy.route.topology import make_topology
+
+    topology = make_topology(config.upstream)
+    await topology.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 3.0
+        while (not topology.description().known_servers
+               and asyncio.get_running_loop().time() < deadline):
+            await asyncio.sleep(0.05)
+        return topology.description()
+    finally:
+        await topology.close()
