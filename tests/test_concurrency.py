@@ -2,10 +2,10 @@
 
 The clients spread over a few collections: FerretDB (SQLite) scans a collection for any
 filter other than ``_id``, so one big collection would make the test slow rather than
-concurrent.  Cursors are read in one batch: a cursor left open between requests holds
-one of FerretDB's 100 per-database SQLite connections, and with hundreds of clients
-multiplexed over the proxy's 100 upstream connections that can starve the pool (see the
-report that came with this test).
+concurrent.  The mixed test reads its cursors in one batch; the second test holds
+hundreds of multi-batch cursors open at once, which FerretDB pays for with one of its 100
+per-database SQLite connections each: the proxy must keep part of each pool for the
+getMores that release them, or every pooled connection ends up waiting inside FerretDB.
 """
 
 from __future__ import annotations
@@ -120,3 +120,31 @@ async def test_500_concurrent_clients_mixed_reads_and_writes(
             ]
         direct.drop_database(db_name)
     assert elapsed < 60, f"took {elapsed:.1f}s"
+
+
+async def test_500_clients_with_open_multi_batch_cursors(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, db_name: str
+) -> None:
+    proxy = proxy_factory(ferretdb.uri, {"upstream": {"pool": {"max_size": 100}}})
+    with MongoClient(ferretdb.uri, directConnection=True) as direct:
+        direct.drop_database(db_name)
+        direct[db_name]["c"].insert_many([{"_id": f"k{i:02d}", "v": i} for i in range(20)])
+
+    async def read_all() -> list[Doc]:
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(
+            proxy.uri, maxPoolSize=1, serverSelectionTimeoutMS=30_000,
+            socketTimeoutMS=60_000, heartbeatFrequencyMS=60_000,
+        )
+        try:
+            return [d async for d in client[db_name]["c"].find({}).sort("_id").batch_size(2)]
+        finally:
+            await client.close()
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(read_all() for _ in range(CLIENTS)), return_exceptions=True),
+        timeout=120,
+    )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors == [], f"{len(errors)} clients failed, e.g. {errors[:3]}"
+    expected = [{"_id": f"k{i:02d}", "v": i} for i in range(20)]
+    assert all(r == expected for r in results)

@@ -35,7 +35,7 @@ from proxy.identity.handshake import HELLO_COMMANDS, hello_reply, read_client_he
 from proxy.observe.record import Timer
 from proxy.observe.shape import describe
 from proxy.pool.connection import UpstreamConnection, UpstreamProtocolError, next_request_id
-from proxy.pool.pool import ConnectFailed
+from proxy.pool.pool import ConnectFailed, UpstreamPool
 from proxy.route.cursors import CURSOR_COMMANDS, Address
 from proxy.route.readpref import PRIMARY, ReadPreferenceError, from_command
 from proxy.route.rules import RouteDecision, decide
@@ -340,6 +340,24 @@ class ClientConnection:
         address = await self.proxy.router.server_for(name, command, decision)
         timer.mark("select")
         pool = self.proxy.pools.get(address)
+        slots = None if decision.pinned == "cursor" else pool.ordinary_slots
+        if slots is not None:
+            await _acquire(slots, pool)
+        try:
+            return await self._exchange_on(pool, address, name, message, request_id, timer)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    async def _exchange_on(
+        self,
+        pool: UpstreamPool,
+        address: Address,
+        name: str,
+        message: bytes,
+        request_id: int,
+        timer: Timer,
+    ) -> tuple[Address, UpstreamConnection, bytes, bytes]:
         try:
             conn = await pool.checkout()
         except ConnectFailed:
@@ -451,6 +469,20 @@ class ClientConnection:
 # Statements of update/delete batches sampled for the query shape: enough to see the
 # batch's distinct shapes without decoding a large batch.
 _SHAPE_SAMPLE = 8
+
+
+async def _acquire(slots: asyncio.Semaphore, pool: UpstreamPool) -> None:
+    """Take one of the pool's slots for cursor-opening requests, within the wait limit."""
+    timeout_ms = pool.config.wait_queue_timeout_ms
+    try:
+        async with asyncio.timeout(timeout_ms / 1000):
+            await slots.acquire()
+    except TimeoutError:
+        raise ProxyError(
+            NETWORK_TIMEOUT,
+            f"timed out after {timeout_ms} ms waiting for a connection to upstream "
+            f"{pool.label} (pool max_size {pool.config.max_size}, all in use)",
+        ) from None
 
 
 def _rewrite_for_route(

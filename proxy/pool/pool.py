@@ -71,6 +71,13 @@ class UpstreamPool:
         self.in_use = 0
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
+        # Requests that may open a cursor hold at most this many connections; the rest
+        # are kept for getMore/killCursors. Otherwise a backend that ties a resource to
+        # every open cursor (FerretDB's SQLite handler holds one of its 100 SQL
+        # connections per cursor) can fill the pool with requests waiting on cursors
+        # whose getMores then wait for the pool: a deadlock direct clients never see.
+        reserve = max(1, config.max_size // 10) if config.max_size >= 2 else 0
+        self.ordinary_slots = asyncio.Semaphore(config.max_size - reserve)
 
     @property
     def waiting(self) -> int:
