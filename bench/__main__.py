@@ -4,6 +4,8 @@ Subcommands:
   core   proxy vs direct on find-by-_id and insert_one (bench/core.py)
   pool   proxy RSS with many idle clients; many clients on a small pool vs direct
          (bench/pool.py)
+  observe  cost of timing + shape + digest + metrics (+ a slow-log line) per operation:
+           in process, and as proxy CPU per operation end to end (bench/observe_cost.py)
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import core, pool
+from bench import core, observe_cost, pool
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each benchmark module registers its own subcommand (and sets `func`).
     core.add_parser(subparsers)
     pool.add_parser(subparsers)
+    observe_cost.add_parser(subparsers)
     return parser
 
 

@@ -211,9 +211,11 @@ class ClientConnection:
         else:
             decision = self._decide(command)
             timer.mark("policy")
-            if isinstance(decision, ProxyError):  # refused by the routing rules
-                self._write_op_msg(msg.request_id, decision.document())
-                self._record(timer, name, command, msg, error_code=decision.code)
+            if isinstance(decision, ProxyError):  # an unusable $readPreference
+                self._refuse(timer, name, command, msg, decision, None)
+                return
+            if decision.deny is not None:  # a class that denies the command
+                self._refuse(timer, name, command, msg, decision.error(), decision)
                 return
             rewritten = _rewrite_for_route(command, decision)
             if rewritten is not None:
@@ -224,19 +226,31 @@ class ClientConnection:
                 message = with_flags(message, msg.flags & ~_STRIPPED_FLAGS)
             await self._forward(message, msg, command, decision, compressor, timer)
 
+    def _refuse(
+        self,
+        timer: Timer,
+        name: str,
+        command: Mapping[str, Any],
+        msg: OpMsg,
+        error: ProxyError,
+        decision: RouteDecision | None,
+    ) -> None:
+        reply = bson.encode(error.document())
+        self._write(encode_op_msg(next_request_id(), msg.request_id, reply))
+        self._record(timer, name, command, msg, error_code=error.code, decision=decision,
+                     reply_bytes=HEADER_SIZE + 5 + len(reply))
+
     def _decide(self, command: Mapping[str, Any]) -> RouteDecision | ProxyError:
-        """The routing rules' decision for a command, or the error that refuses it."""
+        """The routing rules' decision for a command (which may deny it), or the error
+        for a ``$readPreference`` that cannot be honoured."""
         try:
             client_preference = (
                 from_command(command) if command.get("$readPreference") is not None else None
             )
         except ReadPreferenceError as exc:
             return ProxyError(BAD_VALUE, f"{next(iter(command))}: {exc}")
-        decision = decide(classify(command, self.context), self.proxy.config.routing,
-                          client_preference)
-        if decision.deny is not None:
-            return decision.error()
-        return decision
+        return decide(classify(command, self.context), self.proxy.config.routing,
+                      client_preference)
 
     def _handle_op_query(self, message: bytes) -> None:
         query = parse_op_query(message)
