@@ -17,6 +17,7 @@ from proxy.admin.http import AdminServer, json_response
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.identity.handshake import UpstreamLimits
+from proxy.identity.scram import ClientAuthenticator
 from proxy.listener.connection import ClientConnection
 from proxy.observe.endpoints import ReadinessFacts, has_usable_primary
 from proxy.observe.hub import Observer
@@ -28,6 +29,7 @@ from proxy.route.cursors import CursorTable
 from proxy.route.readpref import read_preference
 from proxy.route.router import Router
 from proxy.route.topology import make_topology
+from proxy.tenancy import TenantPolicy
 
 log = logging.getLogger("mongoproxy")
 PRIMARY_PREFERRED = read_preference("primaryPreferred")
@@ -40,6 +42,8 @@ class Proxy:
         self.pools = Pools(config.upstream.pool, Credentials.from_uri(config.upstream.uri))
         self.cursors = CursorTable()
         self.router = Router(self.topology, self.cursors)
+        self.policy = TenantPolicy(config.tenancy)
+        self.authenticator = ClientAuthenticator(config.tenancy.users)
         self._background: set[asyncio.Task[None]] = set()
         self.observer = Observer(
             config.observability,

@@ -25,6 +25,7 @@ from pymongo.uri_parser import parse_uri
 from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
 from proxy.route.rules import RoutingConfig
+from proxy.tenancy import TenancyConfig
 from proxy.wire import SUPPORTED_COMPRESSORS
 
 
@@ -135,6 +136,7 @@ class Config(_Strict):
     shutdown: ShutdownConfig = ShutdownConfig()
     observability: ObservabilityConfig = ObservabilityConfig()
     routing: RoutingConfig = RoutingConfig()
+    tenancy: TenancyConfig = TenancyConfig()
 
 
 def _format_errors(exc: ValidationError) -> str:

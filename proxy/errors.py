@@ -15,6 +15,7 @@ import bson
 BAD_VALUE = (2, "BadValue")
 HOST_UNREACHABLE = (6, "HostUnreachable")
 AUTHENTICATION_FAILED = (18, "AuthenticationFailed")
+UNAUTHORIZED = (13, "Unauthorized")
 PROTOCOL_ERROR = (17, "ProtocolError")
 INVALID_BSON = (22, "InvalidBSON")
 COMMAND_NOT_FOUND = (59, "CommandNotFound")

@@ -4,7 +4,8 @@ The new file is validated in full; if it is invalid the error (with its key path
 logged, counted, and the old configuration keeps serving. If it is valid, the routing
 section is swapped in atomically: requests read ``proxy.config`` once per request, so
 each sees either the old rules or the new ones, never a mix. Sections that need new
-sockets, pools or monitors (listen, admin, upstream, observability, shutdown) take effect
+sockets, pools, monitors or identities (listen, admin, upstream, observability, shutdown,
+tenancy) take effect
 at the next restart; a change to them is reported in the log.
 """
 
@@ -25,7 +26,7 @@ log = logging.getLogger("mongoproxy.reload")
 
 # How often the file's modification time and size are checked.
 POLL_INTERVAL_S = 1.0
-_RESTART_SECTIONS = ("listen", "admin", "upstream", "observability", "shutdown")
+_RESTART_SECTIONS = ("listen", "admin", "upstream", "observability", "shutdown", "tenancy")
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import struct
 import time
@@ -19,19 +20,20 @@ import bson
 
 from proxy.classify import NO_CONTEXT, ClientContext, classify
 from proxy.errors import (
-    AUTHENTICATION_FAILED,
     BAD_VALUE,
     HOST_UNREACHABLE,
     INTERNAL_ERROR,
     NETWORK_TIMEOUT,
     NOT_PRIMARY_CODES,
     SHUTDOWN_IN_PROGRESS,
+    UNAUTHORIZED,
     UNSUPPORTED_OP_QUERY,
     ProxyError,
     error_document,
     network_error_labels,
 )
 from proxy.identity.handshake import HELLO_COMMANDS, hello_reply, read_client_hello
+from proxy.identity.scram import AUTH_COMMANDS, AuthenticatedUser
 from proxy.observe.record import Timer
 from proxy.observe.shape import describe
 from proxy.pool.connection import UpstreamConnection, UpstreamProtocolError, next_request_id
@@ -39,12 +41,14 @@ from proxy.pool.pool import ConnectFailed, UpstreamPool
 from proxy.route.cursors import CURSOR_COMMANDS, Address
 from proxy.route.readpref import PRIMARY, ReadPreferenceError, from_command
 from proxy.route.rules import RouteDecision, decide
+from proxy.tenancy.gate import Admission, admit
 from proxy.wire import (
     FLAG_CHECKSUM_PRESENT,
     FLAG_EXHAUST_ALLOWED,
     FLAG_MORE_TO_COME,
     HEADER_SIZE,
     REPLY_FLAG_QUERY_FAILURE,
+    DocumentSequence,
     OpCode,
     OpMsg,
     WireError,
@@ -72,7 +76,6 @@ _LENGTH = struct.Struct("<i")
 # exchange without a reply to wait for (the proxy reads and drops it instead), and the
 # checksum would be wrong once any flag changes.
 _STRIPPED_FLAGS = FLAG_EXHAUST_ALLOWED | FLAG_CHECKSUM_PRESENT | FLAG_MORE_TO_COME
-_AUTH_COMMANDS = frozenset({"saslStart", "saslContinue", "authenticate"})
 _REMOVED_OPCODES = {
     OpCode.OP_INSERT: "OP_INSERT",
     OpCode.OP_UPDATE: "OP_UPDATE",
@@ -98,6 +101,8 @@ class ClientConnection:
         self.connection_id = connection_id
         self.app_name: str | None = None
         self.context = NO_CONTEXT
+        self.auth = proxy.authenticator.session()
+        self.identity: AuthenticatedUser | None = None
         self.compressors: list[str] = []
         self.peer = writer.get_extra_info("peername")
         # True while a request is being handled: shutdown waits for these.
@@ -201,14 +206,37 @@ class ClientConnection:
         if name in HELLO_COMMANDS:
             # Handshakes and heartbeats are not operations: they are neither timed nor logged.
             self._write_op_msg(msg.request_id, self._hello(name, command))
-        elif name in _AUTH_COMMANDS:
-            error = ProxyError(
-                AUTHENTICATION_FAILED,
-                "mongoproxy has no client users configured; connect without credentials",
-            )
-            self._write_op_msg(msg.request_id, error.document())
-            self._record(timer, name, command, msg, error_code=error.code)
+        elif name in AUTH_COMMANDS:
+            reply, user = self.auth.handle(command)
+            if user is not None:
+                self.identity = user
+                self._set_context()
+            elif not reply.get("ok"):
+                log.info("client %d: %s failed: %s", self.connection_id, name,
+                         self.auth.last_failure)
+            self._write_op_msg(msg.request_id, reply)
+            # The payload carries the client's proof: never logged, even with log_values.
+            self._record(timer, name, {name: 1, "$db": command.get("$db")}, msg,
+                         error_code=reply.get("code"))
         else:
+            admission = admit(
+                self.proxy.policy, name, msg.body, msg.sequences,
+                users_configured=len(self.proxy.authenticator) > 0,
+                bound_tenant=self.identity.tenant if self.identity else None,
+                cursor_tenant=self.proxy.cursors.tenant_of,
+            )
+            if admission.refused is not None or admission.violation is not None:
+                self._tenancy_event(name, command, admission)
+            if admission.refused is not None:
+                error = ProxyError(UNAUTHORIZED, admission.refused)
+                self._refuse(timer, name, command, msg, error, None)
+                return
+            tenant = admission.tenant if admission.tenant is not None else (
+                self.identity.tenant if self.identity else None)
+            sequences = msg.sequences
+            injected = admission.command is not None or admission.sequences is not None
+            if injected:
+                command, sequences = _with_injected(msg, command, admission)
             decision = self._decide(command)
             timer.mark("policy")
             if isinstance(decision, ProxyError):  # an unusable $readPreference
@@ -220,11 +248,41 @@ class ClientConnection:
             rewritten = _rewrite_for_route(command, decision)
             if rewritten is not None:
                 command = rewritten
+            if injected or rewritten is not None:
                 message = encode_op_msg(msg.request_id, msg.response_to, bson.encode(command),
-                                        msg.sequences, msg.flags & ~_STRIPPED_FLAGS)
+                                        sequences, msg.flags & ~_STRIPPED_FLAGS)
             elif msg.flags & _STRIPPED_FLAGS:
                 message = with_flags(message, msg.flags & ~_STRIPPED_FLAGS)
-            await self._forward(message, msg, command, decision, compressor, timer)
+            await self._forward(message, msg, command, decision, compressor, timer, tenant)
+
+    def _set_context(self) -> None:
+        identity = self.identity
+        self.context = ClientContext(
+            app_name=self.app_name,
+            user=identity.username if identity else None,
+            tenant=identity.tenant if identity else None,
+        )
+
+    def _tenancy_event(self, name: str, command: Mapping[str, Any], admission: Admission) -> None:
+        """One structured log line and one metric per refusal or audit violation."""
+        mode = "audit" if admission.refused is None else "enforce"
+        reason = admission.refused or admission.violation or ""
+        target = command.get(name)
+        collection = target if isinstance(target, str) else None
+        log.warning("tenancy %s: %s", "violation" if mode == "audit" else "rejection",
+                    json.dumps({
+                        "tenant": self.identity.tenant if self.identity else None,
+                        "user": self.identity.username if self.identity else None,
+                        "app_name": self.app_name,
+                        "command": name,
+                        "namespace": admission.namespace,
+                        "reason": reason,
+                        "connection_id": self.connection_id,
+                    }))
+        self.proxy.observer.metrics.tenancy_violation(
+            collection or "", _reason_label(reason), mode=mode,
+            tenant=self.identity.tenant if self.identity else None,
+        )
 
     def _refuse(
         self,
@@ -271,15 +329,22 @@ class ClientConnection:
         if "client" in command:  # the connection's first handshake; heartbeats omit it
             hello = read_client_hello(command, self.proxy.config.listen.compressors)
             self.app_name = hello.app_name
-            self.context = ClientContext(app_name=hello.app_name)
+            self._set_context()
             self.compressors = hello.compressors
-        return hello_reply(
+        reply = hello_reply(
             name,
             self.proxy.upstream_limits(),
             self.connection_id,
             self.compressors,
             datetime.datetime.now(datetime.UTC),
         )
+        mechanisms = self.auth.supported_mechs(command)
+        if mechanisms is not None:
+            reply["saslSupportedMechs"] = mechanisms
+        speculative = self.auth.speculative(command)
+        if speculative is not None:
+            reply["speculativeAuthenticate"] = speculative
+        return reply
 
     async def _forward(
         self,
@@ -289,6 +354,7 @@ class ClientConnection:
         decision: RouteDecision,
         compressor: str | None,
         timer: Timer,
+        tenant: Any,
     ) -> None:
         name = next(iter(command))
         request_id, more_to_come = msg.request_id, msg.more_to_come
@@ -321,7 +387,7 @@ class ClientConnection:
                 # SDAM marks such a server Unknown: select again instead of waiting for
                 # the next heartbeat.
                 self.proxy.topology.mark_failed(address)
-            docs = self._bookkeeping(name, command, address, conn, body)
+            docs = self._bookkeeping(name, command, address, conn, body, tenant)
             reply_bytes = len(header) + len(body)
             if more_to_come:
                 return  # fire-and-forget: the client reads no reply
@@ -333,7 +399,7 @@ class ClientConnection:
             timer.mark("write")
         finally:
             self._record(timer, name, command, msg, address=address, error_code=error_code,
-                         docs=docs, reply_bytes=reply_bytes, decision=decision)
+                         docs=docs, reply_bytes=reply_bytes, decision=decision, tenant=tenant)
 
     async def _exchange(
         self,
@@ -412,6 +478,7 @@ class ClientConnection:
         address: Address,
         conn: UpstreamConnection,
         reply: bytes,
+        tenant: Any,
     ) -> int | None:
         """Cursor state that later requests are routed by; returns the batch length."""
         if name not in CURSOR_COMMANDS:
@@ -427,7 +494,7 @@ class ClientConnection:
                 self.proxy.cursors.remove(command["getMore"])
         elif cursor_id:
             self.proxy.cursors.add(cursor_id, address, _namespace(name, command),
-                                   self.connection_id, conn)
+                                   self.connection_id, conn, tenant)
         return docs
 
     def _record(
@@ -442,6 +509,7 @@ class ClientConnection:
         docs: int | None = None,
         reply_bytes: int = 0,
         decision: RouteDecision | None = None,
+        tenant: Any = None,
     ) -> None:
         """Hand one finished operation to the observer (metrics, digest, slow log)."""
         database = command.get("$db")
@@ -454,6 +522,8 @@ class ClientConnection:
             shape_hash=shape.hash,
             shape_text=shape.text,
             app_name=self.app_name,
+            tenant=None if tenant is None else str(tenant),
+            user=self.identity.username if self.identity else None,
             route_class=None if decision is None else decision.class_name,
             route_rule=None if decision is None else decision.rule_index,
             member=None if address is None else f"{address[0]}:{address[1]}",
@@ -497,6 +567,26 @@ async def _acquire(slots: asyncio.Semaphore, pool: UpstreamPool) -> None:
             f"timed out after {timeout_ms} ms waiting for a connection to upstream "
             f"{pool.label} (pool max_size {pool.config.max_size}, all in use)",
         ) from None
+
+
+def _reason_label(reason: str) -> str:
+    """A bounded metric label for a refusal reason: its leading words, no values."""
+    head = reason.split(":", 1)[-1].strip()
+    return " ".join(word for word in head.split()[:4] if '"' not in word and "'" not in word)
+
+
+def _with_injected(
+    msg: OpMsg, command: dict[str, Any], admission: Admission
+) -> tuple[dict[str, Any], tuple[DocumentSequence, ...]]:
+    """Inject mode: the command body and document sequences with the tenant added."""
+    replaced = admission.sequences or {}
+    sequences = tuple(
+        DocumentSequence(seq.identifier,
+                         b"".join(bson.encode(d) for d in replaced[seq.identifier]))
+        if seq.identifier in replaced else seq
+        for seq in msg.sequences
+    )
+    return (admission.command if admission.command is not None else command), sequences
 
 
 def _rewrite_for_route(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from proxy.pool.connection import UpstreamConnection
@@ -30,6 +30,8 @@ class CursorEntry:
     # The upstream connection that opened it: FerretDB kills a cursor when that
     # connection closes, so the pool must not reap it while this cursor lives.
     conn: UpstreamConnection
+    # The tenant the opening command was confined to (tenancy checks getMore against it).
+    tenant: Any = None
 
 
 class CursorTable:
@@ -47,14 +49,20 @@ class CursorTable:
         namespace: str,
         owner: int,
         conn: UpstreamConnection,
+        tenant: Any = None,
     ) -> None:
         self.remove(cursor_id)
-        self._cursors[cursor_id] = CursorEntry(server, namespace, owner, conn)
+        self._cursors[cursor_id] = CursorEntry(server, namespace, owner, conn, tenant)
         self._by_owner[owner].add(cursor_id)
         conn.cursor_opened()
 
     def get(self, cursor_id: int) -> CursorEntry | None:
         return self._cursors.get(cursor_id)
+
+    def tenant_of(self, cursor_id: int) -> tuple[bool, Any]:
+        """(known, tenant) of a cursor, for the tenancy check of getMore/killCursors."""
+        entry = self._cursors.get(cursor_id)
+        return (False, None) if entry is None else (True, entry.tenant)
 
     def remove(self, cursor_id: int) -> None:
         entry = self._cursors.pop(cursor_id, None)

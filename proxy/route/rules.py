@@ -92,7 +92,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pymongo.read_preferences import _ServerMode
 
 from proxy.classify import WRITE_COMMANDS, Classification
-from proxy.errors import ProxyError
+from proxy.errors import UNAUTHORIZED, ProxyError
 from proxy.route.readpref import PRIMARY, ReadPreferenceError, read_preference
 
 __all__ = [
@@ -110,7 +110,6 @@ __all__ = [
     "decide",
 ]
 
-UNAUTHORIZED = (13, "Unauthorized")
 MIN_MAX_STALENESS_S = 90
 DEFAULT_CLASS = "default"
 CURSOR_CLASS = "(cursor)"

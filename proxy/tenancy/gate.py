@@ -1,0 +1,113 @@
+"""Where the tenancy policy meets one request: identity, strict decoding, cursors.
+
+``admit`` is the one call the request path makes. It decides with the connection's
+identity (bound tenant, ``"*"`` superuser, or none), decodes the command strictly (a
+repeated key would make the policy judge a different document than the server runs),
+checks cursor continuations against the tenant that opened the cursor, and returns
+what to forward. Pure: the cursor table is consulted through a callable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.tenancy.decode import DuplicateKeyError, decode_sequences, decode_strict
+from proxy.tenancy.policy import SAFE_DATABASE_COMMANDS, TenantPolicy, Verdict
+from proxy.wire import DocumentSequence
+
+# cursor id -> (known to the proxy, tenant that opened it)
+CursorTenant = Callable[[int], tuple[bool, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """``refused``: the reason to answer code 13 with (nothing is forwarded).
+    ``violation``: audit mode: forwarded, but logged and counted. ``command`` /
+    ``sequences``: what to forward when inject mode rewrote them (else None)."""
+
+    refused: str | None = None
+    violation: str | None = None
+    namespace: str | None = None
+    tenant: Any = None
+    command: dict[str, Any] | None = None
+    sequences: dict[str, list[dict[str, Any]]] | None = None
+    superuser: bool = False
+
+
+_PASS = Admission()
+
+
+def admit(
+    policy: TenantPolicy,
+    name: str,
+    body: bytes,
+    raw_sequences: Sequence[DocumentSequence],
+    *,
+    users_configured: bool,
+    bound_tenant: str | None,
+    cursor_tenant: CursorTenant,
+) -> Admission:
+    if policy.mode == "off":
+        return _PASS
+    audit = policy.mode == "audit"
+    if users_configured and bound_tenant is None and name not in SAFE_DATABASE_COMMANDS:
+        return _refuse_or_audit(
+            audit, f"command {name} requires authentication: this proxy binds every "
+            "connection to a tenant through its users", None)
+    superuser = bound_tenant == "*"
+    try:
+        command = decode_strict(body)
+        sequences = decode_sequences((s.identifier, s.documents()) for s in raw_sequences)
+    except DuplicateKeyError as exc:
+        return _refuse_or_audit(audit, f"{name}: {exc}; refused as ambiguous", None)
+    verdict = policy.check(command, sequences, None if superuser else bound_tenant, superuser)
+    if verdict.allowed and verdict.needs_cursor_owner_check and not superuser:
+        verdict = _check_cursor_owner(name, command, bound_tenant, cursor_tenant, audit)
+    return _admission(verdict)
+
+
+def _check_cursor_owner(
+    name: str,
+    command: Mapping[str, Any],
+    bound_tenant: str | None,
+    cursor_tenant: CursorTenant,
+    audit: bool,
+) -> Verdict:
+    ids = [command.get("getMore")] if name == "getMore" else command.get("cursors")
+    if not isinstance(ids, list) or not ids:
+        return _verdict(audit, f"{name}: no cursor ids")
+    for cursor_id in ids:
+        if not isinstance(cursor_id, int):
+            return _verdict(audit, f"{name}: cursor id {cursor_id!r} is not an integer")
+        known, tenant = cursor_tenant(cursor_id)
+        if not known:
+            return _verdict(audit, f"{name}: cursor {cursor_id} was not opened through "
+                                   "this proxy")
+        if bound_tenant is not None and tenant != bound_tenant:
+            return _verdict(audit, f"{name}: cursor {cursor_id} belongs to another tenant")
+    return Verdict(True)
+
+
+def _verdict(audit: bool, reason: str) -> Verdict:
+    return Verdict(True, violation=reason) if audit else Verdict(False, reason)
+
+
+def _refuse_or_audit(audit: bool, reason: str, namespace: str | None) -> Admission:
+    if audit:
+        return Admission(violation=reason, namespace=namespace)
+    return Admission(refused=reason, namespace=namespace)
+
+
+def _admission(verdict: Verdict) -> Admission:
+    if not verdict.allowed:
+        return Admission(refused=verdict.reason, namespace=verdict.namespace)
+    return Admission(
+        violation=verdict.violation,
+        namespace=verdict.namespace,
+        tenant=verdict.tenant,
+        command=verdict.rewritten,
+        sequences=verdict.rewritten_sequences,
+        superuser=verdict.superuser,
+    )
