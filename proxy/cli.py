@@ -1,4 +1,5 @@
-"""Command line: ``mongoproxy run --config FILE`` and ``mongoproxy check-config FILE``."""
+"""Command line: ``mongoproxy run --config FILE``, ``check-config FILE``, ``top``,
+``explain-route`` and ``hash-password``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from pymongo.topology_description import TopologyDescription
 
 from proxy.config import Config, ConfigError, load_config
+from proxy.identity.hash_cli import add_arguments as add_hash_arguments
+from proxy.identity.hash_cli import run as run_hash_password
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     sub.add_parser("top", help="the query digest of a running proxy, refreshing",
                    add_help=False)
+    hash_password = sub.add_parser(
+        "hash-password", help="print the stored SCRAM-SHA-256 credential for a proxy user",
+    )
+    add_hash_arguments(hash_password)
     explain = sub.add_parser(
         "explain-route",
         help="show the class, rule, read preference and member a command would get",
@@ -44,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return top_main(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command == "hash-password":
+        return run_hash_password(args)
     path = args.file if args.command == "check-config" else args.config
     try:
         config = load_config(path)
