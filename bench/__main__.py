@@ -6,6 +6,7 @@ Subcommands:
          (bench/pool.py)
   observe  cost of timing + shape + digest + metrics (+ a slow-log line) per operation:
            in process, and as proxy CPU per operation end to end (bench/observe_cost.py)
+  tenancy  tenancy policy cost per command, in process (bench/tenancy_cost.py)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import core, observe_cost, pool
+from bench import core, observe_cost, pool, tenancy_cost
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_parser(subparsers)
     pool.add_parser(subparsers)
     observe_cost.add_parser(subparsers)
+    tenancy_cost.add_parser(subparsers)
     return parser
 
 

@@ -220,7 +220,7 @@ class ClientConnection:
                          error_code=reply.get("code"))
         else:
             admission = admit(
-                self.proxy.policy, name, msg.body, msg.sequences,
+                self.proxy.policy, name, command, msg.body, msg.sequences,
                 users_configured=len(self.proxy.authenticator) > 0,
                 bound_tenant=self.identity.tenant if self.identity else None,
                 cursor_tenant=self.proxy.cursors.tenant_of,

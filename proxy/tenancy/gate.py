@@ -1,8 +1,8 @@
 """Where the tenancy policy meets one request: identity, strict decoding, cursors.
 
 ``admit`` is the one call the request path makes. It decides with the connection's
-identity (bound tenant, ``"*"`` superuser, or none), decodes the command strictly (a
-repeated key would make the policy judge a different document than the server runs),
+identity (bound tenant, ``"*"`` superuser, or none), makes sure the command has no
+repeated key (it would make the policy judge a different document than the server runs),
 checks cursor continuations against the tenant that opened the cursor, and returns
 what to forward. Pure: the cursor table is consulted through a callable.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.tenancy.decode import DuplicateKeyError, decode_sequences, decode_strict
+from proxy.tenancy.decode import DuplicateKeyError, decode_sequences, reuse_if_unique
 from proxy.tenancy.policy import SAFE_DATABASE_COMMANDS, TenantPolicy, Verdict
 from proxy.wire import DocumentSequence
 
@@ -21,7 +21,7 @@ from proxy.wire import DocumentSequence
 CursorTenant = Callable[[int], tuple[bool, Any]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, for speed (see Verdict); never mutated
 class Admission:
     """``refused``: the reason to answer code 13 with (nothing is forwarded).
     ``violation``: audit mode: forwarded, but logged and counted. ``command`` /
@@ -42,6 +42,7 @@ _PASS = Admission()
 def admit(
     policy: TenantPolicy,
     name: str,
+    decoded: dict[str, Any],
     body: bytes,
     raw_sequences: Sequence[DocumentSequence],
     *,
@@ -58,7 +59,7 @@ def admit(
             "connection to a tenant through its users", None)
     superuser = bound_tenant == "*"
     try:
-        command = decode_strict(body)
+        command = reuse_if_unique(decoded, body)
         sequences = decode_sequences((s.identifier, s.documents()) for s in raw_sequences)
     except DuplicateKeyError as exc:
         return _refuse_or_audit(audit, f"{name}: {exc}; refused as ambiguous", None)
