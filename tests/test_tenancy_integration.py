@@ -463,6 +463,10 @@ def test_superuser_crosses_tenants_and_unauthenticated_is_refused(
 ) -> None:
     everyone = tenants["*"]
     assert {d["tenant_id"] for d in everyone.tasks.find({})} == {"a", "b", "acme", "globex"}
+    audit = [line for line in scram_proxy.log_text().splitlines()
+             if "tenancy superuser" in line and '"command": "find"' in line]
+    assert audit and '"user": "ops_admin"' in audit[-1]
+    assert f'"namespace": "{everyone.name}"' in audit[-1]
     anonymous: MongoClient[Doc] = MongoClient(scram_proxy.uri)
     try:
         with pytest.raises(OperationFailure) as info:

@@ -42,6 +42,7 @@ from proxy.route.cursors import CURSOR_COMMANDS, Address
 from proxy.route.readpref import PRIMARY, ReadPreferenceError, from_command
 from proxy.route.rules import RouteDecision, decide
 from proxy.tenancy.gate import Admission, admit
+from proxy.tenancy.policy import SAFE_DATABASE_COMMANDS
 from proxy.wire import (
     FLAG_CHECKSUM_PRESENT,
     FLAG_EXHAUST_ALLOWED,
@@ -227,6 +228,8 @@ class ClientConnection:
             )
             if admission.refused is not None or admission.violation is not None:
                 self._tenancy_event(name, command, admission)
+            elif admission.superuser and name not in SAFE_DATABASE_COMMANDS:
+                self._superuser_event(name, admission)
             if admission.refused is not None:
                 error = ProxyError(UNAUTHORIZED, admission.refused)
                 self._refuse(timer, name, command, msg, error, None)
@@ -270,19 +273,27 @@ class ClientConnection:
         target = command.get(name)
         collection = target if isinstance(target, str) else None
         log.warning("tenancy %s: %s", "violation" if mode == "audit" else "rejection",
-                    json.dumps({
-                        "tenant": self.identity.tenant if self.identity else None,
-                        "user": self.identity.username if self.identity else None,
-                        "app_name": self.app_name,
-                        "command": name,
-                        "namespace": admission.namespace,
-                        "reason": reason,
-                        "connection_id": self.connection_id,
-                    }))
+                    self._tenancy_line(name, admission, reason))
         self.proxy.observer.metrics.tenancy_violation(
             collection or "", _reason_label(reason), mode=mode,
             tenant=self.identity.tenant if self.identity else None,
         )
+
+    def _superuser_event(self, name: str, admission: Admission) -> None:
+        """A "*" user's command passes unchecked: one audit line says who ran what where."""
+        log.info("tenancy superuser: %s",
+                 self._tenancy_line(name, admission, "'*' identity: not checked"))
+
+    def _tenancy_line(self, name: str, admission: Admission, reason: str) -> str:
+        return json.dumps({
+            "tenant": self.identity.tenant if self.identity else None,
+            "user": self.identity.username if self.identity else None,
+            "app_name": self.app_name,
+            "command": name,
+            "namespace": admission.namespace,
+            "reason": reason,
+            "connection_id": self.connection_id,
+        })
 
     def _refuse(
         self,
