@@ -285,3 +285,23 @@ def test_other_commands_keep_name_and_namespace() -> None:
         "cmd": "createIndexes", "db": "app", "coll": "t"}
     assert query_shape({"aggregate": 1, "pipeline": [{"$currentOp": {}}], "$db": "admin"})[
         "coll"] is None
+
+
+@pytest.mark.parametrize(("why", "a", "b"), SAME + DIFFERENT)
+def test_cached_text_and_hash_equal_a_fresh_computation(
+    why: str, a: dict[str, Any], b: dict[str, Any]
+) -> None:
+    """describe() looks text and hash up by the shape's marshal bytes: whatever is in the
+    table, the answer equals computing them afresh."""
+    for command in (a, b, a):
+        found = describe(command)
+        assert found.text == shape_text(query_shape(command))
+        assert found.hash == shape_hash(query_shape(command))
+
+
+def test_a_non_dict_mapping_is_a_literal_object() -> None:
+    """Shapes treat only dicts (what bson decodes) as documents."""
+    from types import MappingProxyType
+
+    shape = query_shape({"find": "c", "filter": {"a": MappingProxyType({"$gt": 1})}})
+    assert shape["filter"] == {"a": "?object"}

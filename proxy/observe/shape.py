@@ -54,10 +54,10 @@ literal value and becomes ``?object`` anyway.
 ``update``/``delete`` statements usually travel in an OP_MSG document sequence (kind 1
 section), not in the command body: pass them as ``sequences={"updates": [...]}``.
 
-Cost: a typical ``find`` (filter of 3 fields, sort, limit, driver envelope) takes
-about 10 µs for :func:`describe` (shape ~5, JSON text ~3.5, hash ~0.6) on the
-development machine;
-see ``bench/observe_micro.py``.
+Cost: for a typical ``find`` (filter of 3 fields, sort, limit, driver envelope)
+:func:`describe` builds the shape (~5 µs) and looks its text and hash up by the shape's
+marshal bytes (~1 µs); the JSON text (~4 µs) and hash are computed once per distinct
+shape. See ``bench/observe_micro.py``.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import marshal
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -122,6 +123,9 @@ _NAMING_STAGES = frozenset({
     "$sortByCount", "$collStats", "$indexStats", "$planCacheStats", "$currentOp",
 })
 _JSON_SCALARS = (str, int, float, bool, type(None))
+# Documents are checked with isinstance(x, dict), not the Mapping ABC: bson decodes every
+# document as a dict (SON is one too), and an ABC check costs ~0.4 µs per value, which
+# was a fifth of the shape's cost. Any other mapping is a literal "?object".
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
@@ -141,7 +145,7 @@ def _keep(value: Any) -> Any:
     """A structural value kept as written when it is a JSON scalar, else its type."""
     if isinstance(value, _JSON_SCALARS):
         return value
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return {str(k): _keep(v) for k, v in value.items()}
     return placeholder(value)
 
@@ -157,7 +161,7 @@ def _sorted_unique(items: Iterable[Any]) -> list[Any]:
 
 def _filter(doc: Any) -> Any:
     """The shape of a query filter: field names sorted, values as placeholders."""
-    if not isinstance(doc, Mapping):
+    if not isinstance(doc, dict):
         return placeholder(doc)
     out: dict[str, Any] = {}
     for key in sorted(doc):
@@ -176,7 +180,7 @@ def _filter(doc: Any) -> Any:
 
 def _condition(value: Any) -> Any:
     """The value of a field in a filter: an operator document or a literal."""
-    if isinstance(value, Mapping) and value and next(iter(value))[:1] == "$":
+    if isinstance(value, dict) and value and next(iter(value))[:1] == "$":
         return {op: _operand(op, value[op]) for op in sorted(value)}
     return placeholder(value)
 
@@ -208,7 +212,7 @@ def _expr(value: Any, names: bool = False) -> Any:
     """
     if isinstance(value, str):
         return value if names or value[:1] == "$" else "?str"
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         out: dict[str, Any] = {}
         for key, sub in value.items():
             if key == "$literal":
@@ -228,7 +232,7 @@ def _pipeline(stages: Any) -> Any:
         return placeholder(stages)
     out: list[Any] = []
     for stage in stages:
-        if not isinstance(stage, Mapping) or not stage:
+        if not isinstance(stage, dict) or not stage:
             out.append(placeholder(stage))
             continue
         name = next(iter(stage))
@@ -239,9 +243,9 @@ def _pipeline(stages: Any) -> Any:
             shaped = placeholder(arg) if name != "$sample" else _expr(arg)
         elif name == "$sort":
             shaped = _keep(arg)
-        elif name == "$facet" and isinstance(arg, Mapping):
+        elif name == "$facet" and isinstance(arg, dict):
             shaped = {str(k): _pipeline(v) for k, v in arg.items()}
-        elif name == "$geoNear" and isinstance(arg, Mapping):
+        elif name == "$geoNear" and isinstance(arg, dict):
             shaped = {str(k): (_filter(v) if k == "query" else _expr(v)) for k, v in arg.items()}
         else:
             shaped = _expr(arg, names=name in _NAMING_STAGES)
@@ -252,9 +256,9 @@ def _pipeline(stages: Any) -> Any:
 def _update_spec(u: Any) -> Any:
     if isinstance(u, (list, tuple)):
         return _pipeline(u)
-    if isinstance(u, Mapping) and u and next(iter(u))[:1] == "$":
+    if isinstance(u, dict) and u and next(iter(u))[:1] == "$":
         return {
-            op: sorted(fields) if isinstance(fields, Mapping) else placeholder(fields)
+            op: sorted(fields) if isinstance(fields, dict) else placeholder(fields)
             for op, fields in sorted(u.items())
         }
     return "?replacement"
@@ -269,7 +273,7 @@ def _statements(command: Mapping[str, Any], sequences: Mapping[str, Any] | None,
 
 
 def _projection_keys(projection: Any) -> Any:
-    if isinstance(projection, Mapping):
+    if isinstance(projection, dict):
         return sorted(str(k) for k in projection)
     return placeholder(projection)
 
@@ -316,12 +320,12 @@ def query_shape(
                 "multi": bool(s.get("multi", False)),
                 "upsert": bool(s.get("upsert", False)),
             }
-            for s in _statements(command, sequences, "updates") if isinstance(s, Mapping)
+            for s in _statements(command, sequences, "updates") if isinstance(s, dict)
         )
     elif name == "delete":
         shape["deletes"] = _sorted_unique(
             {"q": _filter(s.get("q", {})), "limit": _keep(s.get("limit", 0))}
-            for s in _statements(command, sequences, "deletes") if isinstance(s, Mapping)
+            for s in _statements(command, sequences, "deletes") if isinstance(s, dict)
         )
     elif name in ("findAndModify", "findandmodify"):
         shape["query"] = _filter(command.get("query", {}))
@@ -371,10 +375,31 @@ class Shape(NamedTuple):
     hash: str
 
 
+# Text and hash per distinct shape, keyed by the shape's marshal bytes: marshal (C, about
+# a quarter of the JSON encoding plus hash) is injective, so a key always maps to the
+# right text; format 2 has no back-references, so equal shapes give equal keys. A
+# workload has few distinct shapes; the bound only stops a pathological one from growing
+# the table without limit (it is then simply rebuilt).
+_TEXTS: dict[bytes, tuple[str, str]] = {}
+_TEXTS_MAX = 4096
+_MARSHAL_VERSION = 2
+
+
 def describe(
     command: Mapping[str, Any], sequences: Mapping[str, Any] | None = None
 ) -> Shape:
-    """Shape, its text and its hash in one pass (the text is encoded once)."""
+    """Shape, its text and its hash (text and hash computed once per distinct shape)."""
     shape = query_shape(command, sequences)
-    text = shape_text(shape)
-    return Shape(shape, text, _hash_text(text))
+    try:
+        key = marshal.dumps(shape, _MARSHAL_VERSION)
+    except ValueError:  # a value marshal cannot write (kept as written by _keep)
+        text = shape_text(shape)
+        return Shape(shape, text, _hash_text(text))
+    cached = _TEXTS.get(key)
+    if cached is None:
+        text = shape_text(shape)
+        cached = (text, _hash_text(text))
+        if len(_TEXTS) >= _TEXTS_MAX:
+            _TEXTS.clear()
+        _TEXTS[key] = cached
+    return Shape(shape, *cached)
