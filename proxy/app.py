@@ -14,6 +14,7 @@ from typing import Any
 from bson import Int64
 
 from proxy.admin.http import AdminServer, json_response
+from proxy.cache.layer import ResultCache
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.identity.handshake import UpstreamLimits
@@ -50,6 +51,12 @@ class Proxy:
             pool_stats=lambda: {p.label: p.stats() for p in self.pools.all()},
             pool_max_size=config.upstream.pool.max_size,
             topology=lambda: topology_facts(self.topology.description()),
+        )
+        # The result cache's metrics go on the proxy's registry; Redis is optional at
+        # runtime, so a cache whose Redis is down is created all the same.
+        self.cache = (
+            None if config.cache is None
+            else ResultCache(config.cache, self.observer.metrics.registry)
         )
         self.admin = AdminServer({
             "/healthz": self._healthz,
@@ -107,6 +114,8 @@ class Proxy:
             log.warning("upstream not reachable at start: %s", exc.errmsg)
         for sd in self.topology.description().known_servers:
             await self._fill_pool(sd.address)
+        if self.cache is not None:
+            await self.cache.start()
         self.server = await asyncio.start_server(
             self._accept, listen.host, listen.port, backlog=4096
         )
@@ -155,6 +164,8 @@ class Proxy:
         if self.connections:
             await asyncio.wait(list(self.connections.values()), timeout=1)
         await self.pools.close()
+        if self.cache is not None:
+            await self.cache.close()
         await self.topology.close()
         await self.admin.close()
         self.observer.close()
@@ -163,6 +174,7 @@ class Proxy:
     def _readiness(self) -> ReadinessFacts:
         return ReadinessFacts(
             primary=has_usable_primary(self.topology.description()),
+            redis=None if self.cache is None else self.cache.state,
             shutting_down=self.shutting_down,
         )
 

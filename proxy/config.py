@@ -22,6 +22,7 @@ from pydantic import (
 from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
+from proxy.cache.config import CacheConfig
 from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
 from proxy.route.rules import RoutingConfig
@@ -137,6 +138,8 @@ class Config(_Strict):
     observability: ObservabilityConfig = ObservabilityConfig()
     routing: RoutingConfig = RoutingConfig()
     tenancy: TenancyConfig = TenancyConfig()
+    # The Redis result cache; absent: no cache.
+    cache: CacheConfig | None = None
 
 
 def _format_errors(exc: ValidationError) -> str:

@@ -2,10 +2,11 @@
 
 The new file is validated in full; if it is invalid the error (with its key path) is
 logged, counted, and the old configuration keeps serving. If it is valid, the routing
-section is swapped in atomically: requests read ``proxy.config`` once per request, so
-each sees either the old rules or the new ones, never a mix. Sections that need new
+section (and the result cache's ``rules``) is swapped in atomically: requests read
+``proxy.config`` once per request, so each sees either the old rules or the new ones,
+never a mix. Sections that need new
 sockets, pools, monitors or identities (listen, admin, upstream, observability, shutdown,
-tenancy) take effect
+tenancy, and the cache's Redis settings, or adding/removing the cache) take effect
 at the next restart; a change to them is reported in the log.
 """
 
@@ -64,10 +65,21 @@ class ConfigReloader:
             return False
         current = self.proxy.config
         pending = [s for s in _RESTART_SECTIONS if getattr(new, s) != getattr(current, s)]
+        cache = current.cache
+        if new.cache is None or cache is None:
+            if new.cache != cache:
+                pending.append("cache")
+        else:
+            if new.cache.restart_part() != cache.restart_part():
+                pending.append("cache (except rules)")
+            # Only the rules are live; the running Redis settings stay.
+            rules = new.cache.model_dump(by_alias=True)["rules"]
+            cache = type(cache).model_validate({**cache.model_dump(by_alias=True),
+                                                "rules": rules})
         if pending:
             log.warning("config reload: %s changed; these take effect at the next restart",
                         ", ".join(pending))
-        self.proxy.config = current.model_copy(update={"routing": new.routing})
+        self.proxy.config = current.model_copy(update={"routing": new.routing, "cache": cache})
         metrics.config_reloaded(True)
         log.info("config reloaded from %s: %d routing rules, %d classes", self.path,
                  len(new.routing.rules), len(new.routing.classes))

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import bson
 
-from proxy.classify import NO_CONTEXT, ClientContext, classify
+from proxy.cache.layer import Access
+from proxy.classify import NO_CONTEXT, Classification, ClientContext, classify
 from proxy.errors import (
     BAD_VALUE,
     HOST_UNREACHABLE,
@@ -58,6 +59,7 @@ from proxy.wire import (
     decompress,
     encode_op_msg,
     encode_op_reply,
+    pack_header,
     parse_header,
     parse_op_msg,
     parse_op_query,
@@ -240,7 +242,8 @@ class ClientConnection:
             injected = admission.command is not None or admission.sequences is not None
             if injected:
                 command, sequences = _with_injected(msg, command, admission)
-            decision = self._decide(command)
+            classification = classify(command, self.context)
+            decision = self._decide(command, classification)
             timer.mark("policy")
             if isinstance(decision, ProxyError):  # an unusable $readPreference
                 self._refuse(timer, name, command, msg, decision, None)
@@ -256,7 +259,34 @@ class ClientConnection:
                                         sequences, msg.flags & ~_STRIPPED_FLAGS)
             elif msg.flags & _STRIPPED_FLAGS:
                 message = with_flags(message, msg.flags & ~_STRIPPED_FLAGS)
-            await self._forward(message, msg, command, decision, compressor, timer, tenant)
+            access = self._cache_access(command, classification, decision, tenant, sequences,
+                                        msg.more_to_come)
+            await self._forward(message, msg, command, decision, compressor, timer, tenant,
+                                access)
+
+    def _cache_access(
+        self,
+        command: Mapping[str, Any],
+        classification: Classification,
+        decision: RouteDecision,
+        tenant: Any,
+        sequences: tuple[DocumentSequence, ...],
+        more_to_come: bool,
+    ) -> Access | None:
+        """The result cache's part in this command, as it will be forwarded (after
+        tenancy and routing), or None without a cache."""
+        cache = self.proxy.cache
+        if cache is None:
+            return None
+        access = cache.begin(
+            command, classification, decision,
+            (self.identity.tenant if self.identity else None, tenant),
+            has_sequences=bool(sequences),
+            rules=self.proxy.config.cache or cache.config,
+        )
+        if access is not None and access.is_read and more_to_come:
+            return None  # no reply expected: nothing to serve from the cache
+        return access
 
     def _set_context(self) -> None:
         identity = self.identity
@@ -309,7 +339,9 @@ class ClientConnection:
         self._record(timer, name, command, msg, error_code=error.code, decision=decision,
                      reply_bytes=HEADER_SIZE + 5 + len(reply))
 
-    def _decide(self, command: Mapping[str, Any]) -> RouteDecision | ProxyError:
+    def _decide(
+        self, command: Mapping[str, Any], classification: Classification
+    ) -> RouteDecision | ProxyError:
         """The routing rules' decision for a command (which may deny it), or the error
         for a ``$readPreference`` that cannot be honoured."""
         try:
@@ -318,8 +350,7 @@ class ClientConnection:
             )
         except ReadPreferenceError as exc:
             return ProxyError(BAD_VALUE, f"{next(iter(command))}: {exc}")
-        return decide(classify(command, self.context), self.proxy.config.routing,
-                      client_preference)
+        return decide(classification, self.proxy.config.routing, client_preference)
 
     def _handle_op_query(self, message: bytes) -> None:
         query = parse_op_query(message)
@@ -366,6 +397,7 @@ class ClientConnection:
         compressor: str | None,
         timer: Timer,
         tenant: Any,
+        access: Access | None,
     ) -> None:
         name = next(iter(command))
         request_id, more_to_come = msg.request_id, msg.more_to_come
@@ -374,11 +406,24 @@ class ClientConnection:
         docs: int | None = None
         reply_bytes = 0
         try:
+            if access is not None and access.is_read:
+                cached = await access.lookup()
+                timer.mark("cache")
+                if cached is not None:
+                    docs = reply_cursor(cached)[1]
+                    reply_bytes = HEADER_SIZE + len(cached)
+                    header = pack_header(reply_bytes, next_request_id(), request_id,
+                                         OpCode.OP_MSG)
+                    self._send_reply(header, cached, compressor)
+                    timer.mark("write")
+                    return
             try:
                 address, conn, header, body = await self._exchange(
                     name, message, request_id, command, decision, timer
                 )
             except ProxyError as exc:
+                if access is not None:
+                    await access.failed()  # a write may have been applied anyway
                 error_code = exc.code
                 log.warning("%s from client %d failed: %s", name, self.connection_id,
                             exc.errmsg)
@@ -400,17 +445,32 @@ class ClientConnection:
                 self.proxy.topology.mark_failed(address)
             docs = self._bookkeeping(name, command, address, conn, body, tenant)
             reply_bytes = len(header) + len(body)
+            if access is not None:
+                # Before the client sees the reply: a write's invalidation must precede
+                # its acknowledgement (read-your-writes across instances).
+                await access.replied(body)
+                timer.mark("cache")
             if more_to_come:
                 return  # fire-and-forget: the client reads no reply
-            if compressor is not None and compressor in self.compressors:
-                self._write(compress(header + body, compressor,
-                                     self.proxy.config.listen.zlib_compression_level))
-            else:
-                self.writer.writelines((header, body))
+            self._send_reply(header, body, compressor)
             timer.mark("write")
+            if access is not None:
+                await access.store()
+                timer.mark("cache")
         finally:
+            if access is not None:
+                access.abandon()  # waiters on this request's flight never hang
             self._record(timer, name, command, msg, address=address, error_code=error_code,
-                         docs=docs, reply_bytes=reply_bytes, decision=decision, tenant=tenant)
+                         docs=docs, reply_bytes=reply_bytes, decision=decision, tenant=tenant,
+                         cache=None if access is None else access.result)
+
+    def _send_reply(self, header: bytes, body: bytes, compressor: str | None) -> None:
+        """Write a reply, compressed when the client's request was."""
+        if compressor is not None and compressor in self.compressors:
+            self._write(compress(header + body, compressor,
+                                 self.proxy.config.listen.zlib_compression_level))
+        else:
+            self.writer.writelines((header, body))
 
     async def _exchange(
         self,
@@ -521,6 +581,7 @@ class ClientConnection:
         reply_bytes: int = 0,
         decision: RouteDecision | None = None,
         tenant: Any = None,
+        cache: str | None = None,
     ) -> None:
         """Hand one finished operation to the observer (metrics, digest, slow log)."""
         database = command.get("$db")
@@ -539,6 +600,7 @@ class ClientConnection:
             route_rule=None if decision is None else decision.rule_index,
             member=None if address is None else f"{address[0]}:{address[1]}",
             member_role=None if address is None else self.proxy.topology.role_of(address),
+            cache=cache,
             docs_returned=docs,
             reply_bytes=reply_bytes,
             error_code=error_code,

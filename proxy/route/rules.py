@@ -103,6 +103,7 @@ __all__ = [
     "UNAUTHORIZED",
     "ClassConfig",
     "MatchConfig",
+    "Matcher",
     "NamePattern",
     "RouteDecision",
     "RoutingConfig",
@@ -387,7 +388,10 @@ class RouteDecision:
         )
 
 
-class _Matcher:
+class Matcher:
+    """A compiled ``match``: called with a :class:`Classification`, True when every key
+    the match gives fits. Shared by routing rules and result-cache rules."""
+
     __slots__ = (
         "app_name", "collection", "command", "comment_doc", "comment_str", "database",
         "has_stage", "tenant", "text_search", "user",
@@ -480,7 +484,7 @@ class _Target:
         return self.read_capped if capped else self.read
 
 
-_CompiledRule = tuple[_Matcher, _Target]
+_CompiledRule = tuple[Matcher, _Target]
 
 
 class _Compiled:
@@ -494,7 +498,7 @@ class _Compiled:
         self.default = _Target(DEFAULT_CLASS, routing.default, None, None)
         rules: list[tuple[NamePattern | None, _CompiledRule]] = []
         for index, rule in enumerate(routing.rules):
-            matcher = _Matcher(rule.match)
+            matcher = Matcher(rule.match)
             target = _Target(rule.class_, routing.classes[rule.class_], index, rule.text())
             command = matcher.command
             rules.append((command if command is not None and command.only_exact else None,

@@ -1,0 +1,139 @@
+"""``cache:`` section of the configuration (mounted as ``Config.cache``; absent = no cache).
+
+```yaml
+cache:
+  redis_url: "redis://127.0.0.1:6379/0"   # or several nodes of a Redis Cluster with cluster: true
+  cluster: false
+  key_prefix: "mp:"
+  max_entry_bytes: 1048576                # a larger result is not cached
+  compress_min_bytes: 4096                # entries at least this large are zstd-compressed
+  timeout_ms: 5                           # per Redis operation; slower = failed
+  rules:
+    - {match: {collection: "users", command: find}, ttl_s: 600}
+    - {match: {class: dashboard}, ttl_s: 30}
+```
+
+**Rules** are tried in order; the first whose ``match`` fits the command gives its
+``ttl_s``; a command no rule matches is not looked up at all. ``match`` takes every key
+of a routing rule's match (``command``, ``database``, ``collection``, ``has_stage``,
+``text_search``, ``app_name``, ``comment``, ``user``, ``tenant``, same syntax and
+semantics: ``proxy.route.rules``) plus ``class``: the routing class the routing rules
+chose for the command (``default`` when none matched). Matching is routing's own
+:class:`proxy.route.rules.Matcher`.
+
+**Reload**: ``rules`` are swapped in live with the routing rules (SIGHUP / file change);
+every other key needs a restart (the Redis client, its timeouts and the breaker are built
+once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from proxy.classify import Classification
+from proxy.route.rules import MatchConfig, Matcher, NameField, NamePattern
+
+__all__ = ["CacheConfig", "CacheMatchConfig", "CacheRuleConfig", "CacheRules"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class CacheMatchConfig(MatchConfig):
+    """A routing ``match`` plus ``class``: the routing class decided for the command."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    class_: NameField = Field(default=None, alias="class")
+
+    @field_validator("class_")
+    @classmethod
+    def _valid_class_pattern(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None:
+            NamePattern(value)
+        return value
+
+    def routing_match(self) -> MatchConfig:
+        """The keys routing knows, for routing's matcher."""
+        return MatchConfig.model_validate(self.model_dump(exclude={"class_"}))
+
+
+class CacheRuleConfig(_Strict):
+    match: CacheMatchConfig
+    ttl_s: float = Field(gt=0, le=30 * 24 * 3600)
+
+
+class BreakerConfig(_Strict):
+    # Consecutive failed Redis operations that open the circuit (a failed invalidation
+    # opens it at once: see proxy.cache.store).
+    failures: int = Field(default=3, ge=1)
+    # While open, Redis is probed (PING) this often; the first good probe closes it.
+    probe_interval_ms: int = Field(default=1000, gt=0)
+
+
+class CacheConfig(_Strict):
+    redis_url: str = Field(min_length=1)
+    # True: redis_url names one node of a Redis Cluster (redis-py's cluster client
+    # discovers the others).
+    cluster: bool = False
+    key_prefix: str = "mp:"
+    max_entry_bytes: int = Field(default=1_048_576, gt=0, le=48_000_000)
+    compress_min_bytes: int = Field(default=4096, ge=0)
+    # Bound on one Redis operation (a hit's lookup, a store, an invalidation).
+    timeout_ms: float = Field(default=5, gt=0)
+    connect_timeout_ms: float = Field(default=200, gt=0)
+    # Generation tokens expire after this long without a write (a missing token is
+    # simply recreated: safe, see proxy.cache.store).
+    generation_ttl_s: int = Field(default=86_400, gt=0)
+    breaker: BreakerConfig = BreakerConfig()
+    rules: tuple[CacheRuleConfig, ...] = ()
+
+    _compiled: ClassVar[CacheRules]
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _compile(cls, data: Any, handler: Callable[[Any], CacheConfig]) -> CacheConfig:
+        self = handler(data)
+        # Kept in the instance __dict__ (as RoutingConfig does): cheap to reach per request.
+        object.__setattr__(self, "_compiled", CacheRules(self.rules))
+        return self
+
+    @property
+    def compiled(self) -> CacheRules:
+        return self._compiled
+
+    def restart_part(self) -> dict[str, Any]:
+        """Everything but the rules: a change here needs a restart."""
+        return self.model_dump(exclude={"rules"})
+
+
+class CacheRules:
+    """Compiled cache rules: ``ttl_for(classification, route_class)``."""
+
+    __slots__ = ("rules",)
+
+    def __init__(self, rules: tuple[CacheRuleConfig, ...]) -> None:
+        compiled: list[tuple[Matcher, NamePattern | None, float, int]] = []
+        for index, rule in enumerate(rules):
+            match = rule.match
+            klass = None if match.class_ is None else NamePattern(match.class_)
+            compiled.append((Matcher(match.routing_match()), klass, rule.ttl_s, index))
+        self.rules = tuple(compiled)
+
+    def ttl_for(self, c: Classification, route_class: str) -> tuple[float, int] | None:
+        """(ttl_s, rule index) of the first rule that fits, else None."""
+        for matches, klass, ttl_s, index in self.rules:
+            if (klass is None or klass(route_class)) and matches(c):
+                return ttl_s, index
+        return None

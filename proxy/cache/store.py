@@ -1,0 +1,319 @@
+"""The one module that talks to Redis: entries, generation tokens, the circuit breaker.
+
+Keys (``P`` = ``key_prefix``; ``{...}`` is a Redis Cluster hash tag)::
+
+    P{db.coll}:g            the namespace's generation token (8 random bytes, with a TTL)
+    P{db.coll}:e:<digest>   an entry: token it was read under + the reply (proxy.cache.entry)
+    P{db}:ns                the namespaces of db that have had a token (for dropDatabase)
+
+A namespace's token and all its entries share the hash tag ``{db.coll}``, so they live
+in one slot: a lookup is a single ``MGET token entry`` on one node, also on a Redis
+Cluster, and a hit is that one round trip plus a header.
+
+Invalidation protocol, and why it is free of the fill/write race
+----------------------------------------------------------------
+* **Read (miss)**: the lookup's ``MGET`` returns the current token ``T`` *before* the
+  read is sent to MongoDB. The reply is stored tagged with ``T`` (never with a token
+  read later). An entry answers a lookup only if its tag equals the current token.
+* **Write**: after MongoDB has answered the write (acknowledged or failed: a failed or
+  timed-out write may still have been applied) and *before* the proxy sends the reply
+  to the client, the namespace's token is replaced by fresh random bytes (``SET``).
+
+Claim: once a client has the proxy's acknowledgement of write W, no lookup through any
+instance returns a result read before W was applied. Proof: such a stale result R was
+read from MongoDB before W was applied, so the token R is tagged with was read even
+earlier, hence before W's token replacement (which follows W's reply from MongoDB). A
+lookup that starts after the client has W's acknowledgement starts after that
+replacement, so it sees the new token (or a later one; tokens are random, never reused)
+and R's tag cannot equal it. A result read *after* W was applied may be tagged with the
+pre-W token and be discarded by the replacement: a lost store, never a stale hit.
+Concurrent reads that overlap W may see either state, as with MongoDB itself.
+
+**Why not also bump before forwarding a write.** It is not needed for the claim above,
+and it does not close the windows that remain: readers filling between the early bump
+and W's application would tag pre-W results with the early token, so the late bump is
+required anyway. It would only narrow the case where the proxy dies between MongoDB's
+reply and the late bump (the client then has no acknowledgement, so no
+read-your-writes promise is broken; other readers see the old result until the
+entry's TTL). That is not worth a Redis round trip on every write.
+
+**Tokens are random, not counters**: a token key that expires, is evicted, or vanishes
+with a restarted Redis (no persistence) is recreated with new random bytes, which no
+existing entry carries. A counter starting again at 0 would resurrect old entries.
+Creating a token (``SET NX GET``) first records the namespace in ``P{db}:ns`` so
+``dropDatabase`` can replace the token of every namespace of the database. That set has
+no TTL: run the cache's Redis with a ``volatile-*`` eviction policy (or none) and
+without persistence (a restored snapshot would bring back old tokens with old entries).
+
+**Redis failures**: every operation is bounded by ``timeout_ms``; a failure counts
+towards the circuit breaker (``breaker.failures`` consecutive failures open it), a
+failed invalidation opens it at once. While open, nothing touches Redis (lookups
+bypass, writes record their namespaces as pending) and a probe (PING) runs every
+``probe_interval_ms``; after a good probe the pending invalidations are applied first,
+and only then does the circuit close. One log line per state change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from proxy.cache.config import CacheConfig
+from proxy.cache.eligibility import WriteTargets
+from proxy.cache.entry import TOKEN_BYTES
+from proxy.cache.metrics import CacheMetrics
+
+__all__ = ["RedisStore", "StoreUnavailable"]
+
+log = logging.getLogger("mongoproxy.cache")
+
+T = TypeVar("T")
+State = Literal["connecting", "ok", "down"]
+
+
+class StoreUnavailable(Exception):
+    """Redis is not used right now (circuit open) or the operation failed."""
+
+
+def _as_bytes(value: object) -> bytes | None:
+    return value if isinstance(value, bytes) else None
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | RedisTimeoutError):
+        return "timeout"
+    if isinstance(exc, RedisConnectionError | OSError):
+        return "connection"
+    return "error"
+
+
+class RedisStore:
+    def __init__(self, config: CacheConfig, metrics: CacheMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.prefix = config.key_prefix
+        self.timeout_s = config.timeout_ms / 1000
+        self.gen_ttl_ms = config.generation_ttl_s * 1000
+        options: dict[str, Any] = {
+            "socket_timeout": max(self.timeout_s, config.connect_timeout_ms / 1000),
+            "socket_connect_timeout": config.connect_timeout_ms / 1000,
+            # The breaker decides about retrying, not the client.
+            "retry": Retry(NoBackoff(), 0),
+        }
+        self.client: Redis | RedisCluster
+        if config.cluster:
+            self.client = RedisCluster.from_url(config.redis_url, **options)
+        else:
+            self.client = Redis.from_url(config.redis_url, **options)
+        self.state: State = "connecting"
+        self._failures = 0
+        self._open = False
+        self._pending_namespaces: set[str] = set()
+        self._pending_databases: set[str] = set()
+        self._probe: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- keys -------------------------------------------------------------------------
+
+    def token_key(self, ns: str) -> str:
+        return f"{self.prefix}{{{ns}}}:g"
+
+    def entry_key(self, ns: str, digest: str) -> str:
+        return f"{self.prefix}{{{ns}}}:e:{digest}"
+
+    def registry_key(self, db: str) -> str:
+        return f"{self.prefix}{{{db}}}:ns"
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """One PING to learn the state; Redis down at start is not an error."""
+        if await self._ping():
+            self._set_state("ok")
+        else:
+            self._trip("Redis not reachable at start")
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            await self.client.aclose()
+
+    @property
+    def available(self) -> bool:
+        return not self._open
+
+    # -- operations -------------------------------------------------------------------
+
+    async def lookup(self, ns: str, digest: str) -> tuple[bytes, bytes | None]:
+        """(current token of ns, raw entry or None). Creates the token when missing."""
+        reply = await self._run(
+            "lookup", lambda: self.client.mget(self.token_key(ns), self.entry_key(ns, digest)))
+        if not isinstance(reply, list) or len(reply) != 2:
+            self.metrics.error("lookup", "garbage")
+            self.failed("MGET returned something else than two values")
+            raise StoreUnavailable("garbage from MGET")
+        token, entry = _as_bytes(reply[0]), _as_bytes(reply[1])
+        if token is None or len(token) != TOKEN_BYTES:
+            # Missing (never created, expired, evicted, Redis restarted) or foreign.
+            return await self._run("token", lambda: self._create_token(ns)), None
+        return token, entry
+
+    async def _create_token(self, ns: str) -> bytes:
+        db = ns.partition(".")[0]
+        # Registered before it exists: dropDatabase must find every namespace whose
+        # token a reader may have read (see the module docstring).
+        await self.client.sadd(self.registry_key(db), ns)
+        fresh = secrets.token_bytes(TOKEN_BYTES)
+        old = _as_bytes(await self.client.set(self.token_key(ns), fresh, nx=True, get=True,
+                                              px=self.gen_ttl_ms))
+        if old is None:
+            return fresh  # ours was set
+        if len(old) == TOKEN_BYTES:
+            return old  # another reader's (or a write's) came first
+        # A foreign value under our key: replace it (never a token: that would undo a
+        # concurrent write's replacement).
+        await self.client.set(self.token_key(ns), fresh, px=self.gen_ttl_ms)
+        return fresh
+
+    async def store(self, ns: str, digest: str, value: bytes, ttl_s: float) -> None:
+        key = self.entry_key(ns, digest)
+        await self._run("store", lambda: self.client.set(key, value, px=int(ttl_s * 1000)))
+
+    async def invalidate(self, targets: WriteTargets) -> bool:
+        """Replace the tokens of what a write changed. False: Redis could not be told;
+        the targets stay pending (retried before the circuit closes again)."""
+        if not targets:
+            return True
+        if self._open:
+            self._pending(targets)
+            return False
+        try:
+            count = await self._run("invalidate", lambda: self._bump(targets))
+        except StoreUnavailable:
+            self._pending(targets)
+            # Correctness is at stake: stop serving from Redis until it is fixed.
+            self._trip("an invalidation failed")
+            return False
+        self.metrics.invalidations.labels("ok").inc(count)
+        return True
+
+    async def _bump(self, targets: WriteTargets) -> int:
+        namespaces = set(targets.namespaces)
+        for db in targets.databases:
+            members = await self.client.smembers(self.registry_key(db))
+            namespaces.update(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        if not namespaces:
+            return len(targets.databases)
+        if len(namespaces) == 1:
+            (ns,) = namespaces
+            await self.client.set(self.token_key(ns), secrets.token_bytes(TOKEN_BYTES),
+                                  px=self.gen_ttl_ms)
+        else:
+            # Non-transactional: on a cluster the tokens live in different slots.
+            async with self.client.pipeline(transaction=False) as pipe:
+                for ns in sorted(namespaces):
+                    pipe.set(self.token_key(ns), secrets.token_bytes(TOKEN_BYTES),
+                             px=self.gen_ttl_ms)
+                await pipe.execute()
+        return len(namespaces) + len(targets.databases)
+
+    def _pending(self, targets: WriteTargets) -> None:
+        self._pending_namespaces.update(targets.namespaces)
+        self._pending_databases.update(targets.databases)
+        self.metrics.invalidations.labels("pending").inc(
+            len(targets.namespaces) + len(targets.databases))
+
+    # -- the breaker ------------------------------------------------------------------
+
+    async def _run(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        if self._open:
+            raise StoreUnavailable("circuit open")
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await call()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.metrics.error(op, _kind(exc))
+            self.failed(f"{op}: {type(exc).__name__}: {exc}")
+            raise StoreUnavailable(str(exc)) from None
+        self.metrics.observe_latency(op, time.perf_counter() - started)
+        self._failures = 0
+        if self.state != "ok" and not self._open:
+            self._set_state("ok")
+        return result
+
+    def failed(self, why: str) -> None:
+        """Count a failure (also for garbage returned by Redis)."""
+        self._failures += 1
+        if self._failures >= self.config.breaker.failures:
+            self._trip(f"{self._failures} consecutive failures (last: {why})")
+
+    def _trip(self, why: str) -> None:
+        if self._open or self._closed:
+            return
+        self._open = True
+        self._set_state("down")
+        log.warning("result cache: Redis circuit open, requests bypass the cache: %s", why)
+        self.metrics.circuit(True)
+        self._probe = asyncio.get_running_loop().create_task(self._probe_loop(),
+                                                             name="redis probe")
+
+    async def _probe_loop(self) -> None:
+        interval = self.config.breaker.probe_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if await self._ping() and await self._flush_pending():
+                break
+        self._failures = 0
+        self._open = False
+        self._set_state("ok")
+        log.warning("result cache: Redis reachable again, circuit closed")
+        self.metrics.circuit(False)
+
+    async def _ping(self) -> bool:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(max(self.timeout_s,
+                                           self.config.connect_timeout_ms / 1000)):
+                await self.client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.metrics.error("probe", _kind(exc))
+            return False
+        self.metrics.observe_latency("probe", time.perf_counter() - started)
+        return True
+
+    async def _flush_pending(self) -> bool:
+        if not (self._pending_namespaces or self._pending_databases):
+            return True
+        targets = WriteTargets(tuple(sorted(self._pending_namespaces)),
+                               tuple(sorted(self._pending_databases)))
+        try:
+            async with asyncio.timeout(max(self.timeout_s,
+                                           self.config.connect_timeout_ms / 1000)):
+                count = await self._bump(targets)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.metrics.error("invalidate", _kind(exc))
+            return False
+        self._pending_namespaces.difference_update(targets.namespaces)
+        self._pending_databases.difference_update(targets.databases)
+        self.metrics.invalidations.labels("ok").inc(count)
+        return True
+
+    def _set_state(self, state: State) -> None:
+        self.state = state

@@ -1,0 +1,247 @@
+"""``proxy.cache.store`` and ``proxy.cache.layer`` against a real redis-server (no proxy):
+the generation protocol, dropDatabase through the namespace registry, garbage in Redis,
+the circuit breaker with its probe and pending invalidations, single flight through the
+layer, and a transaction's writes invalidated at its commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any
+
+import bson
+import pytest
+import redis
+from bson.binary import Binary
+from bson.int64 import Int64
+
+from proxy.cache.config import CacheConfig
+from proxy.cache.eligibility import WriteTargets
+from proxy.cache.entry import encode_entry
+from proxy.cache.layer import ResultCache
+from proxy.cache.store import StoreUnavailable
+from proxy.classify import classify
+from proxy.route.readpref import PRIMARY
+from proxy.route.rules import RouteDecision
+from tests.support import RedisFactory, RedisProcess
+
+Doc = dict[str, Any]
+PROBE_MS = 100
+
+
+def _config(server: RedisProcess, **extra: Any) -> CacheConfig:
+    return CacheConfig.model_validate({
+        "redis_url": server.url, "timeout_ms": 200, "key_prefix": "t:",
+        "breaker": {"failures": 2, "probe_interval_ms": PROBE_MS},
+        "rules": [{"match": {"collection": "users|orders"}, "ttl_s": 60}], **extra,
+    })
+
+
+def _body(docs: list[Doc]) -> bytes:
+    doc = {"cursor": {"firstBatch": docs, "id": Int64(0), "ns": "app.users"}, "ok": 1.0}
+    return struct.pack("<I", 0) + b"\x00" + bson.encode(doc)
+
+
+@pytest.fixture
+def server(redis_factory: RedisFactory) -> RedisProcess:
+    return redis_factory()
+
+
+async def test_tokens_entries_and_invalidation(server: RedisProcess) -> None:
+    cache = ResultCache(_config(server))
+    store = cache.store
+    await cache.start()
+    try:
+        assert cache.state == "ok"
+        token, entry = await store.lookup("app.users", "d1")
+        assert len(token) == 8 and entry is None
+        assert (await store.lookup("app.users", "d1"))[0] == token  # stable
+        body = _body([{"_id": 1}])
+        await store.store("app.users", "d1", encode_entry(token, body, 4096), 60)
+        again, raw = await store.lookup("app.users", "d1")
+        assert again == token and raw is not None
+        # keys of one namespace share a hash tag (one cluster slot)
+        with redis.Redis.from_url(server.url) as r:
+            keys = sorted(k.decode() for k in r.keys("t:*"))
+            assert keys == ["t:{app.users}:e:d1", "t:{app.users}:g", "t:{app}:ns"]
+            assert 0 < r.pttl("t:{app.users}:e:d1") <= 60_000
+        assert await store.invalidate(WriteTargets(("app.users",)))
+        fresh, raw = await store.lookup("app.users", "d1")
+        assert fresh != token and raw is not None  # still there, but tagged with the old token
+    finally:
+        await cache.close()
+
+
+async def test_drop_database_reaches_every_namespace_of_the_database(
+    server: RedisProcess,
+) -> None:
+    cache = ResultCache(_config(server))
+    store = cache.store
+    await cache.start()
+    try:
+        before = {ns: (await store.lookup(ns, "d"))[0]
+                  for ns in ("app.users", "app.orders", "other.users")}
+        assert await store.invalidate(WriteTargets(databases=("app",)))
+        after = {ns: (await store.lookup(ns, "d"))[0] for ns in before}
+        assert after["app.users"] != before["app.users"]
+        assert after["app.orders"] != before["app.orders"]
+        assert after["other.users"] == before["other.users"]
+    finally:
+        await cache.close()
+
+
+async def test_a_missing_token_is_recreated_never_reused(server: RedisProcess) -> None:
+    """A counter restarting at 0 would resurrect old entries; random tokens do not."""
+    cache = ResultCache(_config(server))
+    store = cache.store
+    await cache.start()
+    try:
+        token, _ = await store.lookup("app.users", "d")
+        await store.store("app.users", "d", encode_entry(token, _body([]), 4096), 60)
+        with redis.Redis.from_url(server.url) as r:
+            r.delete("t:{app.users}:g")  # expired or evicted
+        new, raw = await store.lookup("app.users", "d")
+        assert new != token and raw is None
+    finally:
+        await cache.close()
+
+
+def _access(cache: ResultCache, command: Doc, tenants: tuple[Any, ...] = (None, None)) -> Any:
+    return cache.begin(command, classify(command), RouteDecision("default", None, None, PRIMARY),
+                       tenants, has_sequences=False, rules=cache.config)
+
+
+FIND = {"find": "users", "filter": {"a": 1}, "$db": "app"}
+
+
+async def test_layer_miss_store_hit_and_garbage(server: RedisProcess) -> None:
+    cache = ResultCache(_config(server))
+    await cache.start()
+    try:
+        body = _body([{"_id": 1, "a": 1}])
+        first = _access(cache, FIND)
+        assert await first.lookup() is None and first.result == "miss"
+        await first.replied(body)
+        await first.store()
+        second = _access(cache, FIND)
+        assert await second.lookup() == body and second.result == "hit"
+        # another tenant, same filter: its own key
+        other = _access(cache, FIND, ("globex", "globex"))
+        assert await other.lookup() is None and other.result == "miss"
+        other.abandon()
+        # garbage under the entry's key: a bypass, never a reply
+        with redis.Redis.from_url(server.url) as r:
+            (key,) = [k for k in r.keys("t:{app.users}:e:*")]
+            r.set(key, b"\x00" * 40)
+        third = _access(cache, FIND)
+        assert await third.lookup() is None and third.result == "bypass:redis_garbage"
+    finally:
+        await cache.close()
+
+
+async def test_single_flight_through_the_layer(server: RedisProcess) -> None:
+    cache = ResultCache(_config(server))
+    await cache.start()
+    try:
+        leader = _access(cache, FIND)
+        assert await leader.lookup() is None
+        followers = [_access(cache, FIND) for _ in range(5)]
+        waiting = [asyncio.create_task(f.lookup()) for f in followers]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in waiting)
+        body = _body([{"_id": 1}])
+        await leader.replied(body)
+        assert await asyncio.gather(*waiting) == [body] * 5
+        assert all(f.result == "hit" for f in followers)
+        # a leader whose reply cannot be shared (a cursor left open) releases its waiters
+        leader2 = _access(cache, {**FIND, "filter": {"a": 2}})
+        assert await leader2.lookup() is None
+        follower = asyncio.create_task(_access(cache, {**FIND, "filter": {"a": 2}}).lookup())
+        await asyncio.sleep(0.02)
+        multi = struct.pack("<I", 0) + b"\x00" + bson.encode(
+            {"cursor": {"firstBatch": [], "id": Int64(42), "ns": "app.users"}, "ok": 1.0})
+        await leader2.replied(multi)
+        assert leader2.result == "bypass:multi_batch"
+        assert await follower is None
+    finally:
+        await cache.close()
+
+
+async def test_transaction_writes_are_invalidated_at_commit(server: RedisProcess) -> None:
+    cache = ResultCache(_config(server))
+    await cache.start()
+    try:
+        token, _ = await cache.store.lookup("app.orders", "d")
+        txn = {"lsid": {"id": Binary(b"\x02" * 16, 4)}, "txnNumber": Int64(3),
+               "autocommit": False}
+        assert _access(cache, {"insert": "orders", "$db": "app", **txn,
+                               "startTransaction": True}) is None
+        assert (await cache.store.lookup("app.orders", "d"))[0] == token  # not yet
+        commit = _access(cache, {"commitTransaction": 1, "$db": "admin", **txn})
+        await commit.replied(_body([]))
+        assert (await cache.store.lookup("app.orders", "d"))[0] != token
+    finally:
+        await cache.close()
+
+
+async def test_breaker_opens_bypasses_probes_and_flushes_pending(
+    server: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mongoproxy.cache")
+    cache = ResultCache(_config(server))
+    store = cache.store
+    await cache.start()
+    try:
+        token, _ = await store.lookup("app.users", "d")
+        server.kill()
+        for _ in range(2):
+            with pytest.raises(StoreUnavailable):
+                await store.lookup("app.users", "d")
+        assert cache.state == "down" and not store.available
+        started = asyncio.get_running_loop().time()
+        bypass = _access(cache, FIND)
+        assert await bypass.lookup() is None and bypass.result == "bypass:redis_unavailable"
+        assert asyncio.get_running_loop().time() - started < 0.01  # nothing is attempted
+        # a write while Redis is down: pending, applied before the circuit closes
+        assert not await store.invalidate(WriteTargets(("app.users",)))
+        server.start()
+        for _ in range(50):
+            if store.available:
+                break
+            await asyncio.sleep(PROBE_MS / 1000)
+        assert store.available and cache.state == "ok"
+        # a restarted Redis (no persistence) lost everything; the pending bump was applied
+        with redis.Redis.from_url(server.url) as r:
+            assert r.exists("t:{app.users}:g")
+        assert (await store.lookup("app.users", "d"))[0] != token
+        changes = [r.getMessage() for r in caplog.records if "circuit" in r.getMessage()]
+        assert len(changes) == 2, changes  # one line per state change
+        assert "open" in changes[0] and "closed" in changes[1]
+    finally:
+        await cache.close()
+
+
+async def test_failed_invalidation_opens_the_circuit_at_once(server: RedisProcess) -> None:
+    cache = ResultCache(_config(server, breaker={"failures": 100,
+                                                 "probe_interval_ms": PROBE_MS}))
+    await cache.start()
+    try:
+        server.kill()
+        assert not await cache.store.invalidate(WriteTargets(("app.users",)))
+        assert not cache.store.available  # correctness first: no more lookups
+    finally:
+        await cache.close()
+
+
+async def test_redis_down_at_start_is_not_an_error(redis_factory: RedisFactory) -> None:
+    server = redis_factory(start=False)
+    cache = ResultCache(_config(server))
+    await cache.start()
+    try:
+        assert cache.state == "down"
+        access = _access(cache, FIND)
+        assert await access.lookup() is None
+        assert access.result == "bypass:redis_unavailable"
+    finally:
+        await cache.close()
