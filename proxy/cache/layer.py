@@ -212,12 +212,18 @@ class ResultCache:
         command for: both are part of the key.
         """
         if c.is_read:
-            if c.in_transaction:
-                # Matched or not, a transaction's read never touches the cache.
-                return self._read_access(command, c, decision, tenants, has_sequences,
-                                         rules, "transaction")
-            return self._read_access(command, c, decision, tenants, has_sequences, rules,
-                                     None)
+            rule = rules.compiled.ttl_for(c, decision.class_name)
+            if rule is None:
+                return None
+            reason = read_bypass(command, c, has_sequences)
+            if reason is not None:
+                return Access(self, result=f"bypass:{reason}")
+            return Access(
+                self,
+                ns=f"{c.database}.{c.collection}",
+                digest=entry_digest(command, decision.read_preference.document, tenants),
+                ttl_s=rule[0],
+            )
         if c.is_write:
             targets = written_namespaces(command, c)
             if not targets:
@@ -232,29 +238,6 @@ class ResultCache:
         if c.command == "abortTransaction":
             self._forget(command)
         return None
-
-    def _read_access(
-        self,
-        command: Mapping[str, Any],
-        c: Classification,
-        decision: RouteDecision,
-        tenants: tuple[Any, ...],
-        has_sequences: bool,
-        rules: CacheConfig,
-        reason: str | None,
-    ) -> Access | None:
-        rule = rules.compiled.ttl_for(c, decision.class_name)
-        if rule is None:
-            return None
-        reason = reason or read_bypass(command, c, has_sequences)
-        if reason is not None:
-            return Access(self, result=f"bypass:{reason}")
-        return Access(
-            self,
-            ns=f"{c.database}.{c.collection}",
-            digest=entry_digest(command, decision.read_preference.document, tenants),
-            ttl_s=rule[0],
-        )
 
     # -- transactions -----------------------------------------------------------------
 
