@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import bson
 import pytest
+import yaml
 from bson.binary import Binary
 from bson.int64 import Int64
 from bson.timestamp import Timestamp
@@ -29,7 +32,9 @@ from proxy.cache.flight import SingleFlight
 from proxy.cache.key import canonical, entry_digest
 from proxy.cache.layer import ResultCache
 from proxy.classify import ClientContext, classify
-from proxy.config import ConfigError, parse_config
+from proxy.config import ConfigError, load_config, parse_config
+from proxy.observe.metrics import Metrics
+from proxy.reload import ConfigReloader
 from proxy.route.readpref import PRIMARY, read_preference
 from proxy.route.rules import Matcher, RouteDecision
 
@@ -438,3 +443,32 @@ async def test_begin_reads_writes_and_transactions() -> None:
                    "txnNumber": Int64(9)}) is None
     assert access({"commitTransaction": 1, "$db": "admin", **txn,
                    "txnNumber": Int64(9)}) is None
+
+
+# --------------------------------------------------------------------------- reload
+
+
+def test_reload_swaps_cache_rules_live_and_keeps_the_redis_settings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "proxy.yaml"
+
+    def write(redis_url: str, collection: str) -> None:
+        path.write_text(yaml.safe_dump({
+            "upstream": {"uri": "mongodb://127.0.0.1:27017/"},
+            "cache": {"redis_url": redis_url,
+                      "rules": [{"match": {"collection": collection}, "ttl_s": 9}]},
+        }))
+
+    write("redis://127.0.0.1:6379/0", "users")
+    proxy = SimpleNamespace(config=load_config(path),
+                            observer=SimpleNamespace(metrics=Metrics(process=False)))
+    reloader = ConfigReloader(proxy, path)  # type: ignore[arg-type]
+    write("redis://10.0.0.1:6379/0", "orders")
+    assert reloader.reload()
+    cache = proxy.config.cache
+    assert cache.redis_url == "redis://127.0.0.1:6379/0"  # restart-only
+    orders = classify({"find": "orders", "$db": "app"})
+    assert cache.compiled.ttl_for(orders, "default") == (9.0, 0)
+    assert cache.compiled.ttl_for(classify({"find": "users", "$db": "app"}), "default") is None
+    assert "cache (except rules)" in caplog.text
