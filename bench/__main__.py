@@ -7,6 +7,7 @@ Subcommands:
   observe  cost of timing + shape + digest + metrics (+ a slow-log line) per operation:
            in process, and as proxy CPU per operation end to end (bench/observe_cost.py)
   tenancy  tenancy policy cost per command, in process (bench/tenancy_cost.py)
+  cache  hot cacheable find: proxy + result cache vs FerretDB directly (bench/cache.py)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import core, observe_cost, pool, tenancy_cost
+from bench import cache, core, observe_cost, pool, tenancy_cost
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_parser(subparsers)
     observe_cost.add_parser(subparsers)
     tenancy_cost.add_parser(subparsers)
+    cache.add_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,351 @@
+"""`python -m bench cache`: a hot cacheable find served from the result cache vs the same
+find sent to FerretDB directly, in one run.
+
+Method
+------
+* Stack (started here, in a temporary directory): FerretDB (SQLite handler), one
+  ``redis-server`` (no persistence), and two proxies in front of that FerretDB: ``proxy``
+  without a cache (for reference) and ``proxy-cache`` with ``cache.rules`` matching the
+  benchmark collection (``timeout_ms`` as given, default 20: the load generator shares
+  the two cores with Redis, and a cache that bypasses would measure FerretDB).
+* Seed: ``--docs`` documents ``{_id: "k000000", status, n, pad}`` (string ids: FerretDB's
+  SQLite handler only uses its ``_id`` index for strings/ObjectIds).
+* Operations: ``by_id`` = ``find_one({_id})`` over ``--hot`` distinct hot ids (a
+  permission lookup), ``list20`` = ``find({status}).sort(n).limit(20)`` over 5 statuses
+  (a dashboard tile). Before measuring, every hot query runs once through each target
+  (warm-up: fills the cache and the pools).
+* Load: closed loop, ``c`` pymongo threads per cell, one ``MongoClient`` per target;
+  rounds interleave the targets (ABBA) so machine noise hits all alike.
+* Figures: throughput = ops / summed cell wall time; latency per op (µs) percentiles from
+  HdrHistograms; the proxy's own ``/metrics`` give the cache hits and misses during the
+  measurement (a hit ratio below 1 means some finds went to FerretDB). The ratio asked
+  for by the cache issue is ``proxy-cache`` throughput / ``direct`` throughput (goal 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import secrets
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pymongo import MongoClient
+
+from bench.core import _positive_int, machine_info, new_histogram, record_ns, write_json
+from bench.stack import (
+    HOST,
+    REPO_ROOT,
+    Stack,
+    StackError,
+    _Child,
+    _wait_for_http_ok,
+    _wait_for_port,
+    find_ferretdb,
+    free_port,
+)
+
+TARGETS = ("direct", "proxy", "proxy-cache")
+OPS = ("by_id", "list20")
+STATUSES = ("open", "doing", "review", "done", "archived")
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "cache.json"
+COLLECTION = "hot"
+GOAL = 2.0
+
+Doc = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CacheBenchConfig:
+    ops: int
+    rounds: int
+    concurrency: tuple[int, ...]
+    docs: int
+    hot: int
+    timeout_ms: float
+    json_path: Path
+
+
+def add_parser(subparsers: Any) -> None:
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "cache",
+        help="hot cacheable find: proxy with result cache vs FerretDB directly",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument("--ops", type=_positive_int, default=4000,
+                   help="measured ops per (target, op, concurrency) (default: %(default)s)")
+    p.add_argument("--rounds", type=_positive_int, default=4,
+                   help="interleaved rounds (default: %(default)s)")
+    p.add_argument("--concurrency", default="1,8",
+                   help="comma-separated thread counts (default: %(default)s)")
+    p.add_argument("--docs", type=_positive_int, default=1000,
+                   help="seeded documents (default: %(default)s)")
+    p.add_argument("--hot", type=_positive_int, default=50,
+                   help="distinct hot ids for by_id (default: %(default)s)")
+    p.add_argument("--timeout-ms", type=float, default=20.0,
+                   help="cache.timeout_ms of the cached proxy (default: %(default)s)")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
+                   help="results file (default: bench/results/cache.json)")
+    p.set_defaults(func=main)
+
+
+# ---------------------------------------------------------------- stack
+
+
+def start_cache_stack(
+    workdir: Path, timeout_ms: float, timeout: float = 30.0
+) -> tuple[Stack, dict[str, str]]:
+    """FerretDB, Redis, a proxy without and a proxy with the cache; and the targets' URIs
+    (the stack's ``admin_url`` is the cached proxy's)."""
+    redis_server = os.environ.get("MONGOPROXY_REDIS_SERVER") or "redis-server"
+    data_dir, state_dir = workdir / "ferretdb-data", workdir / "ferretdb-state"
+    data_dir.mkdir()
+    state_dir.mkdir()
+    fdb_port, redis_port = free_port(), free_port()
+    direct_uri = f"mongodb://{HOST}:{fdb_port}/"
+    children = [
+        _Child("ferretdb", [
+            find_ferretdb(), "--handler=sqlite", f"--sqlite-url=file:{data_dir}/",
+            f"--state-dir={state_dir}", f"--listen-addr={HOST}:{fdb_port}",
+            "--debug-addr=127.0.0.1:0", "--telemetry=disable", "--log-level=WARN",
+        ], workdir / "ferretdb.log"),
+        _Child("redis", [
+            redis_server, "--bind", HOST, "--port", str(redis_port), "--dir", str(workdir),
+            "--save", "", "--appendonly", "no",
+        ], workdir / "redis.log"),
+    ]
+    ports: dict[str, tuple[int, int]] = {}
+    for name in ("proxy", "proxy-cache"):
+        port, admin = free_port(), free_port()
+        ports[name] = (port, admin)
+        config = (f"listen: {{host: {HOST}, port: {port}}}\n"
+                  f"admin: {{host: {HOST}, port: {admin}}}\n"
+                  f'upstream: {{uri: "{direct_uri}"}}\n')
+        if name == "proxy-cache":
+            config += (f'cache: {{redis_url: "redis://{HOST}:{redis_port}/0", '
+                       f"timeout_ms: {timeout_ms}, "
+                       f"rules: [{{match: {{collection: {COLLECTION}}}, ttl_s: 3600}}]}}\n")
+        path = workdir / f"{name}.yaml"
+        path.write_text(config)
+        children.append(_Child(name, [sys.executable, "-m", "proxy", "run", "--config",
+                                      str(path)], workdir / f"{name}.log"))
+    stack = Stack(direct_uri=direct_uri, proxy_uri=f"mongodb://{HOST}:{ports['proxy'][0]}/",
+                  started=True, workdir=workdir,
+                  admin_url=f"http://{HOST}:{ports['proxy-cache'][1]}", _children=children)
+    deadline = time.monotonic() + timeout
+    current = children[0]
+    try:
+        for child in children:
+            current = child
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            child.spawn(cwd=REPO_ROOT, env=env)
+            assert child.proc is not None
+            if child.name in ports:
+                port, admin = ports[child.name]
+                _wait_for_http_ok(f"http://{HOST}:{admin}/healthz", child.proc, deadline)
+                _wait_for_port(port, child.proc, deadline)
+            else:
+                _wait_for_port(fdb_port if child.name == "ferretdb" else redis_port,
+                               child.proc, deadline)
+    except BaseException as e:
+        for child in reversed(children):
+            child.stop(timeout=2)
+        stack.workdir = None  # keep the logs
+        raise StackError(f"{current.name} failed to start: {e}\n--- {current.log_path} "
+                         f"(files kept in {workdir}) ---\n{current.log_tail()}") from e
+    return stack, {"direct": direct_uri, "proxy": stack.proxy_uri,
+                   "proxy-cache": f"mongodb://{HOST}:{ports['proxy-cache'][0]}/"}
+
+
+def _cache_counts(admin_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("mongoproxy_cache_operations_total{"):
+            result = line.split('result="', 1)[1].split('"', 1)[0]
+            counts[result] = counts.get(result, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+# ---------------------------------------------------------------- load
+
+
+OpFn = Callable[[int], None]
+
+
+def _op(name: str, client: MongoClient[Doc], db: str, hot: int, rng: random.Random) -> OpFn:
+    coll = client[db][COLLECTION]
+    if name == "by_id":
+        ids = [f"k{i:06d}" for i in range(hot)]
+
+        def by_id(i: int) -> None:
+            if coll.find_one({"_id": ids[(i * 7919 + rng_offset) % hot]}) is None:
+                raise RuntimeError("by_id: not found")
+
+        rng_offset = rng.randrange(hot)
+        return by_id
+
+    def list20(i: int) -> None:
+        if len(list(coll.find({"status": STATUSES[i % len(STATUSES)]}).sort("n", 1)
+                    .limit(20))) != 20:
+            raise RuntimeError("list20: short result")
+
+    return list20
+
+
+def _cell(fns: list[OpFn], n_ops: int) -> tuple[float, list[int]]:
+    """``n_ops`` over ``len(fns)`` threads: (wall seconds, latencies in ns)."""
+    shares = [n_ops // len(fns) + (1 if t < n_ops % len(fns) else 0) for t in range(len(fns))]
+    lat: list[list[int]] = [[] for _ in fns]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(fns) + 1)
+    spans = [(0, 0)] * len(fns)
+
+    def worker(t: int) -> None:
+        clock, fn, out = time.perf_counter_ns, fns[t], lat[t]
+        try:
+            barrier.wait()
+            start = clock()
+            for i in range(shares[t]):
+                t0 = clock()
+                fn(i)
+                out.append(clock() - t0)
+            spans[t] = (start, clock())
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(len(fns))]
+    for th in threads:
+        th.start()
+    barrier.wait()
+    for th in threads:
+        th.join()
+    if errors:
+        raise RuntimeError(f"bench cache: {errors[0]!r}") from errors[0]
+    wall = (max(e for _, e in spans) - min(s for s, _ in spans)) / 1e9
+    return wall, [x for per in lat for x in per]
+
+
+@dataclass
+class Row:
+    target: str
+    op: str
+    concurrency: int
+    ops: int
+    ops_per_s: float
+    p50_us: float
+    p99_us: float
+    ratio_vs_direct: float | None = None
+
+
+def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str]) -> dict[str, Any]:
+    machine = machine_info()
+    db = f"bench_cache_{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"
+    top = max(cfg.concurrency)
+    clients = {t: MongoClient(u, directConnection=True, maxPoolSize=top,
+                              serverSelectionTimeoutMS=10_000, appname="bench-cache")
+               for t, u in uris.items()}
+    try:
+        seed = clients["direct"][db][COLLECTION]
+        seed.insert_many([{"_id": f"k{i:06d}", "status": STATUSES[i % len(STATUSES)], "n": i,
+                           "pad": "x" * 64} for i in range(cfg.docs)])
+        seed.create_index("status")
+        rng = random.Random(1)
+        for target in TARGETS:  # warm-up: every hot query once (fills the cache)
+            for op in OPS:
+                fn = _op(op, clients[target], db, cfg.hot, rng)
+                for i in range(max(cfg.hot, len(STATUSES)) * 2):
+                    fn(i)
+        assert stack.admin_url is not None
+        counts_before = _cache_counts(stack.admin_url)
+        per_round = [cfg.ops // cfg.rounds + (1 if r < cfg.ops % cfg.rounds else 0)
+                     for r in range(cfg.rounds)]
+        walls: dict[tuple[str, str, int], float] = {}
+        hists: dict[tuple[str, str, int], Any] = {}
+        for r, n in enumerate(per_round):
+            for c in cfg.concurrency:
+                for op in OPS:
+                    order = TARGETS if r % 2 == 0 else tuple(reversed(TARGETS))
+                    for target in order:
+                        fns = [_op(op, clients[target], db, cfg.hot, random.Random(r * 100 + t))
+                               for t in range(c)]
+                        wall, lat = _cell(fns, n)
+                        key = (target, op, c)
+                        walls[key] = walls.get(key, 0.0) + wall
+                        record_ns(hists.setdefault(key, new_histogram()), lat)
+        counts_after = _cache_counts(stack.admin_url)
+        clients["direct"].drop_database(db)
+    finally:
+        for client in clients.values():
+            client.close()
+    rows: list[Row] = []
+    for (target, op, c), wall in walls.items():
+        hist = hists[(target, op, c)]
+        rows.append(Row(target, op, c, cfg.ops, cfg.ops / wall,
+                        float(hist.get_value_at_percentile(50)),
+                        float(hist.get_value_at_percentile(99))))
+    direct = {(r.op, r.concurrency): r.ops_per_s for r in rows if r.target == "direct"}
+    for row in rows:
+        row.ratio_vs_direct = row.ops_per_s / direct[(row.op, row.concurrency)]
+    hits = counts_after.get("hit", 0) - counts_before.get("hit", 0)
+    lookups = hits + counts_after.get("miss", 0) - counts_before.get("miss", 0)
+    bypasses = counts_after.get("bypass", 0) - counts_before.get("bypass", 0)
+    cached = [r for r in rows if r.target == "proxy-cache"]
+    return {
+        "config": {**asdict(cfg), "json_path": str(cfg.json_path),
+                   "concurrency": list(cfg.concurrency)},
+        "machine": machine,
+        "results": [asdict(r) for r in rows],
+        "cache_during_measurement": {"hits": hits, "lookups": lookups, "bypasses": bypasses,
+                                     "hit_ratio": hits / lookups if lookups else None},
+        "goal": {"ratio": GOAL,
+                 "met": all((r.ratio_vs_direct or 0) >= GOAL for r in cached),
+                 "min_ratio": min((r.ratio_vs_direct or 0) for r in cached)},
+    }
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [f"{'target':<12} {'op':<7} {'conc':>4} {'ops/s':>9} {'p50 µs':>8} {'p99 µs':>8} "
+             f"{'x direct':>8}"]
+    for r in sorted(rows, key=lambda r: (r.op, r.concurrency, TARGETS.index(r.target))):
+        lines.append(f"{r.target:<12} {r.op:<7} {r.concurrency:>4} {r.ops_per_s:>9.1f} "
+                     f"{r.p50_us:>8.0f} {r.p99_us:>8.0f} {r.ratio_vs_direct or 0:>8.2f}")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        concurrency = tuple(dict.fromkeys(int(x) for x in args.concurrency.split(",") if x))
+    except ValueError:
+        raise SystemExit(f"bench cache: bad --concurrency {args.concurrency!r}") from None
+    if not concurrency or min(concurrency) < 1:
+        raise SystemExit("bench cache: concurrency levels must be >= 1")
+    cfg = CacheBenchConfig(args.ops, args.rounds, concurrency, args.docs,
+                           min(args.hot, args.docs), args.timeout_ms, args.json)
+    t0 = time.perf_counter()
+    print("bench cache: starting FerretDB + Redis + two proxies", file=sys.stderr, flush=True)
+    stack, uris = start_cache_stack(Path(tempfile.mkdtemp(prefix="mongoproxy-bench-cache-")),
+                                    cfg.timeout_ms)
+    with stack:
+        data = run(cfg, stack, uris)
+    data["total_wall_s"] = time.perf_counter() - t0
+    data["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    write_json(cfg.json_path, data)
+    print(format_table([Row(**r) for r in data["results"]]))
+    cache = data["cache_during_measurement"]
+    goal = data["goal"]
+    print(f"\ncache during measurement: {cache['hits']:.0f} hits of {cache['lookups']:.0f} "
+          f"lookups, {cache['bypasses']:.0f} bypasses")
+    print(f"goal proxy-cache >= {GOAL}x direct: {'met' if goal['met'] else 'NOT met'} "
+          f"(lowest {goal['min_ratio']:.2f}x)")
+    print(f"results: {cfg.json_path}")
+    return 0

@@ -1,0 +1,35 @@
+"""`python -m bench cache` end to end at tiny scale, and its JSON's consistency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_cache_runs_and_writes_consistent_json(tmp_path: Path) -> None:
+    out = tmp_path / "cache.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "cache", "--ops", "40", "--rounds", "2",
+         "--concurrency", "1,2", "--docs", "100", "--hot", "10", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert {(r["target"], r["op"], r["concurrency"]) for r in rows} == {
+        (t, op, c) for t in ("direct", "proxy", "proxy-cache") for op in ("by_id", "list20")
+        for c in (1, 2)}
+    for row in rows:
+        assert row["ops"] == 40 and row["ops_per_s"] > 0
+        assert 0 < row["p50_us"] <= row["p99_us"]
+        if row["target"] == "direct":
+            assert row["ratio_vs_direct"] == 1.0
+    cache = data["cache_during_measurement"]
+    # every measured proxy-cache find was a hit (the warm-up filled the cache)
+    assert cache["hits"] == cache["lookups"] == 2 * 2 * 40 and cache["bypasses"] == 0
+    assert data["goal"]["ratio"] == 2.0
+    assert "goal proxy-cache >= 2.0x direct" in proc.stdout
