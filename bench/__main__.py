@@ -8,6 +8,11 @@ Subcommands:
            in process, and as proxy CPU per operation end to end (bench/observe_cost.py)
   tenancy  tenancy policy cost per command, in process (bench/tenancy_cost.py)
   cache  hot cacheable find: proxy + result cache vs FerretDB directly (bench/cache.py)
+  seed   load the multi-tenant project-management data set (bench/seed.py, bench/workload.py)
+  run    the multi-tenant workload: direct vs tcp vs proxy vs proxy-cache, closed and open
+         loop, interleaved (bench/harness.py)
+  storm  N connections opened at once, each running a few operations (bench/storm.py)
+  report Markdown, charts and the README table from run/storm JSON (bench/report.py)
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import cache, core, observe_cost, pool, tenancy_cost
+from bench import cache, core, harness, observe_cost, pool, report, seed, storm, tenancy_cost
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     observe_cost.add_parser(subparsers)
     tenancy_cost.add_parser(subparsers)
     cache.add_parser(subparsers)
+    seed.add_parser(subparsers)
+    harness.add_parser(subparsers)
+    storm.add_parser(subparsers)
+    report.add_parser(subparsers)
     return parser
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -22,8 +24,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -149,7 +153,13 @@ class _Child:
 
 @dataclass
 class Stack:
-    """URIs of the two benchmark targets, plus the processes when we started them."""
+    """URIs of the benchmark targets, plus the processes when we started them.
+
+    ``direct_uri``/``proxy_uri``/``admin_url`` are the original two targets; ``targets``
+    maps every target name this stack offers ("direct", "proxy", and when asked for
+    "tcp", "proxy-cache") to its URI, ``admin_urls`` each proxy's admin endpoint, and
+    ``unavailable`` names the targets asked for that could not be started, with why.
+    """
 
     direct_uri: str
     proxy_uri: str
@@ -158,14 +168,23 @@ class Stack:
     # The proxy's admin endpoint (http://host:port), when we started it.
     admin_url: str | None = None
     _children: list[_Child] = field(default_factory=list)
+    targets: dict[str, str] = field(default_factory=dict)
+    admin_urls: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.targets = {"direct": self.direct_uri, "proxy": self.proxy_uri, **self.targets}
+        if self.admin_url is not None:
+            self.admin_urls.setdefault("proxy", self.admin_url)
 
     @property
     def pids(self) -> dict[str, int]:
-        """PIDs of the processes this stack started, by name ("ferretdb", "proxy")."""
+        """PIDs of the processes this stack started, by name ("ferretdb", "proxy",
+        "redis", "proxy-cache", "haproxy")."""
         return {c.name: c.proc.pid for c in self._children if c.proc is not None}
 
     def stop(self) -> None:
-        # Proxy first, then its upstream.
+        # Proxies first, then their upstreams.
         for child in reversed(self._children):
             child.stop()
         if self.workdir is not None:
@@ -184,12 +203,93 @@ def external_stack(direct_uri: str, proxy_uri: str) -> Stack:
     return Stack(direct_uri=direct_uri, proxy_uri=proxy_uri)
 
 
-def start_stack(timeout: float = 30.0, pool_max_size: int | None = None) -> Stack:
+def find_haproxy() -> str | None:
+    """haproxy on PATH or in /usr/sbin (Debian's place; `make tools` installs it)."""
+    return shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")
+
+
+def find_redis() -> str | None:
+    return shutil.which("redis-server")
+
+
+def proxy_config_text(
+    proxy_port: int,
+    admin_port: int,
+    upstream_uri: str,
+    pool_max_size: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """A proxy config file: listen/admin/upstream plus any further top-level sections.
+
+    Written as JSON, which YAML reads as flow style.
+    """
+    upstream: dict[str, Any] = {"uri": upstream_uri}
+    if pool_max_size is not None:
+        upstream["pool"] = {"max_size": int(pool_max_size)}
+    config: dict[str, Any] = {
+        "listen": {"host": HOST, "port": proxy_port},
+        "admin": {"host": HOST, "port": admin_port},
+        "upstream": upstream,
+        **(extra or {}),
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def haproxy_config_text(listen_port: int, upstream_port: int, maxconn: int) -> str:
+    """HAProxy in plain TCP mode: one frontend, one backend server, no checks."""
+    return (
+        "global\n"
+        f"  maxconn {maxconn}\n"
+        "defaults\n"
+        "  mode tcp\n"
+        "  timeout connect 5s\n"
+        "  timeout client 1h\n"
+        "  timeout server 1h\n"
+        "frontend bench\n"
+        f"  bind {HOST}:{listen_port}\n"
+        f"  maxconn {maxconn}\n"
+        "  default_backend upstream\n"
+        "backend upstream\n"
+        f"  server ferretdb {HOST}:{upstream_port} maxconn {maxconn}\n"
+    )
+
+
+def check_proxy_config(path: Path) -> str | None:
+    """None when `mongoproxy check-config` accepts the file, else its complaint."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}")[:500]
+
+
+def start_stack(
+    timeout: float = 30.0,
+    pool_max_size: int | None = None,
+    *,
+    tcp: bool = False,
+    cache: dict[str, Any] | None = None,
+    proxy_extra: dict[str, Any] | None = None,
+) -> Stack:
     """Start FerretDB and the proxy in a fresh temporary directory.
 
     The proxy runs with the default config, except ``upstream.pool.max_size`` when
-    ``pool_max_size`` is given.  Children inherit this process's resource limits
+    ``pool_max_size`` is given and the top-level sections in ``proxy_extra`` (e.g.
+    ``{"tenancy": {...}}``).  Children inherit this process's resource limits
     (RLIMIT_NOFILE included): raise them before calling this.
+
+    ``tcp``: also HAProxy in TCP mode in front of FerretDB (target "tcp").
+    ``cache``: also redis-server and a second proxy, "proxy-cache", whose config is the
+    proxy's plus ``cache: <this dict>`` with ``redis_url`` filled in.  A target that
+    cannot be had (no haproxy binary; a cache config the proxy rejects; a child that
+    fails to start) is listed in ``Stack.unavailable`` with the reason instead of
+    failing the whole stack.
     """
     workdir = Path(tempfile.mkdtemp(prefix="mongoproxy-bench-"))
     data_dir, state_dir = workdir / "ferretdb-data", workdir / "ferretdb-state"
@@ -213,12 +313,8 @@ def start_stack(timeout: float = 30.0, pool_max_size: int | None = None) -> Stac
         workdir / "ferretdb.log",
     )
     config_path = workdir / "proxy.yaml"
-    pool = "" if pool_max_size is None else f", pool: {{max_size: {int(pool_max_size)}}}"
-    # Flow-style YAML by hand: no PyYAML dependency for three lines.
     config_path.write_text(
-        f"listen: {{host: {HOST}, port: {proxy_port}}}\n"
-        f"admin: {{host: {HOST}, port: {admin_port}}}\n"
-        f'upstream: {{uri: "{direct_uri}"{pool}}}\n'
+        proxy_config_text(proxy_port, admin_port, direct_uri, pool_max_size, proxy_extra)
     )
     proxy = _Child(
         "proxy",
@@ -233,6 +329,7 @@ def start_stack(timeout: float = 30.0, pool_max_size: int | None = None) -> Stac
         admin_url=f"http://{HOST}:{admin_port}",
         _children=[ferretdb, proxy],
     )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     current = ferretdb
     try:
@@ -242,7 +339,6 @@ def start_stack(timeout: float = 30.0, pool_max_size: int | None = None) -> Stac
         _wait_for_port(fdb_port, ferretdb.proc, deadline)
 
         current = proxy
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         proxy.spawn(cwd=REPO_ROOT, env=env)
         assert proxy.proc is not None
         _wait_for_http_ok(f"http://{HOST}:{admin_port}/healthz", proxy.proc, deadline)
@@ -256,4 +352,109 @@ def start_stack(timeout: float = 30.0, pool_max_size: int | None = None) -> Stac
             f"command: {' '.join(current.cmd)}\n"
             f"--- {current.log_path} (files kept in {workdir}) ---\n{current.log_tail()}"
         ) from e
+    try:
+        if tcp:
+            _start_haproxy(stack, workdir, fdb_port, timeout)
+        if cache is not None:
+            _start_cached_proxy(
+                stack, workdir, direct_uri, cache, pool_max_size, proxy_extra, env, timeout
+            )
+    except BaseException:
+        stack.stop()
+        raise
     return stack
+
+
+def _start_optional(stack: Stack, child: _Child, ready: Callable[[float], None],
+                    timeout: float, **spawn: Any) -> bool:
+    """Spawn an optional child; on failure stop it and mark it unavailable."""
+    stack._children.append(child)
+    try:
+        child.spawn(**spawn)
+        ready(time.monotonic() + timeout)
+    except (StackError, OSError) as e:
+        child.stop(timeout=2)
+        stack._children.remove(child)
+        tail = child.log_tail(600).strip().replace("\n", " | ")
+        stack.unavailable[child.name] = f"{child.name} failed to start: {e}; log: {tail}"
+        return False
+    return True
+
+
+def _start_haproxy(stack: Stack, workdir: Path, fdb_port: int, timeout: float) -> None:
+    binary = find_haproxy()
+    if binary is None:
+        stack.unavailable["tcp"] = "haproxy not found (run `make tools`)"
+        return
+    port = free_port()
+    cfg = workdir / "haproxy.cfg"
+    # Two descriptors per proxied connection, within the limit HAProxy inherits.
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    maxconn = 20000 if soft == resource.RLIM_INFINITY else max(100, min(20000, (soft - 200) // 2))
+    cfg.write_text(haproxy_config_text(port, fdb_port, maxconn))
+    child = _Child("haproxy", [binary, "-db", "-f", str(cfg)], workdir / "haproxy.log")
+
+    def ready(deadline: float) -> None:
+        assert child.proc is not None
+        _wait_for_port(port, child.proc, deadline)
+
+    if _start_optional(stack, child, ready, timeout):
+        stack.targets["tcp"] = f"mongodb://{HOST}:{port}/"
+    else:
+        stack.unavailable["tcp"] = stack.unavailable.pop("haproxy")
+
+
+def _start_cached_proxy(
+    stack: Stack,
+    workdir: Path,
+    direct_uri: str,
+    cache: dict[str, Any],
+    pool_max_size: int | None,
+    proxy_extra: dict[str, Any] | None,
+    env: dict[str, str],
+    timeout: float,
+) -> None:
+    name = "proxy-cache"
+    binary = find_redis()
+    if binary is None:
+        stack.unavailable[name] = "redis-server not found (run `make tools`)"
+        return
+    redis_port, port, admin_port = free_port(), free_port(), free_port()
+    redis = _Child(
+        "redis",
+        [binary, "--port", str(redis_port), "--bind", HOST, "--save", "", "--appendonly",
+         "no", "--dir", str(workdir)],
+        workdir / "redis.log",
+    )
+
+    def redis_ready(deadline: float) -> None:
+        assert redis.proc is not None
+        _wait_for_port(redis_port, redis.proc, deadline)
+
+    if not _start_optional(stack, redis, redis_ready, timeout):
+        stack.unavailable[name] = stack.unavailable.pop("redis")
+        return
+    section = {"redis_url": f"redis://{HOST}:{redis_port}/0", **cache}
+    config_path = workdir / f"{name}.yaml"
+    config_path.write_text(
+        proxy_config_text(
+            port, admin_port, direct_uri, pool_max_size, {**(proxy_extra or {}), "cache": section}
+        )
+    )
+    problem = check_proxy_config(config_path)
+    if problem is not None:
+        stack.unavailable[name] = f"the proxy rejects the cache config: {problem}"
+        return
+    child = _Child(
+        name, [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
+        workdir / f"{name}.log",
+    )
+
+    def ready(deadline: float) -> None:
+        assert child.proc is not None
+        _wait_for_http_ok(f"http://{HOST}:{admin_port}/healthz", child.proc, deadline)
+        _wait_for_port(port, child.proc, deadline)
+
+    if _start_optional(stack, child, ready, timeout, cwd=REPO_ROOT, env=env):
+        stack.targets[name] = f"mongodb://{HOST}:{port}/"
+        stack.admin_urls[name] = f"http://{HOST}:{admin_port}"
