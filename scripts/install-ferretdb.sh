@@ -21,7 +21,15 @@ MODULE=github.com/FerretDB/FerretDB
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${FERRETDB_BIN:-$ROOT/.tools/bin/ferretdb}"
 
-if [[ -x "$OUT" ]] && "$OUT" --version 2>/dev/null | grep -q "version: $VERSION\$"; then
+# The version is captured before grep reads it: with pipefail, `ferretdb --version |
+# grep -q` fails whenever grep exits before ferretdb has written its last line (SIGPIPE).
+reports_version() {
+  local out
+  out="$("$OUT" --version 2>/dev/null)" || return 1
+  grep -q "^version: $VERSION\$" <<<"$out"
+}
+
+if [[ -x "$OUT" ]] && reports_version; then
   echo "ferretdb $VERSION already at $OUT"
   exit 0
 fi
@@ -73,7 +81,7 @@ fi
 mv -f "$OUT.tmp" "$OUT"
 
 "$OUT" --version
-"$OUT" --version | grep -q "version: $VERSION\$" || {
+reports_version || {
   echo "error: built binary does not report $VERSION" >&2
   exit 1
 }
