@@ -80,13 +80,13 @@ def add_parser(subparsers: Any) -> None:
         help="hot cacheable find: proxy with result cache vs FerretDB directly",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    p.add_argument("--ops", type=_positive_int, default=4000,
+    p.add_argument("--ops", type=_positive_int, default=2000,
                    help="measured ops per (target, op, concurrency) (default: %(default)s)")
     p.add_argument("--rounds", type=_positive_int, default=4,
                    help="interleaved rounds (default: %(default)s)")
     p.add_argument("--concurrency", default="1,8",
                    help="comma-separated thread counts (default: %(default)s)")
-    p.add_argument("--docs", type=_positive_int, default=1000,
+    p.add_argument("--docs", type=_positive_int, default=300,
                    help="seeded documents (default: %(default)s)")
     p.add_argument("--hot", type=_positive_int, default=50,
                    help="distinct hot ids for by_id (default: %(default)s)")
@@ -251,9 +251,11 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str]) -> dict[str, 
     machine = machine_info()
     db = f"bench_cache_{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"
     top = max(cfg.concurrency)
-    clients = {t: MongoClient(u, directConnection=True, maxPoolSize=top,
-                              serverSelectionTimeoutMS=10_000, appname="bench-cache")
-               for t, u in uris.items()}
+    clients: dict[str, MongoClient[Doc]] = {
+        t: MongoClient(u, directConnection=True, maxPoolSize=top,
+                       serverSelectionTimeoutMS=10_000, appname="bench-cache")
+        for t, u in uris.items()
+    }
     try:
         seed = clients["direct"][db][COLLECTION]
         seed.insert_many([{"_id": f"k{i:06d}", "status": STATUSES[i % len(STATUSES)], "n": i,

@@ -37,6 +37,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.cache.key import ENVELOPE
 from proxy.classify import Classification
 from proxy.wire import reply_cursor
 
@@ -93,8 +94,10 @@ def read_bypass(command: Mapping[str, Any], c: Classification, has_sequences: bo
         return "tailable"
     if c.command == "aggregate" and not _pure_pipeline(command.get("pipeline")):
         return "stage"
-    if _nondeterministic(command):
-        return "nondeterministic"
+    for key, value in command.items():  # the session envelope cannot hold $$NOW
+        if key not in ENVELOPE and isinstance(value, Mapping | list) and _nondeterministic(
+                value):
+            return "nondeterministic"
     return None
 
 
