@@ -56,9 +56,17 @@ test: deps tools node
 run: deps tools
 	$(PY) scripts/devstack.py
 
-# The core latency comparison (proxy vs direct); writes bench/results/core.json.
+# The standard comparison (README "Load-test harness"): the multi-tenant workload against
+# direct / tcp (HAProxy) / proxy / proxy-cache on a private stack, closed and open loop,
+# then the connection storm; writes bench/results/bench.{json,md,png...} and storm.{json,md}
+# and rewrites the README's table between <!-- bench:begin --> and <!-- bench:end -->.
+# About 5 minutes.  The older micro-benchmarks: python -m bench core|pool|observe.
+BENCH_RUN   := run --mode closed,open --scale 0.05 --duration 20 --rounds 4 --concurrency 16 --rate 20 --name bench
+BENCH_STORM := storm --connections 10000 --ops 1 --scale 0.05 --json bench/results/storm.json
 bench: deps tools
-	$(PY) -m bench core
+	$(PY) -m bench $(BENCH_RUN)
+	$(PY) -m bench $(BENCH_STORM)
+	$(PY) -m bench report --run bench/results/bench.json --storm bench/results/storm.json --readme README.md
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules

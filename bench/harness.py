@@ -22,7 +22,10 @@ Method
   run; asyncio + uvloop + pymongo's ``AsyncMongoClient``, one client per phase with
   ``directConnection=True``) start together at one instant, run ``--warmup`` seconds
   unmeasured, then ``--duration / --rounds`` seconds measured.  Operations are drawn
-  from the weighted mix (bench/workload.py).
+  from the weighted mix (bench/workload.py).  After each phase the documents it
+  inserted are deleted (unmeasured), so every phase starts from the seeded data set:
+  FerretDB's SQLite handler scans whole collections, and growing collections would
+  make later phases slower than earlier ones.
 * Closed loop (``--mode closed``): ``--concurrency`` clients in total, each sending its
   next operation when the previous one finished.
 * Open loop (``--mode open``): ``--rate`` operations per second in total, at evenly
@@ -40,7 +43,7 @@ Method
   figures, merged over workers and rounds: p50/p95/p99/p99.9/max.  Errors by code
   (server code, or the exception class for network errors).
 * Load generator: each worker reports its CPU (getrusage) over the measured window; a
-  worker above 0.9 cores, or an open-loop schedule that fell more than 10 ms behind,
+  worker above 0.9 cores, or an open-loop schedule that fell more than 50 ms behind,
   is flagged in ``warnings``: the generator, not the target, may be the limit.  The
   CPU of the processes the harness started (FerretDB, proxies, HAProxy, Redis) is
   recorded per phase from /proc.
@@ -100,6 +103,7 @@ from bench.stack import (
     find_redis,
     process_cpu_seconds,
     start_stack,
+    stop_processes,
 )
 from bench.workload import (
     CACHE_RULES,
@@ -119,7 +123,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 PERCENTILES = (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))
 
 CPU_WARN_CORES = 0.9
-LAG_WARN_MS = 10.0
+LAG_WARN_MS = 50.0
 PROGRESS_S = 0.5
 CACHE_SECTION: dict[str, Any] = {
     "key_prefix": "mp:",
@@ -420,13 +424,7 @@ class Workers:
         for p in self.pipes:
             with contextlib.suppress(OSError):
                 p.send(None)
-        for w in self.procs:
-            w.join(timeout=10)
-            if w.is_alive():
-                w.kill()
-                w.join(timeout=5)
-        for p in self.pipes:
-            p.close()
+        stop_processes(self.procs, self.pipes)
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -835,18 +833,20 @@ def run(cfg: RunConfig, stack: Stack | None) -> Doc:
     rows = aggregate(cfg, phases, targets)
 
     warnings: list[str] = []
-    for p in phases:
-        for w in p["workers"]:
-            if w["cores"] > CPU_WARN_CORES:
+    for mode in cfg.modes:
+        for target in targets:
+            mine = [p for p in phases if p["mode"] == mode and p["target"] == target]
+            cores = max(w["cores"] for p in mine for w in p["workers"])
+            if cores > CPU_WARN_CORES:
                 warnings.append(
-                    f"load worker {w['worker']} used {w['cores']:.0%} of a core in {p['target']} "
-                    f"{p['mode']} round {p['round'] + 1}: the load generator may be the limit"
+                    f"{target} {mode}: a load worker used {cores:.0%} of a core: the load "
+                    "generator may be the limit (use more --workers)"
                 )
-            if p["mode"] == "open" and w["max_lag_ms"] > LAG_WARN_MS:
+            lag = max(w["max_lag_ms"] for p in mine for w in p["workers"])
+            if mode == "open" and lag > LAG_WARN_MS:
                 warnings.append(
-                    f"open-loop schedule fell {w['max_lag_ms']:.0f} ms behind in worker "
-                    f"{w['worker']}, {p['target']} round {p['round'] + 1} (latency still counts "
-                    "from the intended time)"
+                    f"{target} open: the arrival schedule fell up to {lag:.0f} ms behind (the "
+                    "machine's cores were busy); latency still counts from the intended time"
                 )
     for t, why in unavailable.items():
         warnings.append(f"target {t} unavailable: {why}")

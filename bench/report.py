@@ -58,6 +58,20 @@ def _rows(data: Doc, mode: str, op: str | None = None) -> list[Doc]:
     ]
 
 
+def _ratio_table(data: Doc) -> list[str]:
+    """Ratios over all operations: a / b for throughput, p50 and p99."""
+    rows = [x for x in data["ratios"] if x["op"] == "all"]
+    if not rows:
+        return []
+    out = ["| mode | a / b | throughput | p50 | p99 |", "|---|---|---:|---:|---:|"]
+    for x in rows:
+        out.append(
+            f"| {x['mode']} | {x['a']} / {x['b']} | {_ratio(x['throughput'])} | "
+            f"{_ratio(x['p50'])} | {_ratio(x['p99'])} |"
+        )
+    return out
+
+
 def run_markdown(data: Doc) -> str:
     cfg = data["config"]
     m = data["machine"]
@@ -110,20 +124,9 @@ def run_markdown(data: Doc) -> str:
                 f"{errs} |"
             )
         lines.append("")
-    ratio_rows = [x for x in data["ratios"] if x["op"] == "all"]
-    if ratio_rows:
-        lines += [
-            "## ratios (all operations)",
-            "",
-            "| mode | a / b | throughput | p50 | p99 |",
-            "|---|---|---:|---:|---:|",
-        ]
-        for x in ratio_rows:
-            lines.append(
-                f"| {x['mode']} | {x['a']} / {x['b']} | {_ratio(x['throughput'])} | "
-                f"{_ratio(x['p50'])} | {_ratio(x['p99'])} |"
-            )
-        lines.append("")
+    ratio_table = _ratio_table(data)
+    if ratio_table:
+        lines += ["## ratios (all operations)", "", *ratio_table, ""]
     if data["unavailable"]:
         lines += ["## unavailable targets", ""]
         lines += [f"- {t}: {why}" for t, why in data["unavailable"].items()]
@@ -270,18 +273,9 @@ def readme_block(run_data: Doc, storm_data: Doc | None) -> str:
                 f"{_ms(r['p99_us'])} | {r['errors']} | {_pct(r.get('cache_hit_ratio'))} |"
             )
     out.append("")
-    ratio_rows = [x for x in run_data["ratios"] if x["op"] == "all"]
-    if ratio_rows:
-        out += [
-            "| mode | ratio | throughput | p50 | p99 |",
-            "|---|---|---:|---:|---:|",
-        ]
-        for x in ratio_rows:
-            out.append(
-                f"| {x['mode']} | {x['a']} / {x['b']} | {_ratio(x['throughput'])} | "
-                f"{_ratio(x['p50'])} | {_ratio(x['p99'])} |"
-            )
-        out.append("")
+    ratio_table = _ratio_table(run_data)
+    if ratio_table:
+        out += [*ratio_table, ""]
     for t, why in run_data["unavailable"].items():
         out.append(f"Target `{t}` unavailable in this run: {why}")
         out.append("")

@@ -24,8 +24,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +203,17 @@ class Stack:
 def external_stack(direct_uri: str, proxy_uri: str) -> Stack:
     """Targets that are already running (nothing to start or stop)."""
     return Stack(direct_uri=direct_uri, proxy_uri=proxy_uri)
+
+
+def stop_processes(procs: Sequence[BaseProcess], pipes: Sequence[Connection]) -> None:
+    """Join load-generator processes (killing any still alive after 10 s), close pipes."""
+    for w in procs:
+        w.join(timeout=10)
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+    for p in pipes:
+        p.close()
 
 
 def find_haproxy() -> str | None:

@@ -53,7 +53,7 @@ from bench.pool import (
     upstream_connections,
 )
 from bench.seed import add_dataset_args, read_dataset, seed_database
-from bench.stack import Stack, start_stack
+from bench.stack import Stack, start_stack, stop_processes
 from bench.workload import Dataset, tenant_id, user_id
 
 TARGETS = ("direct", "tcp", "proxy", "proxy-cache")
@@ -230,13 +230,7 @@ def storm_target(args: argparse.Namespace, target: str, uri: str, ds: Dataset,
         if not args.quiet:
             print(file=sys.stderr)
     finally:
-        for w in procs:
-            w.join(timeout=10)
-            if w.is_alive():
-                w.kill()
-                w.join(timeout=5)
-        for p in pipes:
-            p.close()
+        stop_processes(procs, pipes)
 
     connect, ops = new_histogram(), new_histogram()
     errors = ErrorTally()
