@@ -6,6 +6,7 @@ namespaces whose tokens live on other nodes, and one namespace's keys in one slo
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,12 +16,30 @@ import pytest
 import redis
 from pymongo import MongoClient
 
-from tests.support import FerretDBProcess, ProxyProcess, RedisProcess
+from tests.support import FerretDBProcess, ProxyProcess, RedisProcess, free_port
 from tests.test_cache_integration import Doc, cache_ops, cache_section, client, delta
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (+10000, so at most 55535) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 class ClusterNode(RedisProcess):
     name = "redis-cluster-node"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, port=_cluster_port())
 
     def command(self) -> list[str]:
         return [*super().command(), "--cluster-enabled", "yes",
