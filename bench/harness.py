@@ -397,6 +397,7 @@ class RunConfig:
     data_seed: int
     database: str
     tenancy: str
+    pool_max_size: int | None
     uris: dict[str, str]
     admin_urls: dict[str, str]
     out: Path
@@ -879,6 +880,7 @@ def run(cfg: RunConfig, stack: Stack | None) -> Doc:
             "dataset": {"scale": cfg.scale, "seed": cfg.data_seed, "counts": ds.totals()},
             "database": cfg.database,
             "tenancy": cfg.tenancy,
+            "pool_max_size": cfg.pool_max_size,
             "stack": "started by bench" if stack is not None else "external",
             "uris": uris,
             "cache_section": CACHE_SECTION if "proxy-cache" in cfg.targets else None,
@@ -988,6 +990,9 @@ def add_parser(subparsers: Any) -> None:
                    "default: " + ",".join(f"{k}={v:g}" for k, v in DEFAULT_WEIGHTS.items()))
     p.add_argument("--op-seed", type=int, default=1, dest="op_seed",
                    help="random seed of the operation mix (default: 1)")
+    p.add_argument("--pool-max-size", type=_positive(int), default=None, metavar="N",
+                   help="upstream.pool.max_size of the started proxies (default: the "
+                   "proxy's default, 100)")
     p.add_argument("--tenancy", choices=("off", "enforce"), default="off",
                    help="started proxies enforce tenant_id on every collection but tenants")
     add_dataset_args(p)
@@ -1024,6 +1029,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         data_seed=args.seed,
         database=args.db,
         tenancy=args.tenancy,
+        pool_max_size=args.pool_max_size,
         uris=uris,
         admin_urls=dict(args.admin),
         out=args.out,
@@ -1043,6 +1049,7 @@ def main(args: argparse.Namespace) -> int:
         _log(f"bench run: starting FerretDB + {', '.join(t for t in cfg.targets if t != 'direct')}")
         extra = {"tenancy": TENANCY_SECTION} if cfg.tenancy == "enforce" else None
         stack = start_stack(
+            pool_max_size=cfg.pool_max_size,
             tcp="tcp" in cfg.targets,
             cache=CACHE_SECTION if "proxy-cache" in cfg.targets else None,
             proxy_extra=extra,

@@ -237,6 +237,14 @@ def storm_markdown(data: Doc) -> str:
             f"{_ms(c['p99_us'])} | {_ms(c['max_us'])} | {o['count']} | {_ms(o['p50_us'])} | "
             f"{_ms(o['p99_us'])} | {r['errors']} | {rss} | {up} |"
         )
+    for r in data["results"]:
+        cores = r.get("stack_cores") or {}
+        lines.append(
+            f"\n{r['target']}: CPU during the storm (cores): "
+            + (", ".join(f"{k} {v}" for k, v in cores.items()) or "-")
+            + f"; load workers {r['worker_cores']} (while opening "
+            f"{r['worker_cores_while_opening']}); open took {r['open_wall_s']:.2f} s"
+        )
     for w in data.get("warnings", []):
         lines.append(f"\nWARNING: {w}")
     return "\n".join(lines)
@@ -281,14 +289,22 @@ def readme_block(run_data: Doc, storm_data: Doc | None) -> str:
         out.append("")
     if storm_data:
         for r in storm_data["results"]:
-            c = r["connect"]
+            c, o = r["connect"], r["ops"]
+            asked = r["connections"] * r["ops_per_connection"]
+            codes = ", ".join(f"{k}: {n}" for k, n in r["errors_by_kind"].items())
+            cores = ", ".join(
+                f"{k} {v:.2f}" for k, v in (r.get("stack_cores") or {}).items() if v is not None
+            )
             out.append(
-                f"Storm ({r['target']}): {r['connections']} connections opened at once, "
-                f"{r['opened']} succeeded; connect+hello p50 {_ms(c['p50_us'])} ms, p99 "
-                f"{_ms(c['p99_us'])} ms, max {_ms(c['max_us'])} ms; {r['ops']['count']} "
-                f"operations, p99 {_ms(r['ops']['p99_us'])} ms; {r['errors']} errors; proxy RSS "
-                f"{r['rss_mb_before']} MB before, {r['rss_mb_peak']} MB at peak; at most "
-                f"{r['upstream_max']} upstream connections."
+                f"Storm ({r['target']}, `{storm_data.get('command')}`): {r['connections']} "
+                f"connections opened at the same instant, {r['opened']} opened; connect + "
+                f"hello p50 {_ms(c['p50_us'])} ms, p99 {_ms(c['p99_us'])} ms, max "
+                f"{_ms(c['max_us'])} ms. {o['count']} of {asked} operations answered (p50 "
+                f"{_ms(o['p50_us'])} ms, p99 {_ms(o['p99_us'])} ms); {r['errors']} errors"
+                + (f" ({codes})" if codes else "")
+                + f". {r['process']} RSS {r['rss_mb_before']} MB before, {r['rss_mb_peak']} MB "
+                f"at the peak, {r['rss_mb_after']} MB after; at most {r['upstream_max']} "
+                f"upstream connections; CPU during the storm (cores): {cores or '-'}."
             )
         out.append("")
     out.append(END)

@@ -5,9 +5,11 @@ opened all at the same instant, spread over ``--workers`` load processes (each o
 share concurrently, no batching: a storm, as when every application instance restarts
 together).  Each connection does what a driver does first, TCP connect + ``hello``
 (timed together: the *connect time*), then ``--ops`` operations one after another: the
-session lookup of a user, ``find({_id, tenant_id}).limit(1)`` on the seeded ``users``
-(string ``_id``: the index FerretDB uses).  Connections stay open until every one has
-finished, then close together.
+session lookup of a user, ``find({_id}).limit(1)`` on the seeded ``users`` (a string
+``_id`` alone: the only filter FerretDB's SQLite handler pushes down to SQLite).
+Connections stay open until every one has finished, then close together.  A request
+that waits longer than the proxy's ``wait_queue_timeout_ms`` (10 s by default) for a
+pooled connection is answered 89 NetworkTimeout: counted under ``code 89``.
 
 Reported per target: connections asked for and opened, connect-time and operation
 percentiles (HdrHistogram, µs), errors by kind, and, for the process behind the target
@@ -53,7 +55,7 @@ from bench.pool import (
     upstream_connections,
 )
 from bench.seed import add_dataset_args, read_dataset, seed_database
-from bench.stack import Stack, start_stack, stop_processes
+from bench.stack import Stack, process_cpu_seconds, start_stack, stop_processes
 from bench.workload import Dataset, tenant_id, user_id
 
 TARGETS = ("direct", "tcp", "proxy", "proxy-cache")
@@ -109,8 +111,8 @@ async def _storm(spec: StormSpec, conn: Connection) -> Doc:
             i = rng.choices(range(ds.tenants), ds.tenant_weights)[0]
             t = tenant_id(i)
             uid = user_id(t, rng.randrange(ds.counts["users"][i]))
-            cmd = {"find": "users", "filter": {"_id": uid, "tenant_id": t}, "limit": 1,
-                   "singleBatch": True, "$db": spec.database}  # fmt: skip
+            cmd = {"find": "users", "filter": {"_id": uid}, "limit": 1, "singleBatch": True,
+                   "$db": spec.database}  # fmt: skip
             t1 = time.perf_counter_ns()
             try:
                 async with asyncio.timeout(OP_TIMEOUT_S):
@@ -174,7 +176,8 @@ def _mb(kb: int | None) -> float | None:
 
 
 def storm_target(args: argparse.Namespace, target: str, uri: str, ds: Dataset,
-                 pid: int | None, upstream_port: int | None) -> Doc:  # fmt: skip
+                 pids: dict[str, int], upstream_port: int | None) -> Doc:  # fmt: skip
+    pid = pids.get(PROCESS_OF[target])
     host, port = parse_uri(uri)["nodelist"][0]
     ctx = multiprocessing.get_context("spawn")
     shares = [s for s in _split(args.connections, args.workers) if s > 0]
@@ -200,6 +203,7 @@ def storm_target(args: argparse.Namespace, target: str, uri: str, ds: Dataset,
         for p, w in zip(pipes, procs, strict=True):
             _recv(p, w, 60)
         rss_before, up_rest = rss_kb(pid), upstream()
+        cpu_before = {k: process_cpu_seconds(v) for k, v in pids.items()}
         start_ns = time.monotonic_ns() + 200_000_000
         for p in pipes:
             p.send(start_ns)
@@ -221,6 +225,8 @@ def storm_target(args: argparse.Namespace, target: str, uri: str, ds: Dataset,
                       flush=True)  # fmt: skip
             time.sleep(SAMPLE_S)
         rss_open = rss_kb(pid)
+        cpu_after = {k: process_cpu_seconds(v) for k, v in pids.items()}
+        busy_s = (time.monotonic_ns() - start_ns) / 1e9
         peak = max(peak, rss_open or 0)
         for p in pipes:
             p.send(None)
@@ -260,6 +266,9 @@ def storm_target(args: argparse.Namespace, target: str, uri: str, ds: Dataset,
             round(float(r["open_cpu_s"]) / float(r["open_wall_s"]), 3) if r["open_wall_s"] else 0.0
             for r in results
         ],
+        # CPU of the started processes from the storm's start until every connection
+        # had finished its operations (cores).
+        "stack_cores": {k: _cores(cpu_before.get(k), cpu_after.get(k), busy_s) for k in pids},
         "rss_mb_before": _mb(rss_before),
         "rss_mb_peak": _mb(peak) if pid is not None else None,
         "rss_mb_all_open": _mb(rss_open),
@@ -267,6 +276,10 @@ def storm_target(args: argparse.Namespace, target: str, uri: str, ds: Dataset,
         "upstream_at_rest": up_rest,
         "upstream_max": up_max if upstream_port is not None and pid is not None else None,
     }
+
+
+def _cores(a: float | None, b: float | None, wall: float) -> float | None:
+    return None if a is None or b is None or wall <= 0 else round((b - a) / wall, 3)
 
 
 def _pct(hist: Any, q: float) -> int | None:
@@ -294,6 +307,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--uri", action="append", default=[], metavar="NAME=URI",
                    help="a running target (repeatable; its database seeded beforehand)")
     p.add_argument("--workers", type=int, default=2, help="load processes (default: 2)")
+    p.add_argument("--pool-max-size", type=int, default=None, metavar="N",
+                   help="upstream.pool.max_size of the started proxies (default: the "
+                   "proxy's default, 100)")
     p.add_argument("--op-seed", type=int, default=1, dest="op_seed")
     add_dataset_args(p)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
@@ -316,6 +332,7 @@ def main(args: argparse.Namespace) -> int:
     stack: Stack | None = None
     if not uris:
         stack = start_stack(
+            pool_max_size=args.pool_max_size,
             tcp="tcp" in targets,
             cache=CACHE_SECTION if "proxy-cache" in targets else None,
         )
@@ -337,10 +354,10 @@ def main(args: argparse.Namespace) -> int:
                 why = stack.unavailable.get(target, "no URI") if stack else "no --uri"
                 warnings.append(f"target {target} unavailable: {why}")
                 continue
-            pid = stack.pids.get(PROCESS_OF[target]) if stack is not None else None
+            pids = stack.pids if stack is not None else {}
             up_port = fdb_port if target != "direct" else None
             print(f"bench storm: {args.connections} connections to {target}", file=sys.stderr)
-            r = storm_target(args, target, uris[target], ds, pid, up_port)
+            r = storm_target(args, target, uris[target], ds, pids, up_port)
             results.append(r)
             if r["errors"]:
                 warnings.append(f"{target}: {r['errors']} errors ({r['errors_by_kind']})")
@@ -358,10 +375,11 @@ def main(args: argparse.Namespace) -> int:
             "connections": args.connections,
             "ops_per_connection": args.ops,
             "workers": args.workers,
+            "pool_max_size": args.pool_max_size,
             "targets": targets,
             "nofile": list(nofile),
             "dataset": {"scale": ds.scale, "seed": ds.seed},
-            "operation": "find users {_id, tenant_id} limit 1 (raw OP_MSG)",
+            "operation": "find users {_id} limit 1 (raw OP_MSG)",
             "stack": "started by bench" if stack is not None else "external",
         },
         "results": results,

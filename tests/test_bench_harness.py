@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 from bson.raw_bson import RawBSONDocument
 from pymongo import MongoClient
+from pymongo.errors import OperationFailure
 
 from bench import report
-from bench.harness import ratios
+from bench.harness import TENANCY_SECTION, ratios
 from bench.seed import seed_database
+from bench.stack import start_stack
 from bench.workload import (
     COLLECTIONS,
     DEFAULT_WEIGHTS,
@@ -328,8 +330,8 @@ def _open_run(uri: str, db: str, rate: float, out: Path) -> Doc:
         "--out", str(out), "--name", "open", "--quiet",
     )  # fmt: skip
     data = json.loads((out / "open.json").read_text())
-    rows = {r["op"]: r for r in data["results"]}
-    return rows["permission_check"]
+    row: Doc = next(r for r in data["results"] if r["op"] == "permission_check")
+    return row
 
 
 def test_open_loop_latency_includes_queueing(
@@ -377,3 +379,28 @@ def test_storm_small(tmp_path: Path) -> None:
     # plus the monitoring one.
     assert 1 <= r["upstream_max"] <= 101
     assert (tmp_path / "storm.md").read_text().count("| proxy |") == 1
+
+
+def test_run_with_tenancy_enforced_has_no_refusals(tmp_path: Path) -> None:
+    """Every filter and document of the workload carries tenant_id: an enforcing proxy
+    refuses none of it."""
+    _bench("run", "--targets", "proxy", "--tenancy", "enforce", "--duration", "1.5",
+           "--rounds", "1", "--warmup", "0.3", "--scale", str(SCALE), "--concurrency", "4",
+           "--weights", ",".join(f"{n}=1" for n in DEFAULT_WEIGHTS),
+           "--out", str(tmp_path), "--name", "ten", "--quiet")  # fmt: skip
+    data = json.loads((tmp_path / "ten.json").read_text())
+    assert data["config"]["tenancy"] == "enforce"
+    rows = {r["op"]: r for r in data["results"] if r["target"] == "proxy"}
+    assert rows["all"]["ok"] > 0 and rows["all"]["errors"] == 0, rows["all"]["errors_by_code"]
+    assert all(rows[op]["issued"] > 0 for op in DEFAULT_WEIGHTS), {
+        op: rows[op]["issued"] for op in DEFAULT_WEIGHTS
+    }
+    # The section the harness gives the proxies does enforce: an unscoped read is refused.
+    with start_stack(proxy_extra={"tenancy": TENANCY_SECTION}) as stack:
+        client: MongoClient[Doc] = MongoClient(stack.proxy_uri, directConnection=True)
+        with client:
+            coll = client.bench.tasks
+            assert coll.find_one({"tenant_id": "t0000"}) is None
+            with pytest.raises(OperationFailure) as err:
+                coll.find_one({"status": "todo"})
+            assert err.value.code == 13
