@@ -738,6 +738,26 @@ def ratios(rows: list[Doc]) -> list[Doc]:
     return out
 
 
+def round_ratios(phases: list[Doc]) -> list[Doc]:
+    """Throughput ratio of each target pair within each round (same mode): the spread
+    over the rounds shows how much of a ratio is noise."""
+    by_key = {(p["mode"], p["round"], p["target"]): p for p in phases}
+    out: list[Doc] = []
+    modes = list(dict.fromkeys(p["mode"] for p in phases))
+    rounds = sorted({p["round"] for p in phases})
+    for mode in modes:
+        for a, b in RATIO_PAIRS:
+            values = []
+            for rnd in rounds:
+                pa, pb = by_key.get((mode, rnd, a)), by_key.get((mode, rnd, b))
+                if pa is None or pb is None or pb["ops_per_s"] == 0:
+                    continue
+                values.append(pa["ops_per_s"] / pb["ops_per_s"])
+            if values:
+                out.append({"mode": mode, "a": a, "b": b, "throughput_per_round": values})
+    return out
+
+
 def _versions(stack: Stack | None) -> Doc:
     def cmd(args: list[str]) -> str | None:
         try:
@@ -894,6 +914,7 @@ def run(cfg: RunConfig, stack: Stack | None) -> Doc:
         "phases": [_strip(p) for p in phases],
         "results": rows,
         "ratios": ratios(rows),
+        "round_ratios": round_ratios(phases),
         "warnings": warnings,
     }
 

@@ -63,10 +63,19 @@ def _ratio_table(data: Doc) -> list[str]:
     rows = [x for x in data["ratios"] if x["op"] == "all"]
     if not rows:
         return []
-    out = ["| mode | a / b | throughput | p50 | p99 |", "|---|---|---:|---:|---:|"]
+    spread = {
+        (x["mode"], x["a"], x["b"]): x["throughput_per_round"]
+        for x in data.get("round_ratios", [])
+    }
+    out = [
+        "| mode | a / b | throughput | per round (min-max) | p50 | p99 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for x in rows:
+        per_round = spread.get((x["mode"], x["a"], x["b"]))
+        rng = "-" if not per_round else f"{min(per_round):.2f}-{max(per_round):.2f}"
         out.append(
-            f"| {x['mode']} | {x['a']} / {x['b']} | {_ratio(x['throughput'])} | "
+            f"| {x['mode']} | {x['a']} / {x['b']} | {_ratio(x['throughput'])} | {rng} | "
             f"{_ratio(x['p50'])} | {_ratio(x['p99'])} |"
         )
     return out

@@ -229,6 +229,12 @@ def _check_run(data: Doc, modes: tuple[str, ...]) -> None:
             assert math.isclose(x["throughput"], ra["ops_per_s"] / rb["ops_per_s"])
             assert math.isclose(x["p50"], ra["p50_us"] / rb["p50_us"])
             assert math.isclose(x["p99"], ra["p99_us"] / rb["p99_us"])
+        per_round = {(x["mode"], x["a"], x["b"]): x for x in data["round_ratios"]}
+        pa = [p for p in phases if p["mode"] == mode and p["target"] == "proxy"]
+        pb = [p for p in phases if p["mode"] == mode and p["target"] == "direct"]
+        assert per_round[(mode, "proxy", "direct")]["throughput_per_round"] == [
+            a["ops_per_s"] / b["ops_per_s"] for a, b in zip(pa, pb, strict=True)
+        ]
         if CACHE_EXISTS:
             x = got[(mode, "all", "proxy-cache", "proxy")]
             rc, rp = rows[(mode, "proxy-cache", "all")], rows[(mode, "proxy", "all")]
