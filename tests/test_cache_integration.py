@@ -74,6 +74,20 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
+def assert_counts(proxy: ProxyProcess, before: dict[str, float],
+                  expected: dict[str, float]) -> None:
+    """The cache counts changed by exactly ``expected`` since ``before``. Waits up to 3 s:
+    an operation is recorded after its reply was written (and after a miss's store), so
+    a client can read /metrics a moment before its last operation is counted."""
+    deadline = time.monotonic() + 3
+    while True:
+        now = delta(before, cache_ops(proxy))
+        if now == expected:
+            return
+        assert time.monotonic() < deadline, f"cache counts changed by {now}, not {expected}"
+        time.sleep(0.02)
+
+
 def client(uri: str, **kwargs: Any) -> MongoClient[Doc]:
     return MongoClient(uri, directConnection=True, serverSelectionTimeoutMS=5000,
                        retryWrites=False, retryReads=False, **kwargs)
@@ -119,7 +133,7 @@ def test_second_identical_find_is_a_hit_that_ferretdb_never_sees(
             first = list(c[db_name].users.find({"n": {"$gte": 2}}).sort("n", 1))
             second = list(c[db_name].users.find({"n": {"$gte": 2}}).sort("n", 1))
             assert first == second == [{"_id": f"u{i}", "n": i} for i in range(2, 5)]
-            assert delta(before, cache_ops(proxy)) == {"miss": 1, "hit": 1}
+            assert_counts(proxy, before, {"miss": 1, "hit": 1})
             seen = [r for r in fdb.requests(since) if '"find"' in r and db_name in r]
             assert len(seen) == 1, seen
             # the same query from another driver's envelope shares the entry
@@ -187,13 +201,13 @@ def test_a_write_through_b_is_seen_by_a_read_through_a(
     assert read() == read()  # the second one a hit
     before = cache_ops(proxy_a)
     assert read() == list(direct[db_name].c.find({}).sort("_id", 1))
-    assert delta(before, cache_ops(proxy_a)) == {"hit": 1}
+    assert_counts(proxy_a, before, {"hit": 1})
 
     WRITES[write](b[db_name].c, b, db_name)
 
     before = cache_ops(proxy_a)
     assert read() == list(direct[db_name].c.find({}).sort("_id", 1))
-    assert delta(before, cache_ops(proxy_a)) == {"miss": 1}
+    assert_counts(proxy_a, before, {"miss": 1})
     if write == "rename_collection":  # the target namespace is invalidated too
         assert [d["_id"] for d in a[db_name].renamed.find().sort("_id", 1)] == ["k0", "k1", "k2"]
 
@@ -380,11 +394,11 @@ def test_tenant_a_result_is_never_served_to_tenant_b(
         for _ in range(2):
             got = list(acme[db_name].tasks.find({"status": "open"}))
             assert {d["tenant_id"] for d in got} == {"acme"} and len(got) == 3
-        assert delta(before, cache_ops(proxy)) == {"miss": 1, "hit": 1}
+        assert_counts(proxy, before, {"miss": 1, "hit": 1})
         before = cache_ops(proxy)
         got = list(globex[db_name].tasks.find({"status": "open"}))  # identical filter
         assert {d["tenant_id"] for d in got} == {"globex"} and len(got) == 3
-        assert delta(before, cache_ops(proxy)) == {"miss": 1}
+        assert_counts(proxy, before, {"miss": 1})
         # and a write of one tenant invalidates (its namespace) for the other as well
         globex[db_name].tasks.insert_one({"_id": "g-new", "status": "open"})
         assert len(list(acme[db_name].tasks.find({"status": "open"}))) == 3
@@ -420,7 +434,7 @@ def test_ineligible_reads_are_never_cached(
         # Not a capped collection: FerretDB refuses; the proxy never looked it up.
         with contextlib.suppress(PyMongoError):
             list(a[db_name].many.find(cursor_type=CursorType.TAILABLE))
-    got = delta(before, cache_ops(proxy_a))
-    assert got == {"bypass:too_large": 2, "bypass:multi_batch": 2, "bypass:transaction": 2,
-                   "bypass:tailable": 2}, got
+    expected = {"bypass:too_large": 2, "bypass:multi_batch": 2, "bypass:transaction": 2,
+                "bypass:tailable": 2}
+    assert_counts(proxy_a, before, expected)
     assert stores() == stored
