@@ -35,7 +35,8 @@ from pymongo.monitoring import (
     CommandSucceededEvent,
 )
 
-from tests.support import REPO_ROOT, FerretDBProcess, ProxyProcess
+from proxy.identity.credentials import hash_password
+from tests.support import REPO_ROOT, FerretDBProcess, ProxyProcess, RedisProcess
 from tests.support.factories import FerretDBFactory, ProxyFactory
 
 Doc = dict[str, Any]
@@ -169,7 +170,8 @@ def client_for() -> Iterator[Callable[..., tuple[Client, Recorder]]]:
         client.close()
 
 
-def check_line(line: Doc, log_values: bool = False) -> None:
+def check_line(line: Doc, log_values: bool = False, tenant: str | None = None,
+               user: str | None = None, cache: str | None = None) -> None:
     """Well-formed: every field present, with the right types."""
     keys = LINE_KEYS | ({"command_values"} if log_values else set())
     assert set(line) == keys, set(line) ^ keys
@@ -184,8 +186,8 @@ def check_line(line: Doc, log_values: bool = False) -> None:
                                                                 line["shape_hash"])
     assert isinstance(line["shape"], dict) and line["shape"]["cmd"] == line["command"]
     assert isinstance(line["reply_bytes"], int) and isinstance(line["connection_id"], int)
-    # Not known yet: no tenancy, no client users, no cache (fields present, null).
-    assert line["tenant"] is None and line["user"] is None and line["cache"] is None
+    # Null unless the proxy has client users, a tenancy policy or a result cache.
+    assert (line["tenant"], line["user"], line["cache"]) == (tenant, user, cache)
 
 
 # -- slow log ------------------------------------------------------------------------
@@ -202,8 +204,8 @@ def test_every_operation_type_logs_one_complete_line_at_threshold_zero(
     (code 13) and ``saslStart`` (code 18, the proxy has no client users) each produce
     exactly one well-formed JSON line with every field.
 
-    A cache hit cannot be produced yet: the proxy has no result cache (the ``cache``
-    field is present and null on every line); the cache issue adds that case.
+    Without client users, tenancy or a cache, ``tenant``, ``user`` and ``cache`` are
+    present and null; the next test covers a cache hit and a bound tenant.
     """
     log = tmp_path / "slow.log"
     proxy = obs_proxy(proxy_factory, ferretdb.uri, log,
@@ -274,6 +276,51 @@ def test_every_operation_type_logs_one_complete_line_at_threshold_zero(
     assert deny_line["error_code"] == 13 and deny_line["member"] is None
     assert {"select", "upstream"}.isdisjoint(deny_line["phases"])
     assert "policy" in deny_line["phases"]
+
+
+def test_cache_hit_and_tenant_lines(
+    ferretdb: FerretDBProcess,
+    redis_server: RedisProcess,
+    proxy_factory: ProxyFactory,
+    db_name: str,
+    tmp_path: Path,
+) -> None:
+    """A proxy user bound to a tenant, a tenancy policy and a result cache: the insert,
+    the first find (a miss, answered by FerretDB) and the second (a hit, answered from
+    Redis without a member) are one complete line each, with tenant, user and cache."""
+    log = tmp_path / "slow.log"
+    proxy = obs_proxy(
+        proxy_factory, ferretdb.uri, log, observability={"slow_query_ms": 0},
+        tenancy={"mode": "enforce", "users": [{
+            "username": "acme_app", "tenant": "acme",
+            "password_sha256": hash_password("pw", iterations=4096)}]},
+        cache={"redis_url": redis_server.url, "timeout_ms": 200,
+               "rules": [{"match": {"database": db_name}, "ttl_s": 60}]},
+    )
+    recorder = Recorder()
+    client: Client = MongoClient(proxy.uri, username="acme_app", password="pw",
+                                 authMechanism="SCRAM-SHA-256", appname="obs-cache",
+                                 event_listeners=[recorder], **TIMEOUTS)
+    try:
+        coll = client[db_name]["orders"]
+        coll.insert_one({"_id": "o1", "tenant_id": "acme", "status": "open"})
+        for _ in range(2):
+            assert [d["_id"] for d in coll.find({"tenant_id": "acme"})] == ["o1"]
+        sent = recorder.names()
+    finally:
+        client.close()
+    lines = [ln for ln in settled_lines(log, len(sent))
+             if ln["command"] not in ("saslStart", "saslContinue", "endSessions")]
+    assert [ln["command"] for ln in lines] == ["insert", "find", "find"], sent
+    insert, miss, hit = lines
+    check_line(insert, tenant="acme", user="acme_app")
+    check_line(miss, tenant="acme", user="acme_app", cache="miss")
+    check_line(hit, tenant="acme", user="acme_app", cache="hit")
+    assert miss["member"] == ferretdb.address and "upstream" in miss["phases"]
+    assert hit["member"] is None and hit["docs_returned"] == 1
+    assert {"select", "checkout_wait", "upstream"}.isdisjoint(hit["phases"])
+    assert "cache" in hit["phases"] and hit["shape_hash"] == miss["shape_hash"]
+    assert hit["reply_bytes"] > 0  # cluster-time fields removed: not always the same size
 
 
 def test_rejected_command_line_names_the_class_and_rule_that_refused_it(
