@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from proxy.cache.metrics import CacheMetrics
 from proxy.observe.config import ObservabilityConfig
 from proxy.observe.metrics import Metrics
 from proxy.observe.record import OperationRecord
@@ -67,6 +68,8 @@ def _exported_names() -> set[str]:
                                     cache="hit", tenant="a", member="a:1",
                                     phases={"checkout_wait": 0.1}))
     metrics.tenancy_violation("c", "r")
+    # The result cache registers its own metrics on the same registry.
+    CacheMetrics(metrics.registry).errors.labels("get", "timeout").inc()
     text = metrics.render().decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines()
             if line and not line.startswith("#")}
