@@ -175,7 +175,9 @@ def latency_chart(data: Doc, mode: str, path: Path) -> None:
             values = [((r or {}).get(key) or 0) / 1000 for _, key in pcts]
             xs = [i + (ti - (len(targets) - 1) / 2) * width for i in range(len(pcts))]
             ax.bar(xs, values, width, label=t, color=TARGET_COLORS.get(t))
-        ax.set_title(op, fontsize=10)
+        counts = [by[(op, t)]["ok"] for t in targets if (op, t) in by]
+        n = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+        ax.set_title(f"{op} (n = {n} per target)", fontsize=9)
         ax.set_xticks(range(len(pcts)), [p for p, _ in pcts])
         ax.set_yscale("log")
         ax.set_ylabel("ms")
