@@ -44,10 +44,11 @@ from typing import Any
 
 import pytest
 import yaml
-from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 from tests.support import REPO_ROOT, FerretDBProcess, ProxyProcess
+from tests.support.clients import direct_client as direct
+from tests.support.clients import strict_client as mongo
 
 Doc = dict[str, Any]
 
@@ -193,23 +194,6 @@ def declared_upstream(members: Members) -> Doc:
         "heartbeat_ms": HEARTBEAT_MS,
         "server_selection_timeout_ms": SELECTION_TIMEOUT_MS,
     }
-
-
-def mongo(uri: str, **kwargs: Any) -> MongoClient[Doc]:
-    """A client of the proxy: no read preference, no driver retries."""
-    options: dict[str, Any] = {
-        "serverSelectionTimeoutMS": 5000,
-        "connectTimeoutMS": 5000,
-        "socketTimeoutMS": 15_000,
-        "retryReads": False,
-        "retryWrites": False,
-    }
-    options.update(kwargs)
-    return MongoClient(uri, **options)
-
-
-def direct(fdb: FerretDBProcess) -> MongoClient[Doc]:
-    return MongoClient(fdb.uri, directConnection=True, serverSelectionTimeoutMS=5000)
 
 
 COLLECTIONS = ("users", "projects", "orders", "docs")

@@ -32,13 +32,15 @@ from typing import Any
 
 import bson
 import pytest
-from pymongo import MongoClient, ReadPreference
+from pymongo import ReadPreference
 from pymongo.collection import Collection
 from pymongo.errors import OperationFailure, PyMongoError
 from pymongo.read_preferences import Secondary, _ServerMode
 
 from proxy.wire import HEADER_SIZE, decode_body, encode_op_msg, parse_op_msg
 from tests.support import FerretDBFactory, FerretDBProcess, ProxyFactory, ProxyProcess
+from tests.support.clients import direct_client as direct
+from tests.support.clients import strict_client as mongo
 
 Doc = dict[str, Any]
 
@@ -97,24 +99,6 @@ def start_proxy(
     proxy = proxy_factory(members.primary.uri, declared_config(members, **upstream))
     assert proxy.config["upstream"]["uri"] is None
     return proxy
-
-
-def mongo(uri: str, **kwargs: Any) -> MongoClient[Doc]:
-    """A client of the proxy; no driver retries, so every proxy error is visible."""
-    options: dict[str, Any] = {
-        "serverSelectionTimeoutMS": 5000,
-        "connectTimeoutMS": 5000,
-        # Above HANG_BOUND_S: a hang shows up as a slow operation, not a client timeout.
-        "socketTimeoutMS": 15_000,
-        "retryReads": False,
-        "retryWrites": False,
-    }
-    options.update(kwargs)
-    return MongoClient(uri, **options)
-
-
-def direct(fdb: FerretDBProcess) -> MongoClient[Doc]:
-    return MongoClient(fdb.uri, directConnection=True, serverSelectionTimeoutMS=5000)
 
 
 def write_markers(members: Members, db_name: str) -> None:

@@ -24,6 +24,8 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from proxy.wire import HEADER_SIZE, decode_body, encode_op_msg, parse_op_msg
 from tests.support import FerretDBFactory, FerretDBProcess, ProxyFactory, ProxyProcess
+from tests.support.clients import direct_client as direct
+from tests.support.clients import strict_client
 
 UPSTREAM_CONFIG: dict[str, Any] = {
     "upstream": {
@@ -46,19 +48,9 @@ _ids = itertools.count(5000)
 
 
 def mongo(uri: str, **kwargs: Any) -> MongoClient[Doc]:
-    options: dict[str, Any] = {
-        "serverSelectionTimeoutMS": 3000,
-        "socketTimeoutMS": 8000,
-        "connectTimeoutMS": 3000,
-        "retryReads": False,
-        "retryWrites": False,
-    }
-    options.update(kwargs)
-    return MongoClient(uri, **options)
-
-
-def direct(fdb: FerretDBProcess) -> MongoClient[Doc]:
-    return MongoClient(fdb.uri, directConnection=True, serverSelectionTimeoutMS=5000)
+    """Shorter timeouts than the shared strict client: these tests stop servers."""
+    return strict_client(uri, **{"serverSelectionTimeoutMS": 3000, "socketTimeoutMS": 8000,
+                                  "connectTimeoutMS": 3000, **kwargs})
 
 
 # --------------------------------------------------------------------------- raw wire

@@ -100,7 +100,7 @@ Modes
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -786,53 +786,52 @@ class TenantPolicy:
                         raise _Deny(f"{ctx.where_cmd}: {where} modifies {field} ({op})")
         return u
 
-    def check_update(self, ctx: CheckContext, scoped: bool) -> None:
-        stmts, from_seq = self._documents(ctx, "updates")
+    def _check_statements(
+        self,
+        ctx: CheckContext,
+        key: str,
+        allowed_keys: frozenset[str],
+        confine: Callable[[Mapping[str, Any], str], Mapping[str, Any]],
+    ) -> None:
+        """The statements of an update/delete: each a document of known fields with no
+        widening collation; ``confine`` checks (or, in inject mode, rewrites) one."""
+        stmts, from_seq = self._documents(ctx, key)
         if not stmts:
-            raise _Deny(f"{ctx.where_cmd}: no update statements")
+            raise _Deny(f"{ctx.where_cmd}: no {key[:-1]} statements")
         changed = False
         out = []
         for i, stmt in enumerate(stmts):
             where = f"statement {i}"
             if not isinstance(stmt, Mapping):
                 raise _Deny(f"{ctx.where_cmd}: {where} is not a document")
-            extra = [k for k in stmt if k not in _UPDATE_STMT_KEYS]
+            extra = [k for k in stmt if k not in allowed_keys]
             if extra:
                 raise _Deny(f"{ctx.where_cmd}: {where}: unknown field {extra[0]!r}")
             self._collation(ctx, stmt, f"{where}: ")
-            q = stmt.get("q")
+            new = confine(stmt, where)
+            changed = changed or new is not stmt
+            out.append(new)
+        if changed:
+            self._store(ctx, key, out, from_seq)
+
+    def check_update(self, ctx: CheckContext, scoped: bool) -> None:
+        def confine(stmt: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+            q, u = stmt.get("q"), stmt.get("u")
             new_q = self._filter(ctx, q, f"q of {where}")
-            u = stmt.get("u")
             new_u = self._update_doc(ctx, u, where)
             if new_q is not q or new_u is not u:
-                stmt = {**stmt, "q": new_q, "u": new_u}
-                changed = True
-            out.append(stmt)
-        if changed:
-            self._store(ctx, "updates", out, from_seq)
+                return {**stmt, "q": new_q, "u": new_u}
+            return stmt
+
+        self._check_statements(ctx, "updates", _UPDATE_STMT_KEYS, confine)
 
     def check_delete(self, ctx: CheckContext, scoped: bool) -> None:
-        stmts, from_seq = self._documents(ctx, "deletes")
-        if not stmts:
-            raise _Deny(f"{ctx.where_cmd}: no delete statements")
-        changed = False
-        out = []
-        for i, stmt in enumerate(stmts):
-            where = f"statement {i}"
-            if not isinstance(stmt, Mapping):
-                raise _Deny(f"{ctx.where_cmd}: {where} is not a document")
-            extra = [k for k in stmt if k not in _DELETE_STMT_KEYS]
-            if extra:
-                raise _Deny(f"{ctx.where_cmd}: {where}: unknown field {extra[0]!r}")
-            self._collation(ctx, stmt, f"{where}: ")
+        def confine(stmt: Mapping[str, Any], where: str) -> Mapping[str, Any]:
             q = stmt.get("q")
             new_q = self._filter(ctx, q, f"q of {where}")
-            if new_q is not q:
-                stmt = {**stmt, "q": new_q}
-                changed = True
-            out.append(stmt)
-        if changed:
-            self._store(ctx, "deletes", out, from_seq)
+            return stmt if new_q is q else {**stmt, "q": new_q}
+
+        self._check_statements(ctx, "deletes", _DELETE_STMT_KEYS, confine)
 
     def check_find_and_modify(self, ctx: CheckContext, scoped: bool) -> None:
         cmd = ctx.command
