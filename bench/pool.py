@@ -77,7 +77,13 @@ from pymongo import MongoClient
 from pymongo.uri_parser import parse_uri
 
 from bench.core import machine_info, write_json
-from bench.stack import Stack, external_stack, process_cpu_seconds, start_stack
+from bench.stack import (
+    Stack,
+    external_stack,
+    process_cpu_seconds,
+    start_stack,
+    stop_processes,
+)
 from proxy.wire import HEADER_SIZE, OpCode, decode_body, encode_op_msg, parse_op_msg
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "pool.json"
@@ -906,13 +912,7 @@ def run_phase(
             recv(p, w, OP_TIMEOUT_S + 60.0) for p, w in zip(pipes, procs, strict=True)
         ]
     finally:
-        for w in procs:
-            w.join(timeout=10)
-            if w.is_alive():
-                w.kill()
-                w.join(timeout=5)
-        for p in pipes:
-            p.close()
+        stop_processes(procs, pipes)
 
     hist = new_histogram()
     for r in results:
