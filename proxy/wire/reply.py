@@ -23,6 +23,21 @@ _LENGTH_PREFIXED_STRINGS = frozenset({0x02, 0x0D, 0x0E})
 _BODY_OFFSET = 4 + 1  # after the header: flagBits, section kind 0
 
 
+def _value_end(buf: bytes, etype: int, value: int) -> int | None:
+    """Offset just past the value of type ``etype`` starting at ``value``; None for the
+    types a cursor reply never has on the walked path (regex, DBPointer, code with
+    scope), which the walk does not need to skip."""
+    if etype in _FIXED:
+        return value + _FIXED[etype]
+    if etype in _LENGTH_PREFIXED_DOCS:
+        return value + int(_INT32.unpack_from(buf, value)[0])
+    if etype in _LENGTH_PREFIXED_STRINGS:
+        return value + 4 + int(_INT32.unpack_from(buf, value)[0])
+    if etype == 0x05:  # binary: length, subtype, bytes
+        return value + 5 + int(_INT32.unpack_from(buf, value)[0])
+    return None
+
+
 def _find(buf: bytes, start: int, end: int, name: bytes) -> tuple[int, int] | None:
     """(type, value offset) of element ``name`` in the document spanning start..end."""
     pos = start + 4
@@ -32,16 +47,10 @@ def _find(buf: bytes, start: int, end: int, name: bytes) -> tuple[int, int] | No
         value = name_end + 1
         if buf[pos + 1:name_end] == name:
             return etype, value
-        if etype in _FIXED:
-            pos = value + _FIXED[etype]
-        elif etype in _LENGTH_PREFIXED_DOCS:
-            pos = value + _INT32.unpack_from(buf, value)[0]
-        elif etype in _LENGTH_PREFIXED_STRINGS:
-            pos = value + 4 + _INT32.unpack_from(buf, value)[0]
-        elif etype == 0x05:
-            pos = value + 5 + _INT32.unpack_from(buf, value)[0]
-        else:  # regex, DBPointer, code-with-scope: never in a cursor reply's path
+        skipped = _value_end(buf, etype, value)
+        if skipped is None:
             return None
+        pos = skipped
     return None
 
 
@@ -53,16 +62,13 @@ def _count_elements(buf: bytes, start: int) -> int | None:
     while pos < end - 1:
         etype = buf[pos]
         value = buf.index(b"\x00", pos + 1, end) + 1
-        if etype in _LENGTH_PREFIXED_DOCS:
+        if etype == 0x03:  # a batch is documents: skip one without a call (hot loop)
             pos = value + _INT32.unpack_from(buf, value)[0]
-        elif etype in _FIXED:
-            pos = value + _FIXED[etype]
-        elif etype in _LENGTH_PREFIXED_STRINGS:
-            pos = value + 4 + _INT32.unpack_from(buf, value)[0]
-        elif etype == 0x05:
-            pos = value + 5 + _INT32.unpack_from(buf, value)[0]
         else:
-            return None
+            skipped = _value_end(buf, etype, value)
+            if skipped is None:
+                return None
+            pos = skipped
         count += 1
     return count
 
@@ -96,16 +102,10 @@ def reply_cursor(payload: bytes) -> tuple[int | None, int | None]:
                 cursor_id = int(fmt.unpack_from(payload, value)[0])
             elif name in (b"firstBatch", b"nextBatch") and etype == 0x04:
                 batch = _count_elements(payload, value)
-            if etype in _FIXED:
-                pos = value + _FIXED[etype]
-            elif etype in _LENGTH_PREFIXED_DOCS:
-                pos = value + _INT32.unpack_from(payload, value)[0]
-            elif etype in _LENGTH_PREFIXED_STRINGS:
-                pos = value + 4 + _INT32.unpack_from(payload, value)[0]
-            elif etype == 0x05:
-                pos = value + 5 + _INT32.unpack_from(payload, value)[0]
-            else:
+            skipped = _value_end(payload, etype, value)
+            if skipped is None:
                 break
+            pos = skipped
         return cursor_id, batch
     except (ValueError, IndexError, struct.error):
         return None, None
