@@ -102,7 +102,7 @@ def measure_in_process(scale: float, workdir: Path) -> dict[str, float]:
     shape = describe(FIND)
     op = OperationRecord(
         start_time=time.time(), duration_ms=1.234, command="find", database="app",
-        collection="orders", phases={p: 0.1 for p in PHASES}, shape_hash=shape.hash,
+        collection="orders", phases_ns={p: 100_000 for p in PHASES}, shape_hash=shape.hash,
         shape_text=shape.text, app_name="billing", route_class="default",
         member="127.0.0.1:27017", member_role="standalone", docs_returned=1,
         reply_bytes=200, connection_id=1,

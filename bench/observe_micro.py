@@ -51,7 +51,7 @@ def measure() -> dict[str, float]:
     shape = describe(FIND)
     op = OperationRecord(
         start_time=1.7e9, duration_ms=1.234, command="find", database="app",
-        collection="orders", phases={p: 0.1 for p in PHASES}, shape_hash=shape.hash,
+        collection="orders", phases_ns={p: 100_000 for p in PHASES}, shape_hash=shape.hash,
         shape_text=shape.text, tenant="acme", app_name="billing", route_class="oltp",
         member="db1:27017", member_role="primary", cache="miss", docs_returned=20,
         reply_bytes=4000, connection_id=1,

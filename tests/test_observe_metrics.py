@@ -37,9 +37,9 @@ def op(command: str, ms: float, **fields: Any) -> OperationRecord:
 
 WORKLOAD = [
     op("find", 0.5, route_class="oltp", member="a:1", member_role="primary", cache="miss",
-       phases={"checkout_wait": 0.02}),
+       phases_ns={"checkout_wait": 20_000}),
     op("find", 1.5, route_class="oltp", member="a:1", member_role="primary", cache="miss",
-       phases={"checkout_wait": 0.03}),
+       phases_ns={"checkout_wait": 30_000}),
     op("find", 0.2, route_class="oltp", cache="hit"),
     op("find", 120.0, route_class="report", member="b:2", member_role="secondary",
        cache="bypass:txn"),

@@ -31,7 +31,7 @@ def record(ms: float, **fields: Any) -> OperationRecord:
     shape = describe(RAW)
     defaults: dict[str, Any] = {
         "start_time": 1_700_000_000.5, "command": "find", "database": "app",
-        "collection": "users", "phases": {"read": 0.01, "upstream": ms - 0.01},
+        "collection": "users", "phases_ns": {"read": 10_000, "upstream": round((ms - 0.01) * 1e6)},
         "shape_hash": shape.hash, "shape_text": shape.text, "tenant": "acme",
         "user": "svc", "app_name": "billing", "route_class": "oltp", "route_rule": "default",
         "member": "db1:27017", "member_role": "primary", "cache": "miss",

@@ -66,7 +66,7 @@ def _exported_names() -> set[str]:
     )
     metrics.observe(OperationRecord(start_time=0.0, duration_ms=500.0, command="find",
                                     cache="hit", tenant="a", member="a:1",
-                                    phases={"checkout_wait": 0.1}))
+                                    phases_ns={"checkout_wait": 100_000}))
     metrics.tenancy_violation("c", "r")
     # The result cache registers its own metrics on the same registry.
     CacheMetrics(metrics.registry).errors.labels("get", "timeout").inc()

@@ -40,7 +40,8 @@ family; later values become ``other``. With the defaults the op histogram is the
 bounded by ~60 commands x classes x ~4 roles x 4 cache results.
 
 Cost: :meth:`Metrics.observe` resolves label children through a dict keyed by the
-label tuple (``.labels()`` is ~1 µs), then one histogram observe and one counter inc.
+label tuple, then one histogram observe and one counter inc on the lock-free families
+of :mod:`proxy.observe.families` (the per-operation ones; the rest are prometheus-client's).
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     ProcessCollector,
     generate_latest,
 )
@@ -61,6 +61,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from proxy.observe.config import ObservabilityConfig
+from proxy.observe.families import LoopCounter, LoopHistogram
 from proxy.observe.record import OperationRecord
 
 __all__ = [
@@ -257,32 +258,32 @@ class Metrics:
         self.tenants = frozenset(self.config.tenant_labels)
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self.op_duration = Histogram(
+        # Updated once or more per operation: lock-free families (see families.py).
+        self.op_duration = LoopHistogram(
             "mongoproxy_operation_duration_seconds",
             "Operation latency from first byte read to reply written",
-            ["command", "route_class", "member_role", "cache"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            ["command", "route_class", "member_role", "cache"], r, LATENCY_BUCKETS,
         )
-        self.ops = Counter("mongoproxy_operations", "Operations by command and error code "
-                           "(0 = ok)", ["command", "error_code"], registry=r)
-        self.slow_ops = Counter("mongoproxy_slow_operations", "Operations at least "
-                                "slow_query_ms long", ["command"], registry=r)
-        self.tenant_ops = Counter("mongoproxy_tenant_operations", "Operations of the tenants "
-                                  "listed in tenant_labels (others: _other)", ["tenant"],
-                                  registry=r)
+        self.ops = LoopCounter("mongoproxy_operations", "Operations by command and error "
+                               "code (0 = ok)", ["command", "error_code"], r)
+        self.slow_ops = LoopCounter("mongoproxy_slow_operations", "Operations at least "
+                                    "slow_query_ms long", ["command"], r)
+        self.tenant_ops = LoopCounter("mongoproxy_tenant_operations", "Operations of the "
+                                      "tenants listed in tenant_labels (others: _other)",
+                                      ["tenant"], r)
         self.client_connections = Gauge("mongoproxy_client_connections",
                                         "Open client connections", registry=r)
         self.client_connections_opened = Counter("mongoproxy_client_connections_opened",
                                                  "Client connections accepted", registry=r)
-        self.pool_wait = Histogram("mongoproxy_pool_wait_seconds", "Time waiting for a "
-                                   "pooled upstream connection", ["member"],
-                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.pool_wait = LoopHistogram("mongoproxy_pool_wait_seconds", "Time waiting for "
+                                       "a pooled upstream connection", ["member"], r,
+                                       LATENCY_BUCKETS)
         self.tenancy = Counter("mongoproxy_tenancy_violations", "Commands violating tenant "
                                "isolation (mode=enforce: rejected; audit: logged)",
                                ["collection", "reason", "mode", "tenant"], registry=r)
-        self.cache_ops = Counter("mongoproxy_cache_operations", "Result-cache lookups by "
-                                 "result (hit/miss/bypass) and bypass reason",
-                                 ["result", "reason"], registry=r)
+        self.cache_ops = LoopCounter("mongoproxy_cache_operations", "Result-cache lookups "
+                                     "by result (hit/miss/bypass) and bypass reason",
+                                     ["result", "reason"], r)
         self.reloads = Counter("mongoproxy_config_reloads", "Configuration reloads",
                                ["result"], registry=r)
         self.reload_ok = Gauge("mongoproxy_config_last_reload_successful",
@@ -335,13 +336,13 @@ class Metrics:
             if hit is None:
                 hit = self._cache_child(cache)
             hit.inc()
-        wait = op.phases.get("checkout_wait")
+        wait = op.phases_ns.get("checkout_wait")
         if wait is not None:
             pool = self._wait_children.get(op.member)
             if pool is None:
                 pool = self._wait_children[op.member] = self.pool_wait.labels(
                     self._limits["pool_member"](op.member or "unknown"))
-            pool.observe(wait / 1000)
+            pool.observe(wait / 1e9)
         if self.tenants and op.tenant is not None:
             name = op.tenant if op.tenant in self.tenants else "_other"
             tenant = self._tenant_children.get(name)

@@ -37,7 +37,8 @@ class OperationRecord:
     command: str
     database: str | None = None
     collection: str | None = None
-    phases: dict[str, float] = field(default_factory=dict)  # phase -> ms
+    # phase -> ns, as the Timer measured it (converted only where shown: ``phases``).
+    phases_ns: dict[str, int] = field(default_factory=dict)
     shape_hash: str | None = None
     shape_text: str | None = None
     tenant: str | None = None
@@ -57,6 +58,11 @@ class OperationRecord:
     raw_command: Mapping[str, Any] | None = None
 
     @property
+    def phases(self) -> dict[str, float]:
+        """Phase durations in milliseconds."""
+        return {name: ns / 1e6 for name, ns in self.phases_ns.items()}
+
+    @property
     def namespace(self) -> str | None:
         if self.database is None:
             return None
@@ -66,12 +72,10 @@ class OperationRecord:
 class Timer:
     """Monotonic phase timer: ``mark(phase)`` closes the current phase."""
 
-    __slots__ = ("_last", "phases", "start_ns", "wall")
+    __slots__ = ("_last", "phases", "start_ns")
 
     def __init__(self, start_ns: int | None = None) -> None:
-        now = time.perf_counter_ns()
-        self.wall = time.time() - ((now - start_ns) / 1e9 if start_ns is not None else 0.0)
-        self.start_ns = start_ns if start_ns is not None else now
+        self.start_ns = start_ns if start_ns is not None else time.perf_counter_ns()
         self._last = self.start_ns
         self.phases: dict[str, int] = {}  # phase -> ns
 
@@ -93,11 +97,16 @@ class Timer:
         return {name: ns / 1e6 for name, ns in self.phases.items()}
 
     def record(self, command: str, **fields: Any) -> OperationRecord:
-        """An :class:`OperationRecord` ending now; ``fields`` are its other attributes."""
+        """An :class:`OperationRecord` ending now; ``fields`` are its other attributes.
+
+        The wall-clock start is derived here, once, from the monotonic duration; the
+        phase table is handed over, not copied (the timer is done with it).
+        """
+        duration_s = (time.perf_counter_ns() - self.start_ns) / 1e9
         return OperationRecord(
-            start_time=self.wall,
-            duration_ms=(time.perf_counter_ns() - self.start_ns) / 1e6,
+            start_time=time.time() - duration_s,
+            duration_ms=duration_s * 1000,
             command=command,
-            phases={name: ns / 1e6 for name, ns in self.phases.items()},
+            phases_ns=self.phases,
             **fields,
         )

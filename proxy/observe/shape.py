@@ -375,13 +375,14 @@ class Shape(NamedTuple):
     hash: str
 
 
-# Text and hash per distinct shape, keyed by the shape's marshal bytes: marshal (C, about
-# a quarter of the JSON encoding plus hash) is injective, so a key always maps to the
-# right text; format 2 has no back-references, so equal shapes give equal keys. A
-# workload has few distinct shapes; the bound only stops a pathological one from growing
-# the table without limit (it is then simply rebuilt).
-_TEXTS: dict[bytes, tuple[str, str]] = {}
-_TEXTS_MAX = 4096
+# The Shape (with its text and hash) per distinct shape, keyed by the shape's marshal
+# bytes: marshal (C, about a quarter of the JSON encoding plus hash) is injective, so a
+# key always maps to an equal shape; format 2 has no back-references, so equal shapes
+# give equal keys. A workload has few distinct shapes; the bound only stops a
+# pathological one from growing the table without limit (it is then simply rebuilt).
+# Callers share the cached Shape: they must not mutate its ``shape``.
+_SHAPES: dict[bytes, Shape] = {}
+_SHAPES_MAX = 4096
 _MARSHAL_VERSION = 2
 
 
@@ -395,11 +396,11 @@ def describe(
     except ValueError:  # a value marshal cannot write (kept as written by _keep)
         text = shape_text(shape)
         return Shape(shape, text, _hash_text(text))
-    cached = _TEXTS.get(key)
+    cached = _SHAPES.get(key)
     if cached is None:
         text = shape_text(shape)
-        cached = (text, _hash_text(text))
-        if len(_TEXTS) >= _TEXTS_MAX:
-            _TEXTS.clear()
-        _TEXTS[key] = cached
-    return Shape(shape, *cached)
+        cached = Shape(shape, text, _hash_text(text))
+        if len(_SHAPES) >= _SHAPES_MAX:
+            _SHAPES.clear()
+        _SHAPES[key] = cached
+    return cached
