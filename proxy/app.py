@@ -20,6 +20,7 @@ from proxy.errors import ProxyError
 from proxy.identity.handshake import UpstreamLimits
 from proxy.identity.scram import ClientAuthenticator
 from proxy.listener.connection import ClientConnection
+from proxy.listener.stream import ClientStream
 from proxy.observe.endpoints import ReadinessFacts, has_usable_primary
 from proxy.observe.hub import Observer
 from proxy.observe.metrics import topology_facts
@@ -116,8 +117,8 @@ class Proxy:
             await self._fill_pool(sd.address)
         if self.cache is not None:
             await self.cache.start()
-        self.server = await asyncio.start_server(
-            self._accept, listen.host, listen.port, backlog=4096
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096
         )
         log.info(
             "mongoproxy listening on %s:%d, upstream %s, admin http://%s:%d",
@@ -136,12 +137,12 @@ class Proxy:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = ClientConnection(self, reader, writer, next(self._connection_ids))
-        task = asyncio.current_task()
-        assert task is not None
-        self.connections[conn] = task
+    def _accept(self, stream: ClientStream) -> None:
+        conn = ClientConnection(self, stream, next(self._connection_ids))
+        self.connections[conn] = asyncio.get_running_loop().create_task(self._serve(conn))
         self.observer.metrics.client_connected()
+
+    async def _serve(self, conn: ClientConnection) -> None:
         try:
             await conn.serve()
         finally:
@@ -160,7 +161,7 @@ class Proxy:
             if conn.busy:
                 task.cancel()  # the handler answers ShutdownInProgress
             else:
-                conn.writer.close()
+                conn.close()
         if self.connections:
             await asyncio.wait(list(self.connections.values()), timeout=1)
         await self.pools.close()

@@ -12,7 +12,6 @@ import datetime
 import json
 import logging
 import struct
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +34,7 @@ from proxy.errors import (
 )
 from proxy.identity.handshake import HELLO_COMMANDS, hello_reply, read_client_hello
 from proxy.identity.scram import AUTH_COMMANDS, AuthenticatedUser
+from proxy.listener.stream import ClientStream, StalledMessageError
 from proxy.observe.record import Timer
 from proxy.observe.shape import describe
 from proxy.pool.connection import UpstreamConnection, UpstreamProtocolError, next_request_id
@@ -94,20 +94,18 @@ class ClientConnection:
     def __init__(
         self,
         proxy: Proxy,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        stream: ClientStream,
         connection_id: int,
     ) -> None:
         self.proxy = proxy
-        self.reader = reader
-        self.writer = writer
+        self.stream = stream
         self.connection_id = connection_id
         self.app_name: str | None = None
         self.context = NO_CONTEXT
         self.auth = proxy.authenticator.session()
         self.identity: AuthenticatedUser | None = None
         self.compressors: list[str] = []
-        self.peer = writer.get_extra_info("peername")
+        self.peer = stream.peer
         # True while a request is being handled: shutdown waits for these.
         self.busy = False
 
@@ -127,39 +125,33 @@ class ClientConnection:
                     await self._handle(message, Timer(started_ns))
                 finally:
                     self.busy = False
-                await self.writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+                await self.stream.drain()
+        except ConnectionError:
             pass  # the client went away; nothing to answer
         except WireError as exc:
             # Only fatal framing errors reach here: answered, then the stream is closed.
             log.info("closing client %s: %s", self.peer, exc.errmsg)
         finally:
-            self.writer.close()
+            self.stream.close()
             self.proxy.release_cursors(self.connection_id)
 
+    def close(self) -> None:
+        """Close the client socket (an idle connection at shutdown)."""
+        self.stream.close()
+
     async def _read_message(self) -> tuple[bytes, int] | None:
-        """The next whole message and when its header arrived (perf_counter ns), or None
-        at a clean end of stream."""
+        """The next whole message and when its first byte arrived (perf_counter ns), or
+        None once the client closed its end."""
+        listen = self.proxy.config.listen
         try:
-            header = await self.reader.readexactly(HEADER_SIZE)
-        except asyncio.IncompleteReadError:
-            return None
-        started_ns = time.perf_counter_ns()
-        try:
-            length = parse_header(header, self.proxy.config.listen.max_message_size_bytes).length
-        except WireError as exc:
-            self._write_op_msg(exc.request_id or 0, _wire_error_document(exc))
-            await self.writer.drain()
+            return await self.stream.next_message(
+                listen.max_message_size_bytes, listen.read_timeout_ms / 1000)
+        except StalledMessageError:
             raise
-        timeout_s = self.proxy.config.listen.read_timeout_ms / 1000
-        try:
-            async with asyncio.timeout(timeout_s):
-                body = await self.reader.readexactly(length - HEADER_SIZE)
-        except TimeoutError:
-            raise WireError(
-                f"message of {length} bytes not received within {timeout_s:g} s", fatal=True
-            ) from None
-        return header + body, started_ns
+        except WireError as exc:  # a header that cannot be framed: say why, then close
+            self._write_op_msg(exc.request_id or 0, _wire_error_document(exc))
+            await self.stream.drain()
+            raise
 
     async def _handle(self, message: bytes, timer: Timer) -> None:
         timer.mark("read")
@@ -470,7 +462,7 @@ class ClientConnection:
             self._write(compress(header + body, compressor,
                                  self.proxy.config.listen.zlib_compression_level))
         else:
-            self.writer.writelines((header, body))
+            self.stream.writelines((header, body))
 
     async def _exchange(
         self,
@@ -609,7 +601,7 @@ class ClientConnection:
         ))
 
     def _write(self, data: bytes) -> None:
-        self.writer.write(data)
+        self.stream.write(data)
 
     def _write_op_msg(self, response_to: int, document: Mapping[str, Any]) -> None:
         self._write(encode_op_msg(next_request_id(), response_to, bson.encode(document)))
@@ -630,6 +622,9 @@ _SHAPE_SAMPLE = 8
 
 async def _acquire(slots: asyncio.Semaphore, pool: UpstreamPool) -> None:
     """Take one of the pool's slots for cursor-opening requests, within the wait limit."""
+    if not slots.locked():
+        await slots.acquire()  # a free slot: taken at once, no timeout scope needed
+        return
     timeout_ms = pool.config.wait_queue_timeout_ms
     try:
         async with asyncio.timeout(timeout_ms / 1000):

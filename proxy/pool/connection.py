@@ -22,6 +22,7 @@ from proxy.pool.auth import (
 from proxy.wire import HEADER_SIZE, OpCode, decode_body, encode_op_msg, parse_op_msg
 
 _HEADER = struct.Struct("<iiii")
+_LENGTH = struct.Struct("<i")
 # Request ids of messages the proxy itself originates (handshakes, killCursors, ...).
 # Forwarded client messages keep the client's own id: each exchange owns its upstream
 # connection, so the reply's responseTo already names the client's request.
@@ -36,6 +37,66 @@ class UpstreamProtocolError(Exception):
     """The upstream sent bytes that are not a reply to what we asked."""
 
 
+class _ReplyReader(asyncio.Protocol):
+    """Buffers what an upstream sends and hands the waiting exchange its whole reply.
+
+    One future per exchange, completed from ``data_received`` once the reply's length
+    (its first four bytes) has arrived: no per-read coroutines as with a StreamReader.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[bytes] | None = None
+        # Why the connection is unusable (closed by the server, or a network error).
+        self.lost: BaseException | None = None
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        if not buffer and len(data) >= HEADER_SIZE and _LENGTH.unpack_from(data)[0] == len(
+            data
+        ):
+            # The usual case: exactly one whole reply in one read, handed over uncopied.
+            self._complete(data)
+            return
+        buffer += data
+        self.deliver()
+
+    def deliver(self) -> None:
+        """Complete the waiting exchange if its whole reply is buffered."""
+        waiter, buffer = self.waiter, self.buffer
+        if waiter is None or waiter.done() or len(buffer) < HEADER_SIZE:
+            return
+        length = _LENGTH.unpack_from(buffer)[0]
+        if length < HEADER_SIZE:
+            waiter.set_exception(UpstreamProtocolError(f"reply length {length} is invalid"))
+        elif len(buffer) >= length:
+            reply = bytes(buffer[:length])
+            del buffer[:length]
+            waiter.set_result(reply)
+
+    def _complete(self, reply: bytes) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            self.buffer += reply  # unexpected: the next exchange will see a mismatch
+        else:
+            waiter.set_result(reply)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost tells the waiter
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc if exc is not None else asyncio.IncompleteReadError(
+            bytes(self.buffer), None)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(self.lost)
+
+
+def _expire(waiter: asyncio.Future[bytes]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class UpstreamConnection:
     """A TCP connection to one upstream server, used by one exchange at a time.
 
@@ -46,17 +107,18 @@ class UpstreamConnection:
     ``last_used`` (``time.monotonic()``) is when it was opened or last returned.
     """
 
-    __slots__ = ("_reader", "_writer", "address", "last_used", "open_cursors")
+    __slots__ = ("_loop", "_reader", "_transport", "address", "last_used", "open_cursors")
 
     def __init__(
         self,
         address: tuple[str, int],
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        transport: asyncio.Transport,
+        reader: _ReplyReader,
     ) -> None:
         self.address = address
+        self._loop = asyncio.get_running_loop()
+        self._transport = transport
         self._reader = reader
-        self._writer = writer
         self.last_used = time.monotonic()
         self.open_cursors = 0
 
@@ -76,11 +138,12 @@ class UpstreamConnection:
         ProxyError AuthenticationFailed (18) naming the upstream, never the password.
         """
         async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(address[0], address[1])
-            sock = writer.get_extra_info("socket")
+            transport, reader = await asyncio.get_running_loop().create_connection(
+                _ReplyReader, address[0], address[1])
+            sock = transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = cls(address, reader, writer)
+            conn = cls(address, transport, reader)
             try:
                 if credentials is None:
                     await conn.command(handshake, timeout_s)
@@ -128,37 +191,42 @@ class UpstreamConnection:
         header, body = await self.exchange(message, request_id, timeout_s)
         return decode_body(parse_op_msg(header + body))
 
-    def send(self, message: bytes) -> None:
-        self._writer.write(message)
-
-    async def drain(self) -> None:
-        await self._writer.drain()
-
     async def exchange(
         self, message: bytes, request_id: int, timeout_s: float
     ) -> tuple[bytes, bytes]:
-        """Send a request and read its reply: (16-byte header, rest of the message)."""
-        self._writer.write(message)
-        async with asyncio.timeout(timeout_s):
-            header = await self._reader.readexactly(HEADER_SIZE)
-            length, _, response_to, op_code = _HEADER.unpack(header)
-            if response_to != request_id or length < HEADER_SIZE:
-                raise UpstreamProtocolError(
-                    f"reply responseTo {response_to} (length {length}) does not match "
-                    f"request {request_id}"
-                )
-            if op_code not in (OpCode.OP_MSG, OpCode.OP_REPLY):
-                raise UpstreamProtocolError(f"unexpected reply opcode {op_code}")
-            body = await self._reader.readexactly(length - HEADER_SIZE)
-        return header, body
+        """Send a request and read its reply: (16-byte header, rest of the message).
+
+        Raises TimeoutError after ``timeout_s``, the network error (an OSError, or
+        IncompleteReadError when the server closed the connection), or
+        UpstreamProtocolError for a reply that does not answer the request.
+        """
+        reader = self._reader
+        if reader.lost is not None:
+            raise reader.lost
+        waiter: asyncio.Future[bytes] = self._loop.create_future()
+        reader.waiter = waiter
+        self._transport.write(message)
+        # One timer handle per exchange (cheaper than an asyncio.timeout scope).
+        timer = self._loop.call_later(timeout_s, _expire, waiter)
+        try:
+            reader.deliver()  # bytes that arrived before the request was sent
+            reply = await waiter
+        finally:
+            timer.cancel()
+            reader.waiter = None
+        _, _, response_to, op_code = _HEADER.unpack_from(reply)
+        if response_to != request_id:
+            raise UpstreamProtocolError(
+                f"reply responseTo {response_to} (length {len(reply)}) does not match "
+                f"request {request_id}"
+            )
+        if op_code not in (OpCode.OP_MSG, OpCode.OP_REPLY):
+            raise UpstreamProtocolError(f"unexpected reply opcode {op_code}")
+        return reply[:HEADER_SIZE], reply[HEADER_SIZE:]
 
     def closed_by_peer(self) -> bool:
         """True once the server closed its end (seen without a read: EOF or an error)."""
-        return (
-            self._reader.at_eof()
-            or self._reader.exception() is not None
-            or self._writer.transport.is_closing()
-        )
+        return self._reader.lost is not None or self._transport.is_closing()
 
     def close(self) -> None:
-        self._writer.close()
+        self._transport.close()

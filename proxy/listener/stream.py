@@ -1,0 +1,160 @@
+"""The client socket as an asyncio Protocol: whole messages in, bytes out.
+
+A StreamReader costs two ``readexactly`` coroutines (header, then body) and a timeout
+scope per message; here ``data_received`` frames messages as they arrive and the serving
+task awaits at most one future per message. A timer runs only while a message is
+partly received (an idle client may wait forever; a stalled one may not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import Callable, Iterable
+from typing import cast
+
+from proxy.wire import HEADER_SIZE, WireError, parse_header
+
+__all__ = ["ClientStream", "StalledMessageError"]
+
+_LENGTH = struct.Struct("<i")
+
+
+class StalledMessageError(WireError):
+    """A message began but did not complete in time: the connection is closed, with no
+    reply (the client is not reading or writing as it should)."""
+
+
+class ClientStream(asyncio.Protocol):
+    """Buffers one client's bytes; ``next_message`` returns them message by message."""
+
+    def __init__(self, on_connect: Callable[[ClientStream], None]) -> None:
+        self._on_connect = on_connect
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        # perf_counter_ns when the first byte of the buffered message arrived.
+        self._started_ns = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._buffer:
+            self._started_ns = time.perf_counter_ns()
+        self._buffer += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        # Keep our half open: a request sent just before the client's FIN is answered.
+        self._eof = True
+        self._wake()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- for the serving task -------------------------------------------------------------
+
+    @property
+    def peer(self) -> object:
+        return None if self.transport is None else self.transport.get_extra_info("peername")
+
+    async def next_message(self, max_size: int, timeout_s: float) -> tuple[bytes, int] | None:
+        """The next whole message and when its first byte arrived (perf_counter ns), or
+        None once the client has closed its end.
+
+        Raises a fatal WireError for a header that cannot be framed (the caller answers
+        and closes) or for a message not complete within ``timeout_s`` of its first byte.
+        """
+        buffer = self._buffer
+        while True:
+            if len(buffer) >= HEADER_SIZE:
+                length = _LENGTH.unpack_from(buffer)[0]
+                if length < HEADER_SIZE or length > max_size:
+                    parse_header(buffer, max_size)  # raises the WireError that says why
+                if len(buffer) >= length:
+                    if len(buffer) == length:
+                        message = bytes(buffer)
+                        buffer.clear()
+                    else:
+                        message = bytes(buffer[:length])
+                        del buffer[:length]
+                        self._started_ns = time.perf_counter_ns()  # the next one's bytes
+                    return message, self._started_ns
+            if self._eof:
+                return None  # a clean end, or a client gone mid-message: nothing to answer
+            await self._wait(timeout_s if buffer else None)
+
+    async def _wait(self, timeout_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, waiter)
+        try:
+            await waiter
+        except TimeoutError:
+            raise StalledMessageError(
+                f"message of {self._declared_length()} bytes not received within "
+                f"{timeout_s:g} s", fatal=True
+            ) from None
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _declared_length(self) -> int | str:
+        if len(self._buffer) < 4:
+            return "unknown"
+        length: int = _LENGTH.unpack_from(self._buffer)[0]
+        return length
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def writelines(self, parts: Iterable[bytes]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(parts)
+
+    async def drain(self) -> None:
+        """Wait while the client is not reading what it was sent (flow control)."""
+        if not self._paused or self.transport is None or self.transport.is_closing():
+            return
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
