@@ -74,6 +74,7 @@ from redis.retry import Retry
 from proxy.cache.config import CacheConfig
 from proxy.cache.eligibility import WriteTargets
 from proxy.cache.entry import TOKEN_BYTES
+from proxy.cache.lane import LookupLane, lane_for
 from proxy.cache.metrics import CacheMetrics
 
 __all__ = ["RedisStore", "StoreUnavailable"]
@@ -114,10 +115,13 @@ class RedisStore:
             "retry": Retry(NoBackoff(), 0),
         }
         self.client: Redis | RedisCluster
+        self._lane: LookupLane | None = None
         if config.cluster:
             self.client = RedisCluster.from_url(config.redis_url, **options)
         else:
             self.client = Redis.from_url(config.redis_url, **options)
+            # Lookups (the whole of a hit) skip redis-py's client: see proxy.cache.lane.
+            self._lane = lane_for(config.redis_url, config.connect_timeout_ms / 1000)
         self.state: State = "connecting"
         self._failures = 0
         self._open = False
@@ -152,6 +156,8 @@ class RedisStore:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
         with contextlib.suppress(RedisError, OSError):
+            if self._lane is not None:
+                self._lane.close()
             await self.client.aclose()
 
     @property
@@ -162,8 +168,10 @@ class RedisStore:
 
     async def lookup(self, ns: str, digest: str) -> tuple[bytes, bytes | None]:
         """(current token of ns, raw entry or None). Creates the token when missing."""
+        keys = (self.token_key(ns), self.entry_key(ns, digest))
+        lane = self._lane
         reply = await self._run(
-            "lookup", lambda: self.client.mget(self.token_key(ns), self.entry_key(ns, digest)))
+            "lookup", lambda: lane.mget(*keys) if lane is not None else self.client.mget(*keys))
         if not isinstance(reply, list) or len(reply) != 2:
             self.metrics.error("lookup", "garbage")
             self.failed("MGET returned something else than two values")
@@ -276,6 +284,7 @@ class RedisStore:
 
     async def _probe_loop(self) -> None:
         interval = self.config.breaker.probe_interval_ms / 1000
+        await self._drop_connections()
         while True:
             await asyncio.sleep(interval)
             if await self._ping() and await self._flush_pending():
@@ -285,6 +294,17 @@ class RedisStore:
         self._set_state("ok")
         log.warning("result cache: Redis reachable again, circuit closed")
         self.metrics.circuit(False)
+
+    async def _drop_connections(self) -> None:
+        """Close every connection to Redis: after the failure that opened the circuit
+        they are suspect (a restarted Redis leaves the old ones dead), and the client's
+        pool would hand them out again once the circuit closes. New ones are opened on
+        first use. (A Redis Cluster client manages its nodes' connections itself.)"""
+        if self._lane is not None:
+            self._lane.close()
+        if isinstance(self.client, Redis):
+            with contextlib.suppress(RedisError, OSError):
+                await self.client.connection_pool.disconnect()
 
     async def _ping(self) -> bool:
         started = time.perf_counter()

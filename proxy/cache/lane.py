@@ -1,0 +1,156 @@
+"""The cache hit's one Redis command, ``MGET token entry``, on a pipelined connection.
+
+A hit costs one Redis round trip, and through redis-py's client that round trip cost the
+proxy more CPU than the rest of the hit (connection-pool checkout and release, retry
+wrapper, observability hooks, argument encoding in Python, read-timeout scopes). The
+lane keeps one connection per proxy process as an asyncio Protocol and pipelines every
+lookup on it (Redis answers in order, so replies are matched to a FIFO of waiters);
+hiredis, redis-py's C companion, encodes the command and parses the replies. Every
+other command (stores, token creation, invalidation, probes) stays on redis-py, and so
+does everything on a Redis Cluster or over TLS/unix sockets (see :func:`lane_for`).
+
+A lookup the store's timeout gave up on keeps its place in the FIFO; its reply is
+dropped when it arrives, so later replies still match. A lost connection fails every
+waiting lookup (each becomes a Redis error for the circuit breaker) and the next lookup
+opens a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import parse_url
+from redis.exceptions import RedisError
+
+__all__ = ["LookupLane", "lane_for"]
+
+
+class _Pipeline(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader()
+        self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            try:
+                reply = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                self._fail(RedisError(f"unparsable reply from Redis: {exc}"))
+                return
+            if reply is False:
+                return
+            if not self.waiters:
+                self._fail(RedisError("a reply from Redis that nothing asked for"))
+                return
+            waiter = self.waiters.popleft()
+            if waiter.done():
+                continue  # its lookup timed out; the reply is dropped
+            if isinstance(reply, hiredis.ReplyError):
+                waiter.set_exception(RedisError(str(reply)))
+            else:
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc if exc is not None else ConnectionError("Redis closed the connection"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.lost is None:
+            self.lost = exc
+        if self.transport is not None:
+            self.transport.close()
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(self.lost)
+
+    def send(self, *args: str | bytes) -> asyncio.Future[Any]:
+        """Queue one command; the future gets its reply."""
+        assert self.transport is not None
+        if self.lost is not None:
+            raise ConnectionError(f"Redis connection lost: {self.lost}")
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        self.transport.write(hiredis.pack_command(cast(Any, args)))  # the stub is too narrow
+        return waiter
+
+
+class LookupLane:
+    """``await lane.mget(k1, k2)``: the values (bytes or None), or an OSError/RedisError.
+
+    Callers bound the wait (the store's ``timeout_ms`` scope); connecting is bounded by
+    ``connect_timeout_s``.
+    """
+
+    def __init__(
+        self, host: str, port: int, connect_timeout_s: float, *,
+        db: int = 0, username: str | None = None, password: str | None = None,
+    ) -> None:
+        self.host, self.port, self.db = host, port, db
+        self.username, self.password = username, password
+        self.connect_timeout_s = connect_timeout_s
+        self._pipeline: _Pipeline | None = None
+        self._connecting: asyncio.Future[_Pipeline] | None = None
+
+    async def mget(self, *keys: str) -> Any:
+        pipeline = self._pipeline
+        if pipeline is None or pipeline.lost is not None:
+            pipeline = await self._connected()
+        return await pipeline.send("MGET", *keys)
+
+    async def _connected(self) -> _Pipeline:
+        # Concurrent lookups share one connection attempt.
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done():
+                self._connecting = None
+
+    async def _connect(self) -> _Pipeline:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout_s):
+            _, pipeline = await loop.create_connection(_Pipeline, self.host, self.port)
+            try:
+                if self.password is not None:
+                    credentials = ((self.username, self.password) if self.username
+                                   else (self.password,))
+                    await pipeline.send("AUTH", *credentials)
+                if self.db:
+                    await pipeline.send("SELECT", str(self.db))
+            except BaseException:
+                assert pipeline.transport is not None
+                pipeline.transport.close()
+                raise
+        self._pipeline = pipeline
+        return pipeline
+
+    def close(self) -> None:
+        if self._pipeline is not None and self._pipeline.transport is not None:
+            self._pipeline.transport.close()
+        self._pipeline = None
+
+
+def lane_for(redis_url: str, connect_timeout_s: float) -> LookupLane | None:
+    """A lane for a plain ``redis://`` URL (TCP, no TLS); None for anything else."""
+    if not redis_url.startswith("redis://"):
+        return None
+    params = parse_url(redis_url)
+    if "connection_class" in params or "host" not in params:
+        return None
+    return LookupLane(
+        str(params["host"]), int(params.get("port", 6379)), connect_timeout_s,
+        db=int(params.get("db") or 0), username=params.get("username"),
+        password=params.get("password"),
+    )

@@ -1,0 +1,147 @@
+"""``proxy.cache.lane``: the pipelined MGET connection of cache lookups, against a real
+redis-server (stalled with SIGSTOP, restarted, with a password and a database number)
+and against a peer that answers garbage."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis.exceptions import RedisError
+
+from proxy.cache.config import CacheConfig
+from proxy.cache.lane import LookupLane, lane_for
+from proxy.cache.layer import ResultCache
+from proxy.cache.store import StoreUnavailable
+from tests.support import RedisFactory, RedisProcess
+from tests.support.procs import HOST, find_redis_server, free_port
+
+PASSWORD = "lane-secret"
+
+
+def _cache(server: RedisProcess, url: str | None = None) -> ResultCache:
+    return ResultCache(CacheConfig.model_validate({
+        "redis_url": url or server.url, "timeout_ms": 200, "key_prefix": "l:",
+        "breaker": {"failures": 3, "probe_interval_ms": 100},
+        "rules": [{"match": {"collection": "users"}, "ttl_s": 60}],
+    }))
+
+
+async def test_replies_stay_matched_after_a_lookup_timed_out(
+    redis_factory: RedisFactory,
+) -> None:
+    """The reply to a lookup the timeout gave up on arrives later; it must not be taken
+    for the answer to the next lookup (which asks about another namespace)."""
+    server = redis_factory()
+    cache = _cache(server)
+    store = cache.store
+    await cache.start()
+    try:
+        token_a, _ = await store.lookup("app.a", "d")
+        token_b, _ = await store.lookup("app.b", "d")
+        assert token_a != token_b
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await store.lookup("app.a", "d")
+            assert time.monotonic() - started < 1.0  # bounded by timeout_ms
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        for _ in range(3):  # the late reply for app.a is dropped, not handed out
+            assert (await store.lookup("app.b", "d"))[0] == token_b
+            assert (await store.lookup("app.a", "d"))[0] == token_a
+    finally:
+        await cache.close()
+
+
+async def test_concurrent_lookups_on_one_connection_get_their_own_replies(
+    redis_factory: RedisFactory,
+) -> None:
+    server = redis_factory()
+    with redis.Redis.from_url(server.url) as r:
+        r.mset({f"k{i}": f"v{i}" for i in range(200)})
+    lane = lane_for(server.url, 1.0)
+    assert lane is not None
+    try:
+        replies = await asyncio.gather(*(lane.mget(f"k{i}", "missing") for i in range(200)))
+        assert replies == [[f"v{i}".encode(), None] for i in range(200)]
+    finally:
+        lane.close()
+
+
+async def test_a_restarted_redis_gets_a_new_connection(redis_factory: RedisFactory) -> None:
+    server = redis_factory()
+    lane = lane_for(server.url, 1.0)
+    assert lane is not None
+    try:
+        assert await lane.mget("x", "y") == [None, None]
+        server.kill()
+        with pytest.raises((OSError, RedisError)):
+            await asyncio.wait_for(lane.mget("x", "y"), 2)
+        server.start()
+        with redis.Redis.from_url(server.url) as r:
+            r.set("x", "1")
+        assert await lane.mget("x", "y") == [b"1", None]
+    finally:
+        lane.close()
+
+
+class _PasswordRedis(RedisProcess):
+    def command(self) -> list[str]:
+        return [*super().command(), "--requirepass", PASSWORD]
+
+
+@pytest.fixture
+def password_redis(tmp_path: Path) -> Iterator[_PasswordRedis]:
+    server = _PasswordRedis(tmp_path, binary=find_redis_server())
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_password_and_database_from_the_url(password_redis: _PasswordRedis) -> None:
+    url = f"redis://:{PASSWORD}@{HOST}:{password_redis.port}/2"
+    with redis.Redis.from_url(url) as r:
+        r.set("only-in-db-2", "yes")
+    lane = lane_for(url, 1.0)
+    assert lane is not None and lane.db == 2
+    try:
+        assert await lane.mget("only-in-db-2", "nothing") == [b"yes", None]
+    finally:
+        lane.close()
+    wrong = lane_for(f"redis://:wrong@{HOST}:{password_redis.port}/0", 1.0)
+    assert wrong is not None
+    with pytest.raises(RedisError):
+        await wrong.mget("only-in-db-2", "nothing")
+    wrong.close()
+
+
+async def test_a_peer_answering_garbage_is_an_error_not_a_hang() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"this is not RESP\r\n")
+        await writer.drain()
+
+    port = free_port()
+    server = await asyncio.start_server(garbage, HOST, port)
+    lane = LookupLane(HOST, port, 1.0)
+    try:
+        with pytest.raises(RedisError):
+            await asyncio.wait_for(lane.mget("a", "b"), 2)
+    finally:
+        lane.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_only_plain_tcp_urls_get_a_lane() -> None:
+    assert lane_for("redis://127.0.0.1:6379/0", 1.0) is not None
+    assert lane_for("rediss://127.0.0.1:6379/0", 1.0) is None
+    assert lane_for("unix:///tmp/redis.sock", 1.0) is None
