@@ -53,6 +53,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+# Documents are tested with isinstance(x, dict), here and in the other per-request
+# modules (tenancy, cache, route): bson decodes every document to a dict, and the
+# Mapping ABC's isinstance costs ~0.3 µs per call, about a tenth of classify's time.
+
 __all__ = [
     "ADMIN_COMMANDS",
     "COLLECTION_COMMANDS",
@@ -179,7 +183,7 @@ def classify(command: Mapping[str, Any], context: ClientContext = NO_CONTEXT) ->
     database = _str_or_none(outer.get("$db"))
     if name == "explain":
         inner = command.get("explain")
-        if isinstance(inner, Mapping) and inner:
+        if isinstance(inner, dict) and inner:
             inner_raw = next(iter(inner))
             inner_name = _ALIASES.get(inner_raw, inner_raw)
             if inner_name != "explain":
@@ -202,7 +206,7 @@ def classify(command: Mapping[str, Any], context: ClientContext = NO_CONTEXT) ->
     if name == "aggregate":
         pipeline = command.get("pipeline")
         if isinstance(pipeline, list):
-            stages = frozenset(_stage_name(s) for s in pipeline if isinstance(s, Mapping) and s)
+            stages = frozenset(_stage_name(s) for s in pipeline if isinstance(s, dict) and s)
             is_write = _pipeline_writes(pipeline)
             text_search = any(s in stages for s in _SEARCH_STAGES) or _first_match_text(pipeline)
     elif name == "mapReduce":
@@ -247,7 +251,7 @@ def _max_time(value: Any) -> int | None:
 
 
 def _comment(value: Any) -> str | Mapping[str, Any] | None:
-    return value if isinstance(value, str | Mapping) else None
+    return value if isinstance(value, str | dict) else None
 
 
 def _stage_name(stage: Mapping[str, Any]) -> str:
@@ -268,7 +272,7 @@ def _bulk_write_namespace(
     ns_info = command.get("nsInfo")
     if not isinstance(ns_info, list):
         return default_db, None
-    namespaces = {e.get("ns") for e in ns_info if isinstance(e, Mapping)}
+    namespaces = {e.get("ns") for e in ns_info if isinstance(e, dict)}
     if len(namespaces) != 1:
         return default_db, None
     (namespace,) = namespaces
@@ -279,15 +283,15 @@ def _bulk_write_namespace(
 def _pipeline_writes(pipeline: list[Any]) -> bool:
     """``$out``/``$merge`` in the pipeline or any sub-pipeline ($facet, $lookup, $unionWith)."""
     for stage in pipeline:
-        if not isinstance(stage, Mapping):
+        if not isinstance(stage, dict):
             continue
         for key, spec in stage.items():
             if key in _WRITE_STAGES:
                 return True
-            if key == "$facet" and isinstance(spec, Mapping):
+            if key == "$facet" and isinstance(spec, dict):
                 if any(isinstance(p, list) and _pipeline_writes(p) for p in spec.values()):
                     return True
-            elif key in ("$lookup", "$unionWith") and isinstance(spec, Mapping):
+            elif key in ("$lookup", "$unionWith") and isinstance(spec, dict):
                 sub = spec.get("pipeline")
                 if isinstance(sub, list) and _pipeline_writes(sub):
                     return True
@@ -295,13 +299,13 @@ def _pipeline_writes(pipeline: list[Any]) -> bool:
 
 
 def _first_match_text(pipeline: list[Any]) -> bool:
-    if not pipeline or not isinstance(pipeline[0], Mapping):
+    if not pipeline or not isinstance(pipeline[0], dict):
         return False
     return _has_text(pipeline[0].get("$match"))
 
 
 def _has_text(query: Any) -> bool:
-    if not isinstance(query, Mapping):
+    if not isinstance(query, dict):
         return False
     if "$text" in query:
         return True
@@ -314,7 +318,7 @@ def _has_text(query: Any) -> bool:
 
 def _inline_output(out: Any) -> bool:
     """``out: {inline: 1}``: results returned to the client, nothing written."""
-    if not isinstance(out, Mapping) or "inline" not in out:
+    if not isinstance(out, dict) or "inline" not in out:
         return False
     flag = out["inline"]
     return isinstance(flag, int | float) and bool(flag)

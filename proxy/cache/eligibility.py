@@ -85,7 +85,7 @@ def read_bypass(command: Mapping[str, Any], c: Classification, has_sequences: bo
     if has_sequences:
         return "sequences"
     read_concern = command.get("readConcern")
-    if isinstance(read_concern, Mapping) and (
+    if isinstance(read_concern, dict) and (
         read_concern.get("level") in _UNSAFE_READ_CONCERN
         or any(k in read_concern for k in _CAUSAL_READ_CONCERN)
     ):
@@ -95,7 +95,7 @@ def read_bypass(command: Mapping[str, Any], c: Classification, has_sequences: bo
     if c.command == "aggregate" and not _pure_pipeline(command.get("pipeline")):
         return "stage"
     for key, value in command.items():  # the session envelope cannot hold $$NOW
-        if key not in ENVELOPE and isinstance(value, Mapping | list) and _nondeterministic(
+        if key not in ENVELOPE and isinstance(value, dict | list) and _nondeterministic(
                 value):
             return "nondeterministic"
     return None
@@ -105,13 +105,13 @@ def _pure_pipeline(pipeline: Any) -> bool:
     if not isinstance(pipeline, list):
         return False
     for stage in pipeline:
-        if not isinstance(stage, Mapping) or len(stage) != 1:
+        if not isinstance(stage, dict) or len(stage) != 1:
             return False
         name, spec = next(iter(stage.items()))
         if name not in PURE_STAGES:
             return False
         if name == "$facet":
-            if not isinstance(spec, Mapping):
+            if not isinstance(spec, dict):
                 return False
             if not all(_pure_pipeline(sub) for sub in spec.values()):
                 return False
@@ -122,17 +122,17 @@ def _nondeterministic(value: Any) -> bool:
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, Mapping):
+        if isinstance(item, dict):
             for key, sub in item.items():
                 if key in _NONDETERMINISTIC_KEYS:
                     return True
-                if isinstance(sub, Mapping | list):
+                if isinstance(sub, dict | list):
                     stack.append(sub)
                 elif isinstance(sub, str) and sub in _NONDETERMINISTIC_VALUES:
                     return True
         elif isinstance(item, list):
             for sub in item:
-                if isinstance(sub, Mapping | list):
+                if isinstance(sub, dict | list):
                     stack.append(sub)
                 elif isinstance(sub, str) and sub in _NONDETERMINISTIC_VALUES:
                     return True
@@ -279,19 +279,19 @@ def written_namespaces(command: Mapping[str, Any], c: Classification) -> WriteTa
         namespaces.update(ns for ns in (source, target) if isinstance(ns, str) and "." in ns)
     elif name == "bulkWrite":
         for entry in command.get("nsInfo") or ():
-            ns = entry.get("ns") if isinstance(entry, Mapping) else None
+            ns = entry.get("ns") if isinstance(entry, dict) else None
             if isinstance(ns, str) and "." in ns:
                 namespaces.add(ns)
     elif name == "aggregate":
         for stage in command.get("pipeline") or ():
-            if isinstance(stage, Mapping):
+            if isinstance(stage, dict):
                 out = _output_namespace(stage.get("$out"), db)
                 out = out or _output_namespace(_merge_into(stage.get("$merge")), db)
                 if out is not None:
                     namespaces.add(out)
     elif name == "mapReduce":
         out = command.get("out")
-        if isinstance(out, Mapping):
+        if isinstance(out, dict):
             target = next((out[k] for k in ("replace", "merge", "reduce") if k in out), None)
             out_db = out.get("db") if isinstance(out.get("db"), str) else db
             if isinstance(target, str):
@@ -305,13 +305,13 @@ def written_namespaces(command: Mapping[str, Any], c: Classification) -> WriteTa
 
 
 def _merge_into(spec: Any) -> Any:
-    return spec.get("into") if isinstance(spec, Mapping) else spec
+    return spec.get("into") if isinstance(spec, dict) else spec
 
 
 def _output_namespace(spec: Any, db: str) -> str | None:
     if isinstance(spec, str):
         return f"{db}.{spec}"
-    if isinstance(spec, Mapping):
+    if isinstance(spec, dict):
         out_db, coll = spec.get("db", db), spec.get("coll")
         if isinstance(out_db, str) and isinstance(coll, str):
             return f"{out_db}.{coll}"

@@ -65,7 +65,7 @@ def canonical(
     args = {k: v for k, v in command.items() if k != name and k not in ENVELOPE}
     for field in _QUERY_FIELDS:
         query = args.get(field)
-        if isinstance(query, Mapping):
+        if isinstance(query, dict):
             args[field] = {k: query[k] for k in sorted(query)}
     out["args"] = {k: args[k] for k in sorted(args)}
     return out

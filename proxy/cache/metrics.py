@@ -26,7 +26,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from proxy.observe.families import LoopCounter, LoopHistogram
 
 __all__ = ["REDIS_BUCKETS", "CacheMetrics"]
 
@@ -41,27 +43,28 @@ OPS = ("lookup", "token", "store", "invalidate", "probe")
 class CacheMetrics:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         r = registry if registry is not None else CollectorRegistry(auto_describe=False)
-        self.stores = Counter("mongoproxy_cache_stores", "Results written to the cache",
-                              ["result"], registry=r)
+        # Updated per lookup or store: lock-free families (proxy.observe.families).
+        self.stores = LoopCounter("mongoproxy_cache_stores", "Results written to the cache",
+                                  ["result"], r)
         self.invalidations = Counter(
             "mongoproxy_cache_invalidations", "Generation bumps of namespaces (or "
             "databases) after writes; pending: retried after Redis returns",
             ["result"], registry=r)
-        self.bytes = Counter("mongoproxy_cache_bytes", "Reply bytes stored in / served from "
-                             "the cache", ["direction"], registry=r)
+        self.bytes = LoopCounter("mongoproxy_cache_bytes", "Reply bytes stored in / served "
+                                 "from the cache", ["direction"], r)
         self.flight_waits = Counter(
             "mongoproxy_cache_flight_waits", "Misses answered by a concurrent identical "
             "request's upstream reply (single flight)", registry=r)
         self.errors = Counter("mongoproxy_redis_errors", "Failed Redis operations",
                               ["op", "kind"], registry=r)
-        self.latency = Histogram("mongoproxy_redis_latency_seconds", "Redis operation "
-                                 "latency (successful operations)", ["op"],
-                                 buckets=REDIS_BUCKETS, registry=r)
+        self.latency = LoopHistogram("mongoproxy_redis_latency_seconds", "Redis operation "
+                                     "latency (successful operations)", ["op"], r,
+                                     REDIS_BUCKETS)
         self.circuit_open = Gauge("mongoproxy_redis_circuit_open", "1 while the circuit "
                                   "breaker bypasses Redis", registry=r)
         self.circuit_changes = Counter("mongoproxy_redis_circuit_changes", "Circuit "
                                        "breaker state changes", ["state"], registry=r)
-        # Children resolved once: .labels() costs ~1 µs on the hot path.
+        # Children resolved once, off the hot path.
         self._latency: dict[str, Any] = {op: self.latency.labels(op) for op in OPS}
         self._stored = self.bytes.labels("stored")
         self._served = self.bytes.labels("served")

@@ -46,11 +46,11 @@ def from_command(command: Mapping[str, Any]) -> _ServerMode:
     doc = command.get("$readPreference")
     if doc is None:
         return PRIMARY
-    if not isinstance(doc, Mapping) or not isinstance(doc.get("mode"), str):
+    if not isinstance(doc, dict) or not isinstance(doc.get("mode"), str):
         raise ReadPreferenceError("$readPreference must be a document with a string mode")
     tags = doc.get("tags")
     if tags is not None and not (
-        isinstance(tags, list) and all(isinstance(t, Mapping) for t in tags)
+        isinstance(tags, list) and all(isinstance(t, dict) for t in tags)
     ):
         raise ReadPreferenceError("$readPreference.tags must be an array of documents")
     staleness = doc.get("maxStalenessSeconds", -1)

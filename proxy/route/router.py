@@ -28,7 +28,7 @@ def transaction_key(command: Mapping[str, Any]) -> tuple[bytes, int] | None:
     if command.get("autocommit") is not False:
         return None
     lsid = command.get("lsid")
-    session = lsid.get("id") if isinstance(lsid, Mapping) else None
+    session = lsid.get("id") if isinstance(lsid, dict) else None
     txn = command.get("txnNumber")
     if not isinstance(session, bytes) or not isinstance(txn, int):
         return None

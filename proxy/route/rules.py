@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
@@ -435,7 +435,7 @@ class Matcher:
             return False
         if self.comment_doc is not None:
             comment = c.comment
-            if comment is None or isinstance(comment, str) or not isinstance(comment, Mapping):
+            if comment is None or isinstance(comment, str) or not isinstance(comment, dict):
                 return False
             for key, value in self.comment_doc:
                 if key not in comment or comment[key] != value:

@@ -254,7 +254,7 @@ def _is_tenant_scalar(value: Any) -> bool:
 
 
 def _collation_ok(value: Any) -> bool:
-    return isinstance(value, Mapping) and dict(value) == {"locale": "simple"}
+    return isinstance(value, dict) and dict(value) == {"locale": "simple"}
 
 
 class TenantPolicy:
@@ -342,7 +342,7 @@ class TenantPolicy:
         outer: Mapping[str, Any] | None = None
         if name == "explain":
             inner = command.get("explain")
-            if not isinstance(inner, Mapping) or not inner:
+            if not isinstance(inner, dict) or not inner:
                 raise _Deny(f"explain on {db}: the explained command is not a document")
             outer = command
             command = inner
@@ -416,7 +416,7 @@ class TenantPolicy:
 
     def _equality_value(self, cond: Any) -> Any:
         """The tenant value a condition on the field proves, or _NONE."""
-        if isinstance(cond, Mapping):
+        if isinstance(cond, dict):
             if not cond:
                 return _NONE
             for key in cond:
@@ -447,7 +447,7 @@ class TenantPolicy:
                         raise _Deny(f"{ctx.where_cmd}: $and in {where} must be a "
                                     f"non-empty array")
                     for el in cond:
-                        if not isinstance(el, Mapping):
+                        if not isinstance(el, dict):
                             raise _Deny(f"{ctx.where_cmd}: $and in {where} has a "
                                         f"non-document element")
                         self._scan(ctx, el, where, found, depth + 1)
@@ -458,7 +458,7 @@ class TenantPolicy:
         """Check (enforce) or confine (inject) a filter; returns the filter to send."""
         if flt is None:
             flt = {}
-        if not isinstance(flt, Mapping):
+        if not isinstance(flt, dict):
             raise _Deny(f"{ctx.where_cmd}: {where} is not a document")
         found: list[Any] = []
         self._scan(ctx, flt, where, found, 0)
@@ -511,7 +511,7 @@ class TenantPolicy:
         self._set_body(ctx, "pipeline", new, pipeline)
 
     def _stage(self, stage: Any, where: str, i: int, ctx: CheckContext) -> tuple[str, Any]:
-        if not isinstance(stage, Mapping) or len(stage) != 1:
+        if not isinstance(stage, dict) or len(stage) != 1:
             raise _Deny(f"{ctx.where_cmd}: {where} stage {i}: a stage must be a document "
                         f"with exactly one field")
         ((name, spec),) = stage.items()
@@ -602,7 +602,7 @@ class TenantPolicy:
         return spec if new is sub else {**spec, key: new}
 
     def _lookup(self, ctx: CheckContext, spec: Any, label: str, depth: int) -> Any:
-        if not isinstance(spec, Mapping):
+        if not isinstance(spec, dict):
             raise _Deny(f"{ctx.where_cmd}: {label}: not a document")
         scoped = self._foreign_kind(ctx, spec.get("from"), label) == _SCOPED
         new = self._sub_pipeline(ctx, spec, "pipeline", label, scoped, depth)
@@ -611,7 +611,7 @@ class TenantPolicy:
     def _union_with(self, ctx: CheckContext, spec: Any, label: str, depth: int) -> Any:
         if isinstance(spec, str):
             spec_doc: Mapping[str, Any] = {"coll": spec}
-        elif isinstance(spec, Mapping):
+        elif isinstance(spec, dict):
             spec_doc = spec
         else:
             raise _Deny(f"{ctx.where_cmd}: {label}: not a document")
@@ -620,7 +620,7 @@ class TenantPolicy:
         return {"$unionWith": new} if new is not spec_doc else _SAME
 
     def _graph_lookup(self, ctx: CheckContext, spec: Any, label: str) -> Any:
-        if not isinstance(spec, Mapping):
+        if not isinstance(spec, dict):
             raise _Deny(f"{ctx.where_cmd}: {label}: not a document")
         if self._foreign_kind(ctx, spec.get("from"), label) != _SCOPED:
             return _SAME
@@ -630,7 +630,7 @@ class TenantPolicy:
             "$graphLookup": {**spec, "restrictSearchWithMatch": new}}
 
     def _facet(self, ctx: CheckContext, spec: Any, label: str, depth: int) -> Any:
-        if not isinstance(spec, Mapping) or not spec:
+        if not isinstance(spec, dict) or not spec:
             raise _Deny(f"{ctx.where_cmd}: {label}: not a non-empty document")
         changed: dict[str, Any] = {}
         for key, sub in spec.items():
@@ -645,10 +645,10 @@ class TenantPolicy:
         """Check $merge; True when inject must add a ``$set`` of the field before it."""
         if isinstance(spec, str):
             spec = {"into": spec}
-        if not isinstance(spec, Mapping):
+        if not isinstance(spec, dict):
             raise _Deny(f"{ctx.where_cmd}: {label}: not a document")
         into = spec.get("into")
-        if isinstance(into, Mapping):
+        if isinstance(into, dict):
             if set(into) - {"db", "coll"} or into.get("db", ctx.db) != ctx.db:
                 raise _Deny(f"{ctx.where_cmd}: {label}: only a collection of the same "
                             f"database may be the target")
@@ -683,15 +683,15 @@ class TenantPolicy:
                     f"{{$set: {{{self.field}: <tenant>}}}}")
 
     def _set_stage_value(self, stage: Any) -> Any:
-        if not isinstance(stage, Mapping) or len(stage) != 1:
+        if not isinstance(stage, dict) or len(stage) != 1:
             return _NONE
         ((name, spec),) = stage.items()
-        if name not in ("$set", "$addFields") or not isinstance(spec, Mapping):
+        if name not in ("$set", "$addFields") or not isinstance(spec, dict):
             return _NONE
         if self.field not in spec:
             return _NONE
         v = spec[self.field]
-        if isinstance(v, Mapping) and len(v) == 1 and "$literal" in v:
+        if isinstance(v, dict) and len(v) == 1 and "$literal" in v:
             v = v["$literal"]
         elif isinstance(v, str) and v.startswith("$"):
             return _NONE  # a field path or variable, not a literal
@@ -722,7 +722,7 @@ class TenantPolicy:
 
     def _carries_tenant(self, ctx: CheckContext, doc: Any, where: str) -> Any:
         """A document to store must carry the tenant; returns it, or a copy with it."""
-        if not isinstance(doc, Mapping):
+        if not isinstance(doc, dict):
             raise _Deny(f"{ctx.where_cmd}: {where} is not a document")
         field = self.field
         if field in doc:
@@ -755,7 +755,7 @@ class TenantPolicy:
         if isinstance(u, list):
             raise _Deny(f"{ctx.where_cmd}: {where} is a pipeline update: it cannot be "
                         f"proven to keep {self.field}")
-        if not isinstance(u, Mapping):
+        if not isinstance(u, dict):
             raise _Deny(f"{ctx.where_cmd}: {where}: the update is not a document")
         keys = list(u)
         dollar = [k.startswith("$") for k in keys]
@@ -768,7 +768,7 @@ class TenantPolicy:
         for op, paths in u.items():
             if op not in _UPDATE_OPS:
                 raise _Deny(f"{ctx.where_cmd}: {where}: update operator {op} is not allowed")
-            if not isinstance(paths, Mapping):
+            if not isinstance(paths, dict):
                 raise _Deny(f"{ctx.where_cmd}: {where}: {op} is not a document")
             for path, value in paths.items():
                 targets = [path]
@@ -802,7 +802,7 @@ class TenantPolicy:
         out = []
         for i, stmt in enumerate(stmts):
             where = f"statement {i}"
-            if not isinstance(stmt, Mapping):
+            if not isinstance(stmt, dict):
                 raise _Deny(f"{ctx.where_cmd}: {where} is not a document")
             extra = [k for k in stmt if k not in allowed_keys]
             if extra:
