@@ -125,7 +125,8 @@ class ClientConnection:
                     await self._handle(message, Timer(started_ns))
                 finally:
                     self.busy = False
-                await self.stream.drain()
+                if self.stream.paused:
+                    await self.stream.drain()
         except ConnectionError:
             pass  # the client went away; nothing to answer
         except WireError as exc:
@@ -590,7 +591,7 @@ class ClientConnection:
             user=self.identity.username if self.identity else None,
             route_class=None if decision is None else decision.class_name,
             route_rule=None if decision is None else decision.rule_index,
-            member=None if address is None else f"{address[0]}:{address[1]}",
+            member=None if address is None else _member_label(address),
             member_role=None if address is None else self.proxy.topology.role_of(address),
             cache=cache,
             docs_returned=docs,
@@ -635,6 +636,19 @@ async def _acquire(slots: asyncio.Semaphore, pool: UpstreamPool) -> None:
             f"timed out after {timeout_ms} ms waiting for a connection to upstream "
             f"{pool.label} (pool max_size {pool.config.max_size}, all in use)",
         ) from None
+
+
+_MEMBER_LABELS: dict[Address, str] = {}
+
+
+def _member_label(address: Address) -> str:
+    """The "host:port" label, formatted once per server (on every operation record)."""
+    label = _MEMBER_LABELS.get(address)
+    if label is None:
+        if len(_MEMBER_LABELS) > 1024:  # servers come and go over a long run
+            _MEMBER_LABELS.clear()
+        label = _MEMBER_LABELS[address] = f"{address[0]}:{address[1]}"
+    return label
 
 
 def _reason_label(reason: str) -> str:

@@ -37,7 +37,7 @@ class ClientStream(asyncio.Protocol):
         self._started_ns = 0
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
-        self._paused = False
+        self.paused = False  # the transport's buffer is full: the client is not reading
         self._drain_waiter: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -66,10 +66,10 @@ class ClientStream(asyncio.Protocol):
             self._drain_waiter.set_result(None)
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self._paused = False
+        self.paused = False
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -142,7 +142,7 @@ class ClientStream(asyncio.Protocol):
 
     async def drain(self) -> None:
         """Wait while the client is not reading what it was sent (flow control)."""
-        if not self._paused or self.transport is None or self.transport.is_closing():
+        if not self.paused or self.transport is None or self.transport.is_closing():
             return
         self._drain_waiter = asyncio.get_running_loop().create_future()
         try:

@@ -44,6 +44,9 @@ from proxy.pool.pool import HANDSHAKE
 log = logging.getLogger("mongoproxy.topology")
 
 Address = tuple[str, int]
+# Read preference objects whose cache key is remembered per description: the routing
+# rules' (long-lived); one-off client $readPreference objects beyond this are not kept.
+_MAX_SELECTOR_KEYS = 256
 _ROLES = {
     SERVER_TYPE.RSPrimary: "primary",
     SERVER_TYPE.RSSecondary: "secondary",
@@ -65,6 +68,11 @@ class Topology(ABC):
         # preference until the description changes or a server fails.
         self._selection_cache: dict[tuple[Any, ...], list[ServerDescription]] = {}
         self._cached_for: TopologyDescription | None = None
+        # Per description too: each member's role label (role_of runs per operation, and
+        # server_descriptions() copies its dict), and the selection-cache key of each
+        # read preference object seen (building it reprs the tag sets).
+        self._roles: dict[Address, str] = {}
+        self._selector_keys: dict[int, tuple[_ServerMode, tuple[Any, ...]]] = {}
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -77,10 +85,21 @@ class Topology(ABC):
 
     def role_of(self, address: Address) -> str:
         """The server's role as a short label: primary, secondary, mongos, standalone..."""
-        sd = self.description().server_descriptions().get(address)
-        if sd is None:
-            return "unknown"
-        return _ROLES.get(sd.server_type, "unknown")
+        self._current()
+        return self._roles.get(address, "unknown")
+
+    def _current(self) -> TopologyDescription:
+        """The description, with the per-description caches reset when it changed."""
+        description = self.description()
+        if description is not self._cached_for:
+            self._selection_cache.clear()
+            self._selector_keys.clear()
+            self._roles = {
+                (host, port or 27017): _ROLES.get(sd.server_type, "unknown")
+                for (host, port), sd in description.server_descriptions().items()
+            }
+            self._cached_for = description
+        return description
 
     def summary(self) -> str:
         return _summary(self.description())
@@ -103,11 +122,15 @@ class Topology(ABC):
 
     def candidates(self, selector: _ServerMode) -> list[ServerDescription]:
         """Servers suitable for ``selector`` now (pymongo's selection and latency window)."""
-        description = self.description()
-        if description is not self._cached_for:
-            self._selection_cache.clear()
-            self._cached_for = description
-        key = (selector.mode, repr(selector.tag_sets), selector.max_staleness)
+        description = self._current()
+        known = self._selector_keys.get(id(selector))
+        if known is not None and known[0] is selector:
+            key = known[1]
+        else:
+            key = (selector.mode, repr(selector.tag_sets), selector.max_staleness)
+            if len(self._selector_keys) < _MAX_SELECTOR_KEYS:
+                # The selector is kept alive with its key, so its id cannot be reused.
+                self._selector_keys[id(selector)] = (selector, key)
         servers = self._selection_cache.get(key)
         if servers is None:
             try:
