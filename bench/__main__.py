@@ -13,6 +13,8 @@ Subcommands:
          loop, interleaved (bench/harness.py)
   storm  N connections opened at once, each running a few operations (bench/storm.py)
   report Markdown, charts and the README table from run/storm JSON (bench/report.py)
+  ab     the proxy at a git revision against this checkout, side by side: CPU and wall
+         time per forwarded find and per cache hit (bench/ab.py)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import cache, core, harness, observe_cost, pool, report, seed, storm, tenancy_cost
+from bench import ab, cache, core, harness, observe_cost, pool, report, seed, storm, tenancy_cost
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     harness.add_parser(subparsers)
     storm.add_parser(subparsers)
     report.add_parser(subparsers)
+    ab.add_parser(subparsers)
     return parser
 
 
