@@ -604,3 +604,37 @@ def test_incomplete_message_times_out(
         assert time.monotonic() - start < 5
     assert_ping_ok(other)
     other.close()
+
+
+@pytest.mark.parametrize("first", [5, 40], ids=["inside-the-header", "inside-the-body"])
+def test_trickled_message_is_bounded_from_its_first_byte(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, first: int
+) -> None:
+    """A client that sends one more byte every 0.2 s never completes its message: the
+    read_timeout_ms counts from the message's first byte, so trickling cannot extend
+    it (a slow-loris client holds its connection for at most that long)."""
+    proxy = proxy_factory(ferretdb.uri, {"listen": {"read_timeout_ms": 600}})
+    message = struct.pack("<iiii", 1000, next_id(), 0, OpCode.OP_MSG) + b"\x00" * 984
+    with connect(proxy) as sock:
+        start = time.monotonic()
+        sock.sendall(message[:first])
+        closed = False
+        for byte in message[first:first + 40]:
+            time.sleep(0.2)
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+        if not closed:
+            sock.settimeout(IO_TIMEOUT_S)
+            try:
+                while sock.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+        elapsed = time.monotonic() - start
+    assert elapsed < 3.0, f"the proxy kept a trickling client for {elapsed:.1f} s"
+    other = connect(proxy)
+    assert_ping_ok(other)
+    other.close()

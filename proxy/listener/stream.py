@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import cast
 
-from proxy.wire import HEADER_SIZE, WireError, parse_header
+from proxy.wire import HEADER_SIZE, MAX_MESSAGE_SIZE, WireError, parse_header
 
 __all__ = ["ClientStream", "StalledMessageError"]
 
@@ -37,6 +37,7 @@ class ClientStream(asyncio.Protocol):
         self._started_ns = 0
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
+        self._max_size = MAX_MESSAGE_SIZE  # as next_message was last told
         self.paused = False  # the transport's buffer is full: the client is not reading
         self._drain_waiter: asyncio.Future[None] | None = None
 
@@ -48,10 +49,20 @@ class ClientStream(asyncio.Protocol):
         self._on_connect(self)
 
     def data_received(self, data: bytes) -> None:
-        if not self._buffer:
+        buffer = self._buffer
+        first = not buffer
+        if first:
             self._started_ns = time.perf_counter_ns()
-        self._buffer += data
-        self._wake()
+        buffer += data
+        # Wake the request task only for what it can act on: a message's first bytes
+        # (to set its deadline), a whole message, or a header to refuse. The pieces of a
+        # large message in between just accumulate.
+        if first:
+            self._wake()
+        elif len(buffer) >= HEADER_SIZE:
+            length = _LENGTH.unpack_from(buffer)[0]
+            if len(buffer) >= length or not HEADER_SIZE <= length <= self._max_size:
+                self._wake()
 
     def eof_received(self) -> bool:
         # Keep our half open: a request sent just before the client's FIN is answered.
@@ -86,6 +97,7 @@ class ClientStream(asyncio.Protocol):
         Raises a fatal WireError for a header that cannot be framed (the caller answers
         and closes) or for a message not complete within ``timeout_s`` of its first byte.
         """
+        self._max_size = max_size
         buffer = self._buffer
         while True:
             if len(buffer) >= HEADER_SIZE:
@@ -93,6 +105,7 @@ class ClientStream(asyncio.Protocol):
                 if length < HEADER_SIZE or length > max_size:
                     parse_header(buffer, max_size)  # raises the WireError that says why
                 if len(buffer) >= length:
+                    started_ns = self._started_ns
                     if len(buffer) == length:
                         message = bytes(buffer)
                         buffer.clear()
@@ -100,26 +113,35 @@ class ClientStream(asyncio.Protocol):
                         message = bytes(buffer[:length])
                         del buffer[:length]
                         self._started_ns = time.perf_counter_ns()  # the next one's bytes
-                    return message, self._started_ns
+                    return message, started_ns
             if self._eof:
                 return None  # a clean end, or a client gone mid-message: nothing to answer
-            await self._wait(timeout_s if buffer else None)
+            if not buffer:
+                await self._wait(None)  # an idle client may stay as long as it likes
+                continue
+            # One deadline per message, from its first byte: trickling bytes (one every
+            # few seconds) does not extend it.
+            remaining = timeout_s - (time.perf_counter_ns() - self._started_ns) / 1e9
+            if remaining <= 0 or not await self._wait(remaining):
+                raise StalledMessageError(
+                    f"message of {self._declared_length()} bytes not received within "
+                    f"{timeout_s:g} s", fatal=True
+                )
 
-    async def _wait(self, timeout_s: float | None) -> None:
+    async def _wait(self, timeout_s: float | None) -> bool:
+        """Wait for more bytes (or the end); False when ``timeout_s`` passed first."""
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, waiter)
         try:
             await waiter
         except TimeoutError:
-            raise StalledMessageError(
-                f"message of {self._declared_length()} bytes not received within "
-                f"{timeout_s:g} s", fatal=True
-            ) from None
+            return False
         finally:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+        return True
 
     def _declared_length(self) -> int | str:
         if len(self._buffer) < 4:
