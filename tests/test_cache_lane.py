@@ -70,7 +70,7 @@ async def test_concurrent_lookups_on_one_connection_get_their_own_replies(
     lane = lane_for(server.url, 1.0)
     assert lane is not None
     try:
-        replies = await asyncio.gather(*(lane.mget(2.0, f"k{i}", "missing") for i in range(200)))
+        replies = await asyncio.gather(*(lane.mget(f"k{i}", "missing") for i in range(200)))
         assert replies == [[f"v{i}".encode(), None] for i in range(200)]
     finally:
         lane.close()
@@ -81,14 +81,14 @@ async def test_a_restarted_redis_gets_a_new_connection(redis_factory: RedisFacto
     lane = lane_for(server.url, 1.0)
     assert lane is not None
     try:
-        assert await lane.mget(2.0, "x", "y") == [None, None]
+        assert await lane.mget("x", "y") == [None, None]
         server.kill()
         with pytest.raises((OSError, RedisError)):
-            await asyncio.wait_for(lane.mget(2.0, "x", "y"), 2)
+            await asyncio.wait_for(lane.mget("x", "y"), 2)
         server.start()
         with redis.Redis.from_url(server.url) as r:
             r.set("x", "1")
-        assert await lane.mget(2.0, "x", "y") == [b"1", None]
+        assert await lane.mget("x", "y") == [b"1", None]
     finally:
         lane.close()
 
@@ -113,13 +113,13 @@ async def test_password_and_database_from_the_url(password_redis: _PasswordRedis
     lane = lane_for(url, 1.0)
     assert lane is not None and lane.db == 2
     try:
-        assert await lane.mget(2.0, "only-in-db-2", "nothing") == [b"yes", None]
+        assert await lane.mget("only-in-db-2", "nothing") == [b"yes", None]
     finally:
         lane.close()
     wrong = lane_for(f"redis://:wrong@{HOST}:{password_redis.port}/0", 1.0)
     assert wrong is not None
     with pytest.raises(RedisError):
-        await wrong.mget(2.0, "only-in-db-2", "nothing")
+        await wrong.mget("only-in-db-2", "nothing")
     wrong.close()
 
 
@@ -134,7 +134,7 @@ async def test_a_peer_answering_garbage_is_an_error_not_a_hang() -> None:
     lane = LookupLane(HOST, port, 1.0)
     try:
         with pytest.raises(RedisError):
-            await asyncio.wait_for(lane.mget(2.0, "a", "b"), 2)
+            await asyncio.wait_for(lane.mget("a", "b"), 2)
     finally:
         lane.close()
         server.close()

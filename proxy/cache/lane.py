@@ -9,9 +9,8 @@ hiredis, redis-py's C companion, encodes the command and parses the replies. Eve
 other command (stores, token creation, invalidation, probes) stays on redis-py, and so
 does everything on a Redis Cluster or over TLS/unix sockets (see :func:`lane_for`).
 
-A lookup that timed out (a timer on its waiter, set from the store's ``timeout_ms``)
-keeps its place in the FIFO; its reply is dropped when it arrives, so later replies
-still match. A lost connection fails every
+A lookup the store's timeout gave up on keeps its place in the FIFO; its reply is
+dropped when it arrives, so later replies still match. A lost connection fails every
 waiting lookup (each becomes a Redis error for the circuit breaker) and the next lookup
 opens a new one.
 """
@@ -85,14 +84,11 @@ class _Pipeline(asyncio.Protocol):
         return waiter
 
 
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
-
-
 class LookupLane:
-    """``await lane.mget(timeout_s, k1, k2)``: the values (bytes or None), or an
-    OSError/RedisError/TimeoutError. Connecting is bounded by ``connect_timeout_s`` too.
+    """``await lane.mget(k1, k2)``: the values (bytes or None), or an OSError/RedisError.
+
+    Callers bound the wait (the store's ``timeout_ms`` scope); connecting is bounded by
+    ``connect_timeout_s``.
     """
 
     def __init__(
@@ -105,19 +101,11 @@ class LookupLane:
         self._pipeline: _Pipeline | None = None
         self._connecting: asyncio.Future[_Pipeline] | None = None
 
-    async def mget(self, timeout_s: float, *keys: str) -> Any:
-        """The values of ``keys``, within ``timeout_s`` (else TimeoutError)."""
+    async def mget(self, *keys: str) -> Any:
         pipeline = self._pipeline
         if pipeline is None or pipeline.lost is not None:
-            async with asyncio.timeout(timeout_s):  # rare: (re)connecting
-                pipeline = await self._connected()
-                return await pipeline.send("MGET", *keys)
-        waiter = pipeline.send("MGET", *keys)
-        timer = asyncio.get_running_loop().call_later(timeout_s, _expire, waiter)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
+            pipeline = await self._connected()
+        return await pipeline.send("MGET", *keys)
 
     async def _connected(self) -> _Pipeline:
         # Concurrent lookups share one connection attempt.

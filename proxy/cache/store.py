@@ -170,13 +170,8 @@ class RedisStore:
         """(current token of ns, raw entry or None). Creates the token when missing."""
         keys = (self.token_key(ns), self.entry_key(ns, digest))
         lane = self._lane
-        if lane is not None:
-            # The lane bounds the lookup by timeout_ms itself (a timer on its reply,
-            # cheaper than a timeout scope around it).
-            reply = await self._run("lookup", lambda: lane.mget(self.timeout_s, *keys),
-                                    bounded=True)
-        else:
-            reply = await self._run("lookup", lambda: self.client.mget(*keys))
+        reply = await self._run(
+            "lookup", lambda: lane.mget(*keys) if lane is not None else self.client.mget(*keys))
         if not isinstance(reply, list) or len(reply) != 2:
             self.metrics.error("lookup", "garbage")
             self.failed("MGET returned something else than two values")
@@ -254,20 +249,13 @@ class RedisStore:
 
     # -- the breaker ------------------------------------------------------------------
 
-    async def _run(
-        self, op: str, call: Callable[[], Awaitable[T]], *, bounded: bool = False
-    ) -> T:
-        """Run one Redis operation within ``timeout_ms`` (``bounded``: ``call`` keeps that
-        bound itself), counting failures towards the breaker."""
+    async def _run(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
         if self._open:
             raise StoreUnavailable("circuit open")
         started = time.perf_counter()
         try:
-            if bounded:
+            async with asyncio.timeout(self.timeout_s):
                 result = await call()
-            else:
-                async with asyncio.timeout(self.timeout_s):
-                    result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
             self.metrics.error(op, _kind(exc))
             self.failed(f"{op}: {type(exc).__name__}: {exc}")
