@@ -638,3 +638,32 @@ def test_trickled_message_is_bounded_from_its_first_byte(
     other = connect(proxy)
     assert_ping_ok(other)
     other.close()
+
+
+def test_a_client_that_never_reads_replies_is_pushed_back(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory
+) -> None:
+    """A client streaming requests without reading a single reply: once the replies fill
+    the proxy's write buffer the proxy stops taking requests, and once ~1 MiB of them
+    waits unread it stops reading the socket, so the client's sends block (TCP pushes
+    back) instead of the proxy's memory growing. Other clients keep being served."""
+    proxy = proxy_factory(ferretdb.uri)
+    hello = op_msg({"hello": 1, "$db": "admin"}, next_id())
+    burst = hello * 1000  # ~60 KB of requests the proxy answers itself
+    sent = 0
+    blocked = False
+    with connect(proxy) as sock:
+        sock.settimeout(0.5)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                sock.sendall(burst)
+            except TimeoutError:
+                blocked = True
+                break
+            sent += len(burst)
+        other = connect(proxy)
+        assert_ping_ok(other)
+        other.close()
+    assert blocked, f"the proxy kept accepting requests: {sent / 1e6:.0f} MB in 10 s"
+    assert sent < 64e6, f"{sent / 1e6:.0f} MB accepted before the proxy pushed back"

@@ -19,6 +19,10 @@ from proxy.wire import HEADER_SIZE, MAX_MESSAGE_SIZE, WireError, parse_header
 __all__ = ["ClientStream", "StalledMessageError"]
 
 _LENGTH = struct.Struct("<i")
+# Bytes a client may have sent beyond the message being read before the proxy stops
+# reading its socket (the kernel's buffers then push back on the client): a client that
+# streams requests without reading the replies cannot grow the proxy's memory.
+READ_HIGH_WATER = 1 << 20
 
 
 class StalledMessageError(WireError):
@@ -37,6 +41,7 @@ class ClientStream(asyncio.Protocol):
         self._started_ns = 0
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
+        self._reading_paused = False
         self._max_size = MAX_MESSAGE_SIZE  # as next_message was last told
         self.paused = False  # the transport's buffer is full: the client is not reading
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -63,6 +68,10 @@ class ClientStream(asyncio.Protocol):
             length = _LENGTH.unpack_from(buffer)[0]
             if len(buffer) >= length or not HEADER_SIZE <= length <= self._max_size:
                 self._wake()
+            if len(buffer) - max(length, 0) > READ_HIGH_WATER and not self._reading_paused:
+                assert self.transport is not None
+                self.transport.pause_reading()  # resumed when more bytes are needed
+                self._reading_paused = True
 
     def eof_received(self) -> bool:
         # Keep our half open: a request sent just before the client's FIN is answered.
@@ -116,6 +125,9 @@ class ClientStream(asyncio.Protocol):
                     return message, started_ns
             if self._eof:
                 return None  # a clean end, or a client gone mid-message: nothing to answer
+            if self._reading_paused and self.transport is not None:
+                self.transport.resume_reading()
+                self._reading_paused = False
             if not buffer:
                 await self._wait(None)  # an idle client may stay as long as it likes
                 continue
