@@ -84,6 +84,11 @@ class _Pipeline(asyncio.Protocol):
         return waiter
 
 
+def _consume(attempt: asyncio.Future[Any]) -> None:
+    if not attempt.cancelled():
+        attempt.exception()
+
+
 class LookupLane:
     """``await lane.mget(k1, k2)``: the values (bytes or None), or an OSError/RedisError.
 
@@ -111,6 +116,9 @@ class LookupLane:
         # Concurrent lookups share one connection attempt.
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
+            # Its waiters may all have timed out: the outcome is then retrieved here,
+            # so a failed attempt is not reported as "never retrieved".
+            self._connecting.add_done_callback(_consume)
         connecting = self._connecting
         try:
             return await asyncio.shield(connecting)
