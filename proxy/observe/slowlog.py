@@ -18,15 +18,19 @@ messages (which can quote values) are not logged, only their code. With
 ``log_values: true`` the line also has ``"command_values"``: the raw command as relaxed
 Extended JSON.
 
-Output goes through a private :class:`logging.Logger` (not attached to the logging
-tree, so the application's log configuration neither duplicates nor reformats it),
-with a :class:`~logging.handlers.RotatingFileHandler` for a file.
+Lines are written to stdout or, for a file, through a
+:class:`~logging.handlers.RotatingFileHandler`'s stream and rotation, but not through
+the logging machinery: under a flood of slow operations (a saturated pool makes every
+operation slow) a log record, a formatter and a flush per line cost more than the line.
+Lines are collected and written once per event-loop iteration (at once when no loop
+runs), so an operation's line reaches the file a moment after its reply reaches the
+client, as before.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
-import itertools
 import json
 import logging
 import logging.handlers
@@ -40,22 +44,34 @@ from proxy.observe.record import OperationRecord
 
 __all__ = ["SlowLog", "format_line"]
 
-_ids = itertools.count(1)
+# Seconds of the last timestamp and its text up to the seconds: one strftime a second.
+_stamp_second = -1
+_stamp_prefix = ""
+# One encoder for every line (json.dumps with options builds a new one per call).
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+# Stands for the shape while the line is encoded; the shape's own JSON text replaces it
+# (it is JSON already: decoding and re-encoding it cost a fifth of the line). Control
+# characters come out escaped, so no encoded value can contain this text.
+_SHAPE_MARK = "\x00shape\x00"
+_SHAPE_MARK_JSON = '"shape":' + _encode(_SHAPE_MARK)
 
 
 def _timestamp(wall: float) -> str:
-    moment = datetime.datetime.fromtimestamp(wall, datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    global _stamp_second, _stamp_prefix
+    second = int(wall)
+    if second != _stamp_second:
+        moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        _stamp_prefix = moment.strftime("%Y-%m-%dT%H:%M:%S.")
+        _stamp_second = second
+    # Milliseconds as datetime would show them (microseconds rounded first).
+    millis = min(999, int((wall - second) * 1e6 + 0.5) // 1000)
+    return f"{_stamp_prefix}{millis:03d}Z"
 
 
 def format_line(op: OperationRecord, slow: bool, log_values: bool = False) -> str:
     """The JSON line (without newline) for one operation."""
-    shape: Any = None
-    if op.shape_text is not None:
-        try:
-            shape = json.loads(op.shape_text)
-        except ValueError:
-            shape = op.shape_text
+    shape_text = op.shape_text
+    shaped = shape_text is not None and shape_text[:1] == "{"
     line: dict[str, Any] = {
         "ts": _timestamp(op.start_time),
         "duration_ms": round(op.duration_ms, 3),
@@ -66,7 +82,7 @@ def format_line(op: OperationRecord, slow: bool, log_values: bool = False) -> st
         "db": op.database,
         "collection": op.collection,
         "shape_hash": op.shape_hash,
-        "shape": shape,
+        "shape": _SHAPE_MARK if shaped else shape_text,
         "tenant": op.tenant,
         "user": op.user,
         "app_name": op.app_name,
@@ -88,7 +104,11 @@ def format_line(op: OperationRecord, slow: bool, log_values: bool = False) -> st
                 json_util.dumps(op.raw_command, json_options=json_util.RELAXED_JSON_OPTIONS)
             )
         )
-    return json.dumps(line, separators=(",", ":"), ensure_ascii=False, default=str)
+    text = _encode(line)
+    if shaped:
+        assert shape_text is not None
+        text = text.replace(_SHAPE_MARK_JSON, '"shape":' + shape_text, 1)
+    return text
 
 
 class SlowLog:
@@ -107,21 +127,23 @@ class SlowLog:
         self.log_values = config.log_values
         self._rng = rng
         self.written = 0
-        self.logger = logging.Logger(f"mongoproxy.slowlog.{next(_ids)}", logging.INFO)
-        self.logger.propagate = False
-        handler: logging.Handler
+        self._pending: list[str] = []
+        self._file: logging.handlers.RotatingFileHandler | None = None
+        self._max_bytes = 0
+        self._position = 0
         if config.slow_log == "-":
-            handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+            self._stream: IO[str] = stream if stream is not None else sys.stdout
         else:
-            handler = logging.handlers.RotatingFileHandler(
+            # Used for its stream and its rotation (doRollover), never to emit records.
+            self._file = logging.handlers.RotatingFileHandler(
                 config.slow_log,
                 maxBytes=config.slow_log_max_bytes,
                 backupCount=config.slow_log_backups,
                 encoding="utf-8",
             )
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        self.handler = handler
-        self.logger.addHandler(handler)
+            self._stream = self._file_stream()
+            self._max_bytes = config.slow_log_max_bytes
+            self._position = self._stream.tell()
 
     def record(self, op: OperationRecord) -> bool:
         """Log the operation if it is slow or sampled; True when a line was written."""
@@ -131,10 +153,39 @@ class SlowLog:
             slow = False
         else:
             return False
-        self.logger.info(format_line(op, slow, self.log_values))
+        self._pending.append(format_line(op, slow, self.log_values))
+        if len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop (tools, tests): write now
+                self.flush()
         self.written += 1
         return True
 
+    def flush(self) -> None:
+        """Write the collected lines (rotating the file as they cross its size limit)."""
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
+        if self._file is None or not self._max_bytes:
+            self._stream.write("".join(f"{line}\n" for line in lines))
+        else:
+            for line in lines:
+                text = f"{line}\n"
+                size = len(text.encode())
+                if self._position and self._position + size > self._max_bytes:
+                    self._file.doRollover()
+                    self._stream = self._file_stream()
+                    self._position = 0
+                self._stream.write(text)
+                self._position += size
+        self._stream.flush()
+
+    def _file_stream(self) -> IO[str]:
+        assert self._file is not None and self._file.stream is not None  # not delay=True
+        return self._file.stream
+
     def close(self) -> None:
-        self.logger.removeHandler(self.handler)
-        self.handler.close()
+        self.flush()
+        if self._file is not None:
+            self._file.close()
