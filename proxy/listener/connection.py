@@ -11,7 +11,6 @@ import asyncio
 import datetime
 import json
 import logging
-import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +20,7 @@ from proxy.cache.layer import Access
 from proxy.classify import NO_CONTEXT, Classification, ClientContext, classify
 from proxy.errors import (
     BAD_VALUE,
+    COMMAND_NOT_FOUND,
     HOST_UNREACHABLE,
     INTERNAL_ERROR,
     NETWORK_TIMEOUT,
@@ -73,7 +73,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mongoproxy.connection")
 
-_LENGTH = struct.Struct("<i")
 # Flags the upstream must not see: exhaust replies would stream several messages into a
 # pooled connection (the client falls back to plain getMore), moreToCome would leave the
 # exchange without a reply to wait for (the proxy reads and drops it instead), and the
@@ -197,8 +196,8 @@ class ClientConnection:
         timer.mark("decode")
         name = next(iter(command), None)
         if name is None:
-            raise WireError("OP_MSG body is an empty document: no command", code=59,
-                            code_name="CommandNotFound")
+            raise WireError("OP_MSG body is an empty document: no command",
+                            code=COMMAND_NOT_FOUND[0], code_name=COMMAND_NOT_FOUND[1])
         if name in HELLO_COMMANDS:
             # Handshakes and heartbeats are not operations: they are neither timed nor logged.
             self._write_op_msg(msg.request_id, self._hello(name, command))

@@ -388,13 +388,6 @@ class Metrics:
             tenant if tenant is not None and tenant in self.tenants else "",
         ).inc()
 
-    def cache_result(self, result: str) -> None:
-        """A cache lookup outside :meth:`observe` (``observe`` counts ``op.cache``)."""
-        child = self._cache_children.get(result)
-        if child is None:
-            child = self._cache_child(result)
-        child.inc()
-
     def config_reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "failed").inc()
         self.reload_ok.set(1 if ok else 0)

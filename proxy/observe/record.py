@@ -86,16 +86,6 @@ class Timer:
         phases[phase] = phases.get(phase, 0) + now - self._last
         self._last = now
 
-    def skip(self) -> None:
-        """Start the next phase now, attributing the time since the last mark to none."""
-        self._last = time.perf_counter_ns()
-
-    def elapsed_ms(self) -> float:
-        return (time.perf_counter_ns() - self.start_ns) / 1e6
-
-    def phases_ms(self) -> dict[str, float]:
-        return {name: ns / 1e6 for name, ns in self.phases.items()}
-
     def record(self, command: str, **fields: Any) -> OperationRecord:
         """An :class:`OperationRecord` ending now; ``fields`` are its other attributes.
 

@@ -847,17 +847,6 @@ class TenantPolicy:
         elif remove in (False, 0):
             raise _Deny(f"{ctx.where_cmd}: neither remove nor update")
 
-    def check_explain(
-        self,
-        command: Mapping[str, Any],
-        bound_tenant: str | None,
-        is_superuser: bool = False,
-    ) -> Verdict:
-        """``{explain: {<command>}}``: ``check`` unwraps it and runs the explained
-        command's checker (errmsgs say "explain of find on ..."); this is a shortcut."""
-        if not command or next(iter(command)) != "explain":
-            return Verdict(False, "not an explain command")
-        return self.check(command, {}, bound_tenant, is_superuser)
 
 
 _CHECKERS: dict[str, Any] = {
