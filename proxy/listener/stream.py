@@ -9,16 +9,14 @@ partly received (an idle client may wait forever; a stalled one may not).
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import cast
 
-from proxy.wire import HEADER_SIZE, MAX_MESSAGE_SIZE, WireError, parse_header
+from proxy.wire import HEADER_SIZE, MAX_MESSAGE_SIZE, WireError, declared_length, parse_header
 
 __all__ = ["ClientStream", "StalledMessageError"]
 
-_LENGTH = struct.Struct("<i")
 # Bytes a client may have sent beyond the message being read before the proxy stops
 # reading its socket (the kernel's buffers then push back on the client): a client that
 # streams requests without reading the replies cannot grow the proxy's memory.
@@ -65,7 +63,7 @@ class ClientStream(asyncio.Protocol):
         if first:
             self._wake()
         elif len(buffer) >= HEADER_SIZE:
-            length = _LENGTH.unpack_from(buffer)[0]
+            length = declared_length(buffer)
             if len(buffer) >= length or not HEADER_SIZE <= length <= self._max_size:
                 self._wake()
             if len(buffer) - max(length, 0) > READ_HIGH_WATER and not self._reading_paused:
@@ -110,7 +108,7 @@ class ClientStream(asyncio.Protocol):
         buffer = self._buffer
         while True:
             if len(buffer) >= HEADER_SIZE:
-                length = _LENGTH.unpack_from(buffer)[0]
+                length = declared_length(buffer)
                 if length < HEADER_SIZE or length > max_size:
                     parse_header(buffer, max_size)  # raises the WireError that says why
                 if len(buffer) >= length:
@@ -136,7 +134,7 @@ class ClientStream(asyncio.Protocol):
             remaining = timeout_s - (time.perf_counter_ns() - self._started_ns) / 1e9
             if remaining <= 0 or not await self._wait(remaining):
                 raise StalledMessageError(
-                    f"message of {self._declared_length()} bytes not received within "
+                    f"message of {self._length_text()} bytes not received within "
                     f"{timeout_s:g} s", fatal=True
                 )
 
@@ -155,11 +153,10 @@ class ClientStream(asyncio.Protocol):
                 timer.cancel()
         return True
 
-    def _declared_length(self) -> int | str:
+    def _length_text(self) -> int | str:
         if len(self._buffer) < 4:
             return "unknown"
-        length: int = _LENGTH.unpack_from(self._buffer)[0]
-        return length
+        return declared_length(self._buffer)
 
     def _wake(self) -> None:
         waiter = self._waiter

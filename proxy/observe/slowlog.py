@@ -126,7 +126,6 @@ class SlowLog:
         self.sample_rate = config.sample_rate
         self.log_values = config.log_values
         self._rng = rng
-        self.written = 0
         self._pending: list[str] = []
         self._file: logging.handlers.RotatingFileHandler | None = None
         self._max_bytes = 0
@@ -159,7 +158,6 @@ class SlowLog:
                 asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no event loop (tools, tests): write now
                 self.flush()
-        self.written += 1
         return True
 
     def flush(self) -> None:

@@ -19,10 +19,16 @@ from proxy.pool.auth import (
     authentication_failed,
     with_speculative_auth,
 )
-from proxy.wire import HEADER_SIZE, OpCode, decode_body, encode_op_msg, parse_op_msg
+from proxy.wire import (
+    HEADER_SIZE,
+    OpCode,
+    declared_length,
+    decode_body,
+    encode_op_msg,
+    parse_op_msg,
+)
 
 _HEADER = struct.Struct("<iiii")
-_LENGTH = struct.Struct("<i")
 # Request ids of messages the proxy itself originates (handshakes, killCursors, ...).
 # Forwarded client messages keep the client's own id: each exchange owns its upstream
 # connection, so the reply's responseTo already names the client's request.
@@ -52,7 +58,7 @@ class _ReplyReader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
-        if not buffer and len(data) >= HEADER_SIZE and _LENGTH.unpack_from(data)[0] == len(
+        if not buffer and len(data) >= HEADER_SIZE and declared_length(data) == len(
             data
         ):
             # The usual case: exactly one whole reply in one read, handed over uncopied.
@@ -66,7 +72,7 @@ class _ReplyReader(asyncio.Protocol):
         waiter, buffer = self.waiter, self.buffer
         if waiter is None or waiter.done() or len(buffer) < HEADER_SIZE:
             return
-        length = _LENGTH.unpack_from(buffer)[0]
+        length = declared_length(buffer)
         if length < HEADER_SIZE:
             waiter.set_exception(UpstreamProtocolError(f"reply length {length} is invalid"))
         elif len(buffer) >= length:

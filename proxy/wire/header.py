@@ -13,6 +13,7 @@ __all__ = [
     "MAX_MESSAGE_SIZE",
     "Header",
     "OpCode",
+    "declared_length",
     "pack_header",
     "parse_header",
     "with_ids",
@@ -22,6 +23,7 @@ HEADER_SIZE = 16
 MAX_MESSAGE_SIZE = 48_000_000
 
 _HEADER = struct.Struct("<iiii")
+_LENGTH = struct.Struct("<i")
 _IDS_UNSIGNED = struct.Struct("<II")
 _HEADER_UNSIGNED = struct.Struct("<IIII")
 _MASK32 = 0xFFFFFFFF
@@ -65,6 +67,14 @@ def parse_header(data: bytes | bytearray | memoryview, max_size: int = MAX_MESSA
             request_id=request_id,
         )
     return Header(length, request_id, response_to, op_code)
+
+
+def declared_length(data: bytes | bytearray | memoryview) -> int:
+    """The messageLength field (the first 4 bytes, at least that many given), unchecked:
+    what the socket layer frames a byte stream by before the whole header is there.
+    :func:`parse_header` validates it."""
+    length: int = _LENGTH.unpack_from(data)[0]
+    return length
 
 
 def pack_header(length: int, request_id: int, response_to: int, op_code: int) -> bytes:
