@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+import uvloop
 from redis.exceptions import RedisError
 
 from proxy.cache.config import CacheConfig
+from proxy.cache.deadline import PolledTimeout
 from proxy.cache.lane import LookupLane, lane_for
 from proxy.cache.layer import ResultCache
 from proxy.cache.store import StoreUnavailable
@@ -67,7 +70,7 @@ async def test_concurrent_lookups_on_one_connection_get_their_own_replies(
     server = redis_factory()
     with redis.Redis.from_url(server.url) as r:
         r.mset({f"k{i}": f"v{i}" for i in range(200)})
-    lane = lane_for(server.url, 1.0)
+    lane = lane_for(server.url, 1.0, 1.0)
     assert lane is not None
     try:
         replies = await asyncio.gather(*(lane.mget(f"k{i}", "missing") for i in range(200)))
@@ -78,7 +81,7 @@ async def test_concurrent_lookups_on_one_connection_get_their_own_replies(
 
 async def test_a_restarted_redis_gets_a_new_connection(redis_factory: RedisFactory) -> None:
     server = redis_factory()
-    lane = lane_for(server.url, 1.0)
+    lane = lane_for(server.url, 1.0, 1.0)
     assert lane is not None
     try:
         assert await lane.mget("x", "y") == [None, None]
@@ -110,13 +113,13 @@ async def test_password_and_database_from_the_url(password_redis: _PasswordRedis
     url = f"redis://:{PASSWORD}@{HOST}:{password_redis.port}/2"
     with redis.Redis.from_url(url) as r:
         r.set("only-in-db-2", "yes")
-    lane = lane_for(url, 1.0)
+    lane = lane_for(url, 1.0, 1.0)
     assert lane is not None and lane.db == 2
     try:
         assert await lane.mget("only-in-db-2", "nothing") == [b"yes", None]
     finally:
         lane.close()
-    wrong = lane_for(f"redis://:wrong@{HOST}:{password_redis.port}/0", 1.0)
+    wrong = lane_for(f"redis://:wrong@{HOST}:{password_redis.port}/0", 1.0, 1.0)
     assert wrong is not None
     with pytest.raises(RedisError):
         await wrong.mget("only-in-db-2", "nothing")
@@ -131,7 +134,7 @@ async def test_a_peer_answering_garbage_is_an_error_not_a_hang() -> None:
 
     port = free_port()
     server = await asyncio.start_server(garbage, HOST, port)
-    lane = LookupLane(HOST, port, 1.0)
+    lane = LookupLane(HOST, port, 1.0, 1.0)
     try:
         with pytest.raises(RedisError):
             await asyncio.wait_for(lane.mget("a", "b"), 2)
@@ -142,6 +145,115 @@ async def test_a_peer_answering_garbage_is_an_error_not_a_hang() -> None:
 
 
 def test_only_plain_tcp_urls_get_a_lane() -> None:
-    assert lane_for("redis://127.0.0.1:6379/0", 1.0) is not None
-    assert lane_for("rediss://127.0.0.1:6379/0", 1.0) is None
-    assert lane_for("unix:///tmp/redis.sock", 1.0) is None
+    assert lane_for("redis://127.0.0.1:6379/0", 1.0, 1.0) is not None
+    assert lane_for("rediss://127.0.0.1:6379/0", 1.0, 1.0) is None
+    assert lane_for("unix:///tmp/redis.sock", 1.0, 1.0) is None
+
+
+
+class _SlowReplies:
+    """A TCP relay in front of a real redis-server that holds every reply ``delay_s``
+    (settable) before passing it on: Redis answering within the budget, but not at once.
+    Runs its own event loop in a thread, so the loop under test can be busy meanwhile."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port, self.delay_s = upstream_port, 0.0
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(HOST, self.upstream_port)
+
+        async def requests() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+            up_writer.close()
+
+        task = asyncio.ensure_future(requests())
+        while data := await up_reader.read(65536):
+            await asyncio.sleep(self.delay_s)
+            writer.write(data)
+        writer.close()
+        task.cancel()
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._relay, HOST, self.port), self._loop).result(5)
+        return f"redis://{HOST}:{self.port}/0"
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def _lookup_and_store_while_the_loop_is_busy(
+    relay: _SlowReplies, url: str, loop_kind: str,
+) -> tuple[int, int]:
+    """Lookups (lane) and stores (redis-py) with a 5 ms budget, Redis answering each in
+    3 ms, while the event loop is held for 30 ms by other work 1 ms after each request
+    went out: the reply is in the socket before the deadline, but the loop reads it only
+    after. Returns (failures, successes)."""
+    async def scenario() -> tuple[int, int]:
+        cache = ResultCache(CacheConfig.model_validate({
+            "redis_url": url, "timeout_ms": 5, "key_prefix": "busy:",
+            "breaker": {"failures": 100, "probe_interval_ms": 100},
+            "rules": [{"match": {"collection": "users"}, "ttl_s": 60}],
+        }))
+        await cache.start()
+        store = cache.store
+        failures = successes = 0
+        try:
+            await store.lookup("app.users", "warm")  # connects the lane, creates the token
+            await store.store("app.users", "warm", b"v", 60)  # connects redis-py
+            relay.delay_s = 0.003
+            for i in range(10):
+                asyncio.get_running_loop().call_later(0.001, time.sleep, 0.03)  # busy
+                try:
+                    if i % 2:
+                        await store.store("app.users", f"d{i}", b"v", 60)
+                    else:
+                        await store.lookup("app.users", f"d{i}")
+                    successes += 1
+                except StoreUnavailable:
+                    failures += 1
+        finally:
+            await cache.close()
+        return failures, successes
+
+    if loop_kind == "uvloop":
+        return uvloop.run(scenario())
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_busy_event_loop_is_not_taken_for_a_slow_redis(
+    redis_factory: RedisFactory, loop_kind: str,
+) -> None:
+    server = redis_factory()
+    relay = _SlowReplies(server.port)
+    with relay as url:
+        assert _lookup_and_store_while_the_loop_is_busy(relay, url, loop_kind) == (0, 10)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_polled_timeout_still_expires(loop_kind: str) -> None:
+    """Nothing answers: the call fails after the budget (plus the one-poll grace), also
+    when the loop was busy past the deadline (moved once, then it expires)."""
+    async def wait(busy_s: float) -> float:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            async with PolledTimeout(0.02):
+                if busy_s:
+                    asyncio.get_running_loop().call_soon(time.sleep, busy_s)
+                await asyncio.sleep(10)
+        return time.monotonic() - started
+
+    async def both() -> tuple[float, float]:
+        return await wait(0), await wait(0.05)
+
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    idle, busy = run(both())
+    assert 0.02 <= idle < 0.5
+    assert 0.07 <= busy < 0.6  # 50 ms busy, then a second budget of 20 ms

@@ -9,31 +9,45 @@ hiredis, redis-py's C companion, encodes the command and parses the replies. Eve
 other command (stores, token creation, invalidation, probes) stays on redis-py, and so
 does everything on a Redis Cluster or over TLS/unix sockets (see :func:`lane_for`).
 
-A lookup the store's timeout gave up on keeps its place in the FIFO; its reply is
-dropped when it arrives, so later replies still match. A lost connection fails every
-waiting lookup (each becomes a Redis error for the circuit breaker) and the next lookup
-opens a new one.
+The lookups of one loop pass go out in one write. Each is bounded by the store's
+``timeout_ms``, counted from that write, by one watchdog timer per connection rather
+than a timer per lookup; like :class:`proxy.cache.deadline.PolledTimeout` it does not
+take a busy proxy for a slow Redis. A lookup that timed out keeps its place in the
+FIFO; its reply is dropped when it arrives, so later replies still match. A lost
+connection fails every waiting lookup (each becomes a Redis error for the circuit
+breaker) and the next lookup opens a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from itertools import repeat
 from typing import Any, cast
 
 import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
+from proxy.cache.deadline import GRACE_S
+
 __all__ = ["LookupLane", "lane_for"]
 
 
 class _Pipeline(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, reply_timeout_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.reply_timeout_s = reply_timeout_s
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
         self.waiters: deque[asyncio.Future[Any]] = deque()
+        # Deadlines of the sent commands, in the order of `waiters` (a command still in
+        # `outgoing` has a waiter but no deadline yet).
+        self.deadlines: deque[float] = deque()
+        self.outgoing: list[bytes] = []
         self.lost: BaseException | None = None
+        self._watchdog: asyncio.Handle | None = None
+        self._cutoff = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -49,12 +63,13 @@ class _Pipeline(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            if not self.waiters:
+            if not self.deadlines:
                 self._fail(RedisError("a reply from Redis that nothing asked for"))
                 return
             waiter = self.waiters.popleft()
+            self.deadlines.popleft()
             if waiter.done():
-                continue  # its lookup timed out; the reply is dropped
+                continue  # it timed out or its request was cancelled; the reply is dropped
             if isinstance(reply, hiredis.ReplyError):
                 waiter.set_exception(RedisError(str(reply)))
             else:
@@ -68,20 +83,63 @@ class _Pipeline(asyncio.Protocol):
             self.lost = exc
         if self.transport is not None:
             self.transport.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self.outgoing.clear()
+        self.deadlines.clear()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(self.lost)
 
     def send(self, *args: str | bytes) -> asyncio.Future[Any]:
-        """Queue one command; the future gets its reply."""
-        assert self.transport is not None
+        """Queue one command; the future gets its reply, or TimeoutError when none was
+        read within ``reply_timeout_s`` of sending it (see :meth:`_flush`)."""
         if self.lost is not None:
             raise ConnectionError(f"Redis connection lost: {self.lost}")
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Any] = self.loop.create_future()
         self.waiters.append(waiter)
-        self.transport.write(hiredis.pack_command(cast(Any, args)))  # the stub is too narrow
+        if not self.outgoing:
+            self.loop.call_soon(self._flush)
+        self.outgoing.append(hiredis.pack_command(cast(Any, args)))  # the stub is too narrow
         return waiter
+
+    def _flush(self) -> None:
+        # The commands of every request that ran in this loop pass go out in one write
+        # (one system call instead of one per lookup), each timed from now.
+        if self.lost is not None or not self.outgoing:
+            return
+        assert self.transport is not None
+        batch, self.outgoing = self.outgoing, []
+        self.transport.write(b"".join(batch))
+        self.deadlines.extend(repeat(self.loop.time() + self.reply_timeout_s, len(batch)))
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_at(self.deadlines[0], self._due)
+
+    # One watchdog per connection instead of a timer per lookup. Like
+    # proxy.cache.deadline.PolledTimeout, it lets a deadline pass only after the loop
+    # has read its sockets once more and resumed the tasks that were ready, so a busy
+    # proxy is not taken for a slow Redis.
+
+    def _due(self) -> None:
+        self._cutoff = self.loop.time()
+        self._watchdog = self.loop.call_later(GRACE_S, self._polled)
+
+    def _polled(self) -> None:
+        self._watchdog = self.loop.call_soon(self._expire)
+
+    def _expire(self) -> None:
+        self._watchdog = None
+        # Not strict: the waiters of commands still in `outgoing` have no deadline yet.
+        for waiter, deadline in zip(self.waiters, self.deadlines, strict=False):
+            if deadline > self._cutoff:
+                self._watchdog = self.loop.call_at(deadline, self._due)
+                return
+            if not waiter.done():
+                # It keeps its place: its late reply is dropped when it comes.
+                waiter.set_exception(TimeoutError(
+                    f"no reply from Redis within {self.reply_timeout_s * 1000:g} ms"))
 
 
 def _consume(attempt: asyncio.Future[Any]) -> None:
@@ -90,19 +148,20 @@ def _consume(attempt: asyncio.Future[Any]) -> None:
 
 
 class LookupLane:
-    """``await lane.mget(k1, k2)``: the values (bytes or None), or an OSError/RedisError.
+    """``await lane.mget(k1, k2)``: the values (bytes or None), or an OSError/RedisError,
+    or TimeoutError when Redis did not answer within ``reply_timeout_s``.
 
-    Callers bound the wait (the store's ``timeout_ms`` scope); connecting is bounded by
-    ``connect_timeout_s``.
+    Connecting is bounded by ``connect_timeout_s``.
     """
 
     def __init__(
-        self, host: str, port: int, connect_timeout_s: float, *,
+        self, host: str, port: int, connect_timeout_s: float, reply_timeout_s: float, *,
         db: int = 0, username: str | None = None, password: str | None = None,
     ) -> None:
         self.host, self.port, self.db = host, port, db
         self.username, self.password = username, password
         self.connect_timeout_s = connect_timeout_s
+        self.reply_timeout_s = reply_timeout_s
         self._pipeline: _Pipeline | None = None
         self._connecting: asyncio.Future[_Pipeline] | None = None
 
@@ -129,7 +188,8 @@ class LookupLane:
     async def _connect(self) -> _Pipeline:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout_s):
-            _, pipeline = await loop.create_connection(_Pipeline, self.host, self.port)
+            _, pipeline = await loop.create_connection(
+                lambda: _Pipeline(self.reply_timeout_s), self.host, self.port)
             try:
                 if self.password is not None:
                     credentials = ((self.username, self.password) if self.username
@@ -150,7 +210,9 @@ class LookupLane:
         self._pipeline = None
 
 
-def lane_for(redis_url: str, connect_timeout_s: float) -> LookupLane | None:
+def lane_for(
+    redis_url: str, connect_timeout_s: float, reply_timeout_s: float,
+) -> LookupLane | None:
     """A lane for a plain ``redis://`` URL (TCP, no TLS); None for anything else."""
     if not redis_url.startswith("redis://"):
         return None
@@ -158,7 +220,7 @@ def lane_for(redis_url: str, connect_timeout_s: float) -> LookupLane | None:
     if "connection_class" in params or "host" not in params:
         return None
     return LookupLane(
-        str(params["host"]), int(params.get("port", 6379)), connect_timeout_s,
+        str(params["host"]), int(params.get("port", 6379)), connect_timeout_s, reply_timeout_s,
         db=int(params.get("db") or 0), username=params.get("username"),
         password=params.get("password"),
     )

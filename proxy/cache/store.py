@@ -45,7 +45,9 @@ Creating a token (``SET NX GET``) first records the namespace in ``P{db}:ns`` so
 no TTL: run the cache's Redis with a ``volatile-*`` eviction policy (or none) and
 without persistence (a restored snapshot would bring back old tokens with old entries).
 
-**Redis failures**: every operation is bounded by ``timeout_ms``; a failure counts
+**Redis failures**: every operation is bounded by ``timeout_ms`` (a
+:class:`~proxy.cache.deadline.PolledTimeout`: the proxy's own busy loop does not count
+as Redis being slow); a failure counts
 towards the circuit breaker (``breaker.failures`` consecutive failures open it), a
 failed invalidation opens it at once. While open, nothing touches Redis (lookups
 bypass, writes record their namespaces as pending) and a probe (PING) runs every
@@ -72,6 +74,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from proxy.cache.config import CacheConfig
+from proxy.cache.deadline import PolledTimeout
 from proxy.cache.eligibility import WriteTargets
 from proxy.cache.entry import TOKEN_BYTES
 from proxy.cache.lane import LookupLane, lane_for
@@ -87,6 +90,9 @@ State = Literal["connecting", "ok", "down"]
 
 class StoreUnavailable(Exception):
     """Redis is not used right now (circuit open) or the operation failed."""
+
+
+_UNSCOPED = contextlib.nullcontext()
 
 
 def _as_bytes(value: object) -> bytes | None:
@@ -121,7 +127,8 @@ class RedisStore:
         else:
             self.client = Redis.from_url(config.redis_url, **options)
             # Lookups (the whole of a hit) skip redis-py's client: see proxy.cache.lane.
-            self._lane = lane_for(config.redis_url, config.connect_timeout_ms / 1000)
+            self._lane = lane_for(config.redis_url, config.connect_timeout_ms / 1000,
+                                  self.timeout_s)
         self.state: State = "connecting"
         self._failures = 0
         self._open = False
@@ -170,8 +177,10 @@ class RedisStore:
         """(current token of ns, raw entry or None). Creates the token when missing."""
         keys = (self.token_key(ns), self.entry_key(ns, digest))
         lane = self._lane
-        reply = await self._run(
-            "lookup", lambda: lane.mget(*keys) if lane is not None else self.client.mget(*keys))
+        if lane is not None:  # the lane bounds its own replies
+            reply = await self._run("lookup", lambda: lane.mget(*keys), bounded=True)
+        else:
+            reply = await self._run("lookup", lambda: self.client.mget(*keys))
         if not isinstance(reply, list) or len(reply) != 2:
             self.metrics.error("lookup", "garbage")
             self.failed("MGET returned something else than two values")
@@ -249,12 +258,15 @@ class RedisStore:
 
     # -- the breaker ------------------------------------------------------------------
 
-    async def _run(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _run(
+        self, op: str, call: Callable[[], Awaitable[T]], *, bounded: bool = False,
+    ) -> T:
+        """``call()`` within ``timeout_ms`` (``bounded``: it has its own bound)."""
         if self._open:
             raise StoreUnavailable("circuit open")
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with _UNSCOPED if bounded else PolledTimeout(self.timeout_s):
                 result = await call()
         except (RedisError, OSError, TimeoutError) as exc:
             self.metrics.error(op, _kind(exc))
