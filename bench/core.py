@@ -1,7 +1,9 @@
 """`python -m bench core`: proxy overhead on find-by-_id and single inserts.
 
-One run measures both targets (FerretDB directly, and the proxy in front of the same
-FerretDB) for each operation and concurrency level.
+One run measures every target (FerretDB directly, the proxy in front of the same
+FerretDB and, when the bench starts the stack and ``haproxy`` is installed, ``tcp``:
+HAProxy in TCP mode in front of it, the cost of an extra hop through a proxy written in
+C that looks at nothing) for each operation and concurrency level.
 
 Method
 ------
@@ -14,7 +16,7 @@ Method
   the driver, so ObjectIds).
 * Clients: one pymongo ``MongoClient`` per target, shared by all worker threads,
   with ``maxPoolSize`` = the highest concurrency.  That is how applications use
-  pymongo, and connection-pool checkout costs the same for both targets.
+  pymongo, and connection-pool checkout costs the same for every target.
   ``directConnection=True`` so no topology discovery runs against the proxy.
 * Load: closed loop.  A *cell* is (target, op, concurrency, round): ``c`` threads
   released together by a barrier, each doing its share of the cell's operations
@@ -23,9 +25,9 @@ Method
 * Warm-up: before measuring, every (target, op, concurrency) runs ``--warmup`` ops
   (which also fills the connection pools).
 * Rounds: ``--ops`` operations per (target, op, concurrency) are split over
-  ``--rounds`` rounds.  In each round, for each (concurrency, op), the two targets
-  run back to back, direct first in even rounds and proxy first in odd rounds
-  (ABBA), so drift and machine noise hit both alike.
+  ``--rounds`` rounds.  In each round, for each (concurrency, op), the targets run
+  back to back, in one order in even rounds and reversed in odd rounds (ABBA), so
+  drift and machine noise hit all alike.
 * Figures: throughput = ops / summed cell wall time; latency per op (perf_counter_ns,
   in µs, 1 µs .. 60 s, 3 significant digits) goes to one HdrHistogram per
   (target, op, concurrency), merged over threads and rounds.  Latencies are kept in
@@ -33,7 +35,7 @@ Method
   histogram work out of the measured loop.
 * Load generator CPU: ``getrusage(RUSAGE_SELF)`` (all threads of this process) per
   cell.  At more than ~0.9 cores the client may be the bottleneck (the GIL limits it
-  to about one core) and the figures understate both targets; a warning is printed.
+  to about one core) and the figures understate the targets; a warning is printed.
   When the bench started the stack itself, the proxy's and FerretDB's CPU per cell
   (from /proc) are recorded in the JSON as well.
 """
@@ -63,7 +65,8 @@ from pymongo.collection import Collection
 
 from bench.stack import Stack, external_stack, process_cpu_seconds, start_stack
 
-TARGETS = ("direct", "proxy")
+TARGETS = ("direct", "tcp", "proxy")  # tcp only when the stack has HAProxy
+SERVED_BY = {"tcp": "haproxy"}  # the process whose CPU a target's rows report
 OPS = ("find", "insert")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "core.json"
 
@@ -307,7 +310,8 @@ def run_cell(
         ops=n_ops,
         wall_s=wall,
         loadgen_cpu_s=cpu,
-        proxy_cpu_s=_diff(stack_after.get("proxy"), stack_before.get("proxy")),
+        proxy_cpu_s=_diff(stack_after.get(SERVED_BY.get(target, "proxy")),
+                          stack_before.get(SERVED_BY.get(target, "proxy"))),
         ferretdb_cpu_s=_diff(stack_after.get("ferretdb"), stack_before.get("ferretdb")),
         latencies_ns=merged,
     )
@@ -387,7 +391,7 @@ def aggregate(
         )
     by_key = {(r.target, r.op, r.concurrency): r for r in rows}
     for r in rows:
-        if r.target != "proxy":
+        if r.target == "direct":
             continue
         d = by_key.get(("direct", r.op, r.concurrency))
         if d is None:
@@ -461,13 +465,14 @@ def run(cfg: CoreConfig, stack: Stack) -> dict[str, Any]:
     machine = machine_info()  # before the load, so loadavg_at_start means what it says
     max_conc = max(cfg.concurrency)
     db_name = f"bench_core_{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"
-    uris = {"direct": stack.direct_uri, "proxy": stack.proxy_uri}
-    clients = {t: _client(uris[t], max_conc) for t in TARGETS}
+    uris = {"direct": stack.direct_uri, "proxy": stack.proxy_uri, **stack.targets}
+    targets = tuple(t for t in TARGETS if t in uris)
+    clients = {t: _client(uris[t], max_conc) for t in targets}
     rng = random.Random(cfg.seed)
     pids = stack.pids
     try:
         server: dict[str, Any] = {}
-        for t in TARGETS:
+        for t in targets:
             info = clients[t].admin.command("buildInfo")
             server[t] = {k: info.get(k) for k in ("version", "ferretdbVersion") if k in info}
 
@@ -483,7 +488,7 @@ def run(cfg: CoreConfig, stack: Stack) -> dict[str, Any]:
 
         colls = {
             t: {"find": clients[t][db_name]["find"], "insert": clients[t][db_name]["insert"]}
-            for t in TARGETS
+            for t in targets
         }
         t_run = time.perf_counter()
         cpu_run = _rusage_cpu()
@@ -492,18 +497,18 @@ def run(cfg: CoreConfig, stack: Stack) -> dict[str, Any]:
             _log(f"bench core: warm-up, {cfg.warmup} ops per target/op/concurrency")
             for conc in cfg.concurrency:
                 for op in OPS:
-                    for t in TARGETS:
+                    for t in targets:
                         run_cell(t, op, conc, cfg.warmup, -1, colls[t], cfg.docs, rng, {})
 
         per_round = _split(cfg.ops, cfg.rounds)
         cells: list[CellResult] = []
         hists = {
-            (t, op, c): new_histogram() for c in cfg.concurrency for op in OPS for t in TARGETS
+            (t, op, c): new_histogram() for c in cfg.concurrency for op in OPS for t in targets
         }
         t_measure = time.perf_counter()
         cpu_measure = _rusage_cpu()
         for rnd, n_ops in enumerate(per_round):
-            order = TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS))
+            order = targets if rnd % 2 == 0 else tuple(reversed(targets))
             _log(
                 f"bench core: round {rnd + 1}/{cfg.rounds} ({n_ops} ops per cell, {order[0]} first)"
             )
@@ -529,7 +534,7 @@ def run(cfg: CoreConfig, stack: Stack) -> dict[str, Any]:
             for c in clients.values():
                 c.close()
 
-    expected_inserts = (cfg.warmup + cfg.ops) * len(TARGETS) * len(cfg.concurrency)
+    expected_inserts = (cfg.warmup + cfg.ops) * len(targets) * len(cfg.concurrency)
     if inserted != expected_inserts:
         raise RuntimeError(f"insert collection has {inserted} docs, expected {expected_inserts}")
 
@@ -558,7 +563,7 @@ def run(cfg: CoreConfig, stack: Stack) -> dict[str, Any]:
             "concurrency": list(cfg.concurrency),
             "docs": cfg.docs,
             "seed": cfg.seed,
-            "targets": list(TARGETS),
+            "targets": list(targets),
             "ops": list(OPS),
             "stack": "started by bench" if stack.started else "external",
             "direct_uri": stack.direct_uri,
@@ -566,8 +571,8 @@ def run(cfg: CoreConfig, stack: Stack) -> dict[str, Any]:
             "database": db_name,
             "clients": f"one MongoClient per target shared by the threads, "
             f"maxPoolSize={max_conc}, directConnection=True",
-            "order": "per round, per (concurrency, op): both targets back to back, "
-            "direct first in even rounds, proxy first in odd rounds",
+            "order": "per round, per (concurrency, op): the targets back to back, "
+            "in the order of 'targets' in even rounds, reversed in odd rounds",
             "histogram": {
                 "unit": "us",
                 "lowest": HIST_LOWEST_US,
@@ -603,8 +608,10 @@ def main(args: argparse.Namespace) -> int:
     if cfg.direct_uri is not None and cfg.proxy_uri is not None:
         stack = external_stack(cfg.direct_uri, cfg.proxy_uri)
     else:
-        _log("bench core: starting FerretDB + proxy")
-        stack = start_stack()
+        _log("bench core: starting FerretDB + proxy + HAProxy (tcp)")
+        stack = start_stack(tcp=True)
+        for reason in stack.unavailable.values():
+            _log(f"bench core: without the tcp target: {reason}")
     with stack:
         _log(f"bench core: direct {stack.direct_uri}  proxy {stack.proxy_uri}")
         data = run(cfg, stack)

@@ -80,6 +80,8 @@ from bench.core import machine_info, write_json
 from bench.stack import (
     Stack,
     external_stack,
+    pin_process,
+    process_affinity,
     process_cpu_seconds,
     start_stack,
     stop_processes,
@@ -129,6 +131,33 @@ class PoolBenchConfig:
     direct_uri: str | None
     proxy_uri: str | None
     proxy_pid: int | None
+    cpu_split: bool = False
+
+    @property
+    def load(self) -> LoadSpec:
+        return LoadSpec(
+            workers=self.workers, collection="items", docs=self.docs,
+            insert_share=self.insert_share, seed=self.seed, warmup_s=self.warmup_s,
+            duration_s=self.duration_s, open_batch=min(self.batch, 200),
+            sample_interval_s=self.sample_interval_s,
+        )
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What one :func:`run_phase` has its worker processes do: closed-loop raw OP_MSG
+    clients, each a ``find`` by ``_id`` over ``docs`` seeded ids of ``collection`` (or,
+    with probability ``insert_share``, a one-document insert into ``ins``)."""
+
+    workers: int
+    collection: str
+    docs: int
+    insert_share: float
+    seed: int
+    warmup_s: float
+    duration_s: float
+    open_batch: int
+    sample_interval_s: float
 
 
 def _positive_int(text: str) -> int:
@@ -263,6 +292,13 @@ def add_parser(subparsers: Any) -> None:
         metavar="PATH",
         help="where to write the results (default: bench/results/pool.json)",
     )
+    p.add_argument(
+        "--cpu-split",
+        action="store_true",
+        help="FerretDB on the first usable CPU, everything else (proxy, load workers) on "
+        "the others, in both phases: the database keeps the same cores whether the proxy "
+        "runs or not, as on a deployment where it has a machine of its own",
+    )
     p.set_defaults(func=main)
 
 
@@ -271,6 +307,10 @@ def config_from_args(args: argparse.Namespace) -> PoolBenchConfig:
         raise SystemExit("bench pool: give both --direct and --proxy, or neither")
     if args.proxy_pid is not None and args.proxy is None:
         raise SystemExit("bench pool: --proxy-pid only goes with --direct and --proxy")
+    if args.cpu_split and args.direct is not None:
+        raise SystemExit("bench pool: --cpu-split needs the stack the bench starts itself")
+    if args.cpu_split and len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("bench pool: --cpu-split needs at least 2 usable CPUs")
     return PoolBenchConfig(
         idle_connections=args.idle_connections,
         batch=args.batch,
@@ -290,6 +330,7 @@ def config_from_args(args: argparse.Namespace) -> PoolBenchConfig:
         direct_uri=args.direct,
         proxy_uri=args.proxy,
         proxy_pid=args.proxy_pid,
+        cpu_split=args.cpu_split,
     )
 
 
@@ -658,6 +699,7 @@ class WorkerSpec:
     clients: int
     tag: str  # unique per (phase, worker): keeps inserted _ids and random streams apart
     database: str
+    collection: str
     docs: int
     insert_share: float
     seed: int
@@ -728,7 +770,7 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
             else:
                 key = doc_id(rng.randrange(spec.docs))
                 cmd = {
-                    "find": "items",
+                    "find": spec.collection,
                     "filter": {"_id": key},
                     "limit": 1,
                     "singleBatch": True,
@@ -829,7 +871,7 @@ class PhaseResult:
 
 
 def run_phase(
-    cfg: PoolBenchConfig,
+    cfg: LoadSpec,
     target: str,
     round_no: int,
     uri: str,
@@ -853,12 +895,13 @@ def run_phase(
             clients=share,
             tag=f"r{round_no}-{target}-w{i}",
             database=database,
+            collection=cfg.collection,
             docs=cfg.docs,
             insert_share=cfg.insert_share,
             seed=cfg.seed,
             warmup_s=cfg.warmup_s,
             duration_s=cfg.duration_s,
-            open_batch=min(cfg.batch, 200),
+            open_batch=cfg.open_batch,
         )
         parent, child = ctx.Pipe()
         proc = ctx.Process(
@@ -997,7 +1040,7 @@ def throughput_phase(
                     f"clients, {cfg.warmup_s:g} s warm-up + {cfg.duration_s:g} s"
                 )
                 phase = run_phase(
-                    cfg, target, rnd, uris[target], n_clients[target], database, pids,
+                    cfg.load, target, rnd, uris[target], n_clients[target], database, pids,
                     proxy_pid, upstream_port,
                 )  # fmt: skip
                 _log(
@@ -1240,12 +1283,28 @@ def format_report(data: dict[str, Any]) -> str:
         f"{up['monitoring_baseline']} monitoring, {up['samples']} samples): "
         f"{'ok' if up['within_limit'] else ('n/a' if up['within_limit'] is None else 'EXCEEDED')}",
     ]
+    split = data.get("cpu_split")
+    if split:
+        lines.append(f"CPUs split: FerretDB on {split['ferretdb']}, proxy and load "
+                     f"generator on {split['others']} (both phases)")
     m = data["machine"]
     lines.append(
         f"load average start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'] or [])}; "
         f"end {', '.join(f'{x:.2f}' for x in m.get('loadavg_at_end') or [])}"
     )
     return "\n".join(lines)
+
+
+def split_cpus(stack: Stack) -> dict[str, list[int]]:
+    """FerretDB on the first usable CPU; the proxy and this process (whose load workers
+    inherit it) on the rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    database, others = {cpus[0]}, set(cpus[1:])
+    pin_process(stack.pids["ferretdb"], database)
+    pin_process(stack.pids["proxy"], others)
+    pin_process(os.getpid(), others)
+    _log(f"bench pool: FerretDB on CPU {cpus[0]}, proxy and load on CPUs {sorted(others)}")
+    return {"ferretdb": sorted(database), "others": sorted(others)}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -1260,7 +1319,11 @@ def main(args: argparse.Namespace) -> int:
         stack = start_stack(pool_max_size=cfg.pool_max_size)
     with stack:
         _log(f"bench pool: direct {stack.direct_uri}  proxy {stack.proxy_uri}")
+        split = split_cpus(stack) if cfg.cpu_split else None
         data = run(cfg, stack, nofile)
+        if split is not None:  # threads FerretDB started meanwhile inherited the pinning
+            split["ferretdb_after_run"] = sorted(process_affinity(stack.pids["ferretdb"]))
+        data["cpu_split"] = split
     data["total_wall_s"] = time.perf_counter() - t0
     data["machine"]["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     write_json(cfg.json_path, data)

@@ -68,6 +68,23 @@ def find_ferretdb() -> str:
     return path
 
 
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Restrict every thread of ``pid`` to ``cpus`` (threads it starts later inherit
+    it); the Go runtime of FerretDB runs many threads, and affinity is per thread."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def process_affinity(pid: int) -> set[int]:
+    """The CPUs any thread of ``pid`` may run on."""
+    cpus: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            cpus |= os.sched_getaffinity(int(task.name))
+    return cpus
+
+
 def process_cpu_seconds(pid: int) -> float | None:
     """user+system CPU seconds of a live process, from /proc (None where unavailable)."""
     try:

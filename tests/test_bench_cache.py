@@ -14,7 +14,8 @@ def test_bench_cache_runs_and_writes_consistent_json(tmp_path: Path) -> None:
     out = tmp_path / "cache.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "cache", "--ops", "40", "--rounds", "2",
-         "--concurrency", "1,2", "--docs", "100", "--hot", "10", "--json", str(out)],
+         "--concurrency", "1,2", "--docs", "100", "--hot", "10", "--json", str(out),
+         "--saturation-clients", "4", "--saturation-s", "1", "--saturation-rounds", "2"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -31,5 +32,16 @@ def test_bench_cache_runs_and_writes_consistent_json(tmp_path: Path) -> None:
     cache = data["cache_during_measurement"]
     # every measured proxy-cache find was a hit (the warm-up filled the cache)
     assert cache["hits"] == cache["lookups"] == 2 * 2 * 40 and cache["bypasses"] == 0
+    saturation = data["saturation"]
+    assert saturation["clients"] == 4 and saturation["rounds"] == 2
+    for target, row in saturation["results"].items():
+        assert row["ops_per_s"] > 0 and 0 < row["p50_us"] <= row["p99_us"], target
+        assert len(row["per_round_ops_per_s"]) == 2
+    assert saturation["results"]["direct"]["ratio_vs_direct"] == 1.0
+    # the cached proxy served every saturation find from Redis, never from FerretDB
+    assert saturation["cache"]["hit"] > 0
+    assert saturation["cache"]["miss"] == saturation["cache"]["bypass"] == 0
+    assert saturation["results"]["proxy-cache"]["ferretdb_cores"] < 0.25
     assert data["goal"]["ratio"] == 2.0
-    assert "goal proxy-cache >= 2.0x direct" in proc.stdout
+    assert data["goal"]["measured"] == saturation["ratio"]
+    assert "goal proxy-cache >= 2.0x direct at saturation" in proc.stdout

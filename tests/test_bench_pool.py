@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,20 @@ def test_bench_pool_starts_its_own_stack(tmp_path: Path) -> None:
     assert data["proxy"]["pid"] is not None
     for target in ("direct", "proxy"):
         assert data["throughput"]["results"][target]["ferretdb_cpu_cores"] is not None
+
+
+def test_bench_pool_cpu_split(tmp_path: Path) -> None:
+    """``--cpu-split``: FerretDB's threads, also those it started during the run, stay on
+    the first CPU; the proxy and the load generator get the others."""
+    out = tmp_path / "pool.json"
+    proc = _run_bench(out, "--cpu-split")
+    data = json.loads(out.read_text())
+    _check_results(data, proc.stdout)
+    split = data["cpu_split"]
+    cpus = sorted(os.sched_getaffinity(0))
+    assert split["ferretdb"] == split["ferretdb_after_run"] == cpus[:1]
+    assert split["others"] == cpus[1:]
+    assert "CPUs split: FerretDB on" in proc.stdout
 
 
 def test_bench_pool_against_given_uris(
