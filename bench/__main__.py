@@ -1,7 +1,8 @@
 """`python -m bench <subcommand>`: the mongoproxy benchmarks.
 
 Subcommands:
-  core   proxy vs direct on find-by-_id and insert_one (bench/core.py)
+  core   proxy vs direct (and HAProxy, a bare Python relay: bench/relay.py) on
+         find-by-_id and insert_one (bench/core.py)
   pool   proxy RSS with many idle clients; many clients on a small pool vs direct
          (bench/pool.py)
   observe  cost of timing + shape + digest + metrics (+ a slow-log line) per operation:

@@ -1,9 +1,10 @@
 """`python -m bench core`: proxy overhead on find-by-_id and single inserts.
 
 One run measures every target (FerretDB directly, the proxy in front of the same
-FerretDB and, when the bench starts the stack and ``haproxy`` is installed, ``tcp``:
-HAProxy in TCP mode in front of it, the cost of an extra hop through a proxy written in
-C that looks at nothing) for each operation and concurrency level.
+FerretDB and, when the bench starts the stack itself, two relays that look at nothing:
+``tcp``, HAProxy in TCP mode (an extra hop in C; when ``haproxy`` is installed), and
+``relay``, ``python -m bench.relay`` (the same hop in Python on uvloop: the floor under
+any proxy written in Python) for each operation and concurrency level.
 
 Method
 ------
@@ -65,8 +66,8 @@ from pymongo.collection import Collection
 
 from bench.stack import Stack, external_stack, process_cpu_seconds, start_stack
 
-TARGETS = ("direct", "tcp", "proxy")  # tcp only when the stack has HAProxy
-SERVED_BY = {"tcp": "haproxy"}  # the process whose CPU a target's rows report
+TARGETS = ("direct", "tcp", "relay", "proxy")  # tcp and relay: when the bench starts them
+SERVED_BY = {"tcp": "haproxy", "relay": "relay"}  # whose CPU a target's rows report
 OPS = ("find", "insert")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "core.json"
 
@@ -608,10 +609,10 @@ def main(args: argparse.Namespace) -> int:
     if cfg.direct_uri is not None and cfg.proxy_uri is not None:
         stack = external_stack(cfg.direct_uri, cfg.proxy_uri)
     else:
-        _log("bench core: starting FerretDB + proxy + HAProxy (tcp)")
-        stack = start_stack(tcp=True)
-        for reason in stack.unavailable.values():
-            _log(f"bench core: without the tcp target: {reason}")
+        _log("bench core: starting FerretDB + proxy + HAProxy (tcp) + bench.relay (relay)")
+        stack = start_stack(tcp=True, relay=True)
+        for target, reason in stack.unavailable.items():
+            _log(f"bench core: without the {target} target: {reason}")
     with stack:
         _log(f"bench core: direct {stack.direct_uri}  proxy {stack.proxy_uri}")
         data = run(cfg, stack)

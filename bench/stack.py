@@ -304,6 +304,7 @@ def start_stack(
     pool_max_size: int | None = None,
     *,
     tcp: bool = False,
+    relay: bool = False,
     cache: dict[str, Any] | None = None,
     proxy_extra: dict[str, Any] | None = None,
 ) -> Stack:
@@ -315,6 +316,7 @@ def start_stack(
     (RLIMIT_NOFILE included): raise them before calling this.
 
     ``tcp``: also HAProxy in TCP mode in front of FerretDB (target "tcp").
+    ``relay``: also ``python -m bench.relay`` in front of FerretDB (target "relay").
     ``cache``: also redis-server and a second proxy, "proxy-cache", whose config is the
     proxy's plus ``cache: <this dict>`` with ``redis_url`` filled in.  A target that
     cannot be had (no haproxy binary; a cache config the proxy rejects; a child that
@@ -385,6 +387,8 @@ def start_stack(
     try:
         if tcp:
             _start_haproxy(stack, workdir, fdb_port, timeout)
+        if relay:
+            _start_relay(stack, workdir, fdb_port, env, timeout)
         if cache is not None:
             _start_cached_proxy(
                 stack, workdir, direct_uri, cache, pool_max_size, proxy_extra, env, timeout
@@ -432,6 +436,20 @@ def _start_haproxy(stack: Stack, workdir: Path, fdb_port: int, timeout: float) -
         stack.targets["tcp"] = f"mongodb://{HOST}:{port}/"
     else:
         stack.unavailable["tcp"] = stack.unavailable.pop("haproxy")
+
+
+def _start_relay(stack: Stack, workdir: Path, fdb_port: int, env: dict[str, str],
+                 timeout: float) -> None:
+    port = free_port()
+    child = _Child("relay", [sys.executable, "-m", "bench.relay", str(fdb_port), str(port)],
+                   workdir / "relay.log")
+
+    def ready(deadline: float) -> None:
+        assert child.proc is not None
+        _wait_for_port(port, child.proc, deadline)
+
+    if _start_optional(stack, child, ready, timeout, cwd=REPO_ROOT, env=env):
+        stack.targets["relay"] = f"mongodb://{HOST}:{port}/"
 
 
 def _start_cached_proxy(

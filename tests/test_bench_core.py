@@ -104,8 +104,9 @@ def test_bench_core_starts_its_own_stack(tmp_path: Path) -> None:
     proc = _run_bench(out)
     data = json.loads(out.read_text())
     assert data["config"]["stack"] == "started by bench"
-    # HAProxy is part of the stack `make test` installs: the tcp target is measured.
-    assert data["config"]["targets"] == ["direct", "tcp", "proxy"]
+    # HAProxy is part of the stack `make test` installs: the tcp target is measured,
+    # and so is the bare Python relay.
+    assert data["config"]["targets"] == ["direct", "tcp", "relay", "proxy"]
     _check_results(data, proc.stdout)
     assert all(r["proxy_cpu_us_per_op"] is not None for r in data["results"])
 
