@@ -17,7 +17,7 @@ import uvloop
 from redis.exceptions import RedisError
 
 from proxy.cache.config import CacheConfig
-from proxy.cache.deadline import PolledTimeout
+from proxy.cache.deadline import MAX_MOVES, PolledTimeout
 from proxy.cache.lane import LookupLane, lane_for
 from proxy.cache.layer import ResultCache
 from proxy.cache.store import StoreUnavailable
@@ -239,21 +239,33 @@ def test_a_busy_event_loop_is_not_taken_for_a_slow_redis(
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_a_polled_timeout_still_expires(loop_kind: str) -> None:
-    """Nothing answers: the call fails after the budget (plus the one-poll grace), also
-    when the loop was busy past the deadline (moved once, then it expires)."""
-    async def wait(busy_s: float) -> float:
+    """Nothing answers: the call fails after the budget (plus the one-poll grace); when
+    the loop was busy past the deadline, after a second budget; and when the loop never
+    stops being busy, after at most MAX_MOVES moves."""
+    async def wait(busy_s: float, *, forever: bool = False) -> float:
+        loop = asyncio.get_running_loop()
+        busy = True
+
+        def block() -> None:
+            time.sleep(busy_s)
+            if forever and busy:
+                loop.call_soon(block)
+
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             async with PolledTimeout(0.02):
                 if busy_s:
-                    asyncio.get_running_loop().call_soon(time.sleep, busy_s)
+                    loop.call_soon(block)
                 await asyncio.sleep(10)
+        busy = False
         return time.monotonic() - started
 
-    async def both() -> tuple[float, float]:
-        return await wait(0), await wait(0.05)
+    async def all_three() -> tuple[float, float, float]:
+        return await wait(0), await wait(0.05), await wait(0.01, forever=True)
 
     run = uvloop.run if loop_kind == "uvloop" else asyncio.run
-    idle, busy = run(both())
+    idle, busy, always_busy = run(all_three())
     assert 0.02 <= idle < 0.5
     assert 0.07 <= busy < 0.6  # 50 ms busy, then a second budget of 20 ms
+    # a budget the loop reaches late is moved (up to MAX_MOVES times), never for good
+    assert 0.02 <= always_busy < (1 + MAX_MOVES) * (0.02 + 0.01) + 0.5

@@ -234,6 +234,28 @@ async def test_failed_invalidation_opens_the_circuit_at_once(server: RedisProces
         await cache.close()
 
 
+async def test_any_exception_of_the_redis_client_is_a_redis_failure(
+    server: RedisProcess, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen under load: redis-py raised AttributeError ('NoneType' object has no
+    attribute 'writelines') for a command on a connection the breaker had just closed,
+    and the write whose invalidation it was got an InternalError although MongoDB had
+    applied it. Whatever the client raises is a Redis failure, never the request's."""
+    cache = ResultCache(_config(server))
+    await cache.start()
+    try:
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+        monkeypatch.setattr(cache.store.client, "set", broken)
+        assert not await cache.store.invalidate(WriteTargets(("app.users",)))
+        assert not cache.store.available  # an invalidation failed: circuit open
+        with pytest.raises(StoreUnavailable):
+            await cache.store.store("app.users", "d", b"v", 60)
+    finally:
+        await cache.close()
+
+
 async def test_redis_down_at_start_is_not_an_error(redis_factory: RedisFactory) -> None:
     server = redis_factory(start=False)
     cache = ResultCache(_config(server))

@@ -7,7 +7,8 @@ cache:
   key_prefix: "mp:"
   max_entry_bytes: 1048576                # a larger result is not cached
   compress_min_bytes: 4096                # entries at least this large are zstd-compressed
-  timeout_ms: 5                           # per Redis operation; slower = failed
+  timeout_ms: 5                           # lookup/store; slower = a bypass
+  invalidate_timeout_ms: 100              # a write's invalidation; slower = circuit opens
   rules:
     - {match: {collection: "users", command: find}, ttl_s: 600}
     - {match: {class: dashboard}, ttl_s: 30}
@@ -83,8 +84,13 @@ class CacheConfig(_Strict):
     key_prefix: str = "mp:"
     max_entry_bytes: int = Field(default=1_048_576, gt=0, le=48_000_000)
     compress_min_bytes: int = Field(default=4096, ge=0)
-    # Bound on one Redis operation (a hit's lookup, a store, an invalidation).
+    # Bound on one Redis operation of the read path (a hit's lookup, a store); past it
+    # the request goes to MongoDB.
     timeout_ms: float = Field(default=5, gt=0)
+    # Bound on a write's invalidation (after MongoDB acknowledged the write): past it
+    # the circuit opens. Longer than timeout_ms because a failure here costs the whole
+    # cache, and the write has already taken milliseconds at MongoDB.
+    invalidate_timeout_ms: float = Field(default=100, gt=0)
     connect_timeout_ms: float = Field(default=200, gt=0)
     # Generation tokens expire after this long without a write (a missing token is
     # simply recreated: safe, see proxy.cache.store).

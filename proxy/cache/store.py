@@ -45,9 +45,9 @@ Creating a token (``SET NX GET``) first records the namespace in ``P{db}:ns`` so
 no TTL: run the cache's Redis with a ``volatile-*`` eviction policy (or none) and
 without persistence (a restored snapshot would bring back old tokens with old entries).
 
-**Redis failures**: every operation is bounded by ``timeout_ms`` (a
-:class:`~proxy.cache.deadline.PolledTimeout`: the proxy's own busy loop does not count
-as Redis being slow); a failure counts
+**Redis failures**: every operation is bounded by ``timeout_ms``, an invalidation by
+``invalidate_timeout_ms`` (a :class:`~proxy.cache.deadline.PolledTimeout`: the proxy's
+own busy loop does not count as Redis being slow); any exception is a failure and counts
 towards the circuit breaker (``breaker.failures`` consecutive failures open it), a
 failed invalidation opens it at once. While open, nothing touches Redis (lookups
 bypass, writes record their namespaces as pending) and a probe (PING) runs every
@@ -113,9 +113,11 @@ class RedisStore:
         self.metrics = metrics
         self.prefix = config.key_prefix
         self.timeout_s = config.timeout_ms / 1000
+        self.invalidate_timeout_s = config.invalidate_timeout_ms / 1000
         self.gen_ttl_ms = config.generation_ttl_s * 1000
         options: dict[str, Any] = {
-            "socket_timeout": max(self.timeout_s, config.connect_timeout_ms / 1000),
+            "socket_timeout": max(self.timeout_s, self.invalidate_timeout_s,
+                                  config.connect_timeout_ms / 1000),
             "socket_connect_timeout": config.connect_timeout_ms / 1000,
             # The breaker decides about retrying, not the client.
             "retry": Retry(NoBackoff(), 0),
@@ -221,7 +223,8 @@ class RedisStore:
             self._pending(targets)
             return False
         try:
-            count = await self._run("invalidate", lambda: self._bump(targets))
+            count = await self._run("invalidate", lambda: self._bump(targets),
+                                    timeout_s=self.invalidate_timeout_s)
         except StoreUnavailable:
             self._pending(targets)
             # Correctness is at stake: stop serving from Redis until it is fixed.
@@ -260,15 +263,21 @@ class RedisStore:
 
     async def _run(
         self, op: str, call: Callable[[], Awaitable[T]], *, bounded: bool = False,
+        timeout_s: float | None = None,
     ) -> T:
-        """``call()`` within ``timeout_ms`` (``bounded``: it has its own bound)."""
+        """``call()`` within ``timeout_s`` (default ``timeout_ms``; ``bounded``: it has
+        its own bound). Any exception of the call is a Redis failure: the cache must
+        never fail a request (redis-py raises AttributeError, for one, on a connection
+        that ``_drop_connections`` closed under a command in flight)."""
         if self._open:
             raise StoreUnavailable("circuit open")
         started = time.perf_counter()
         try:
-            async with _UNSCOPED if bounded else PolledTimeout(self.timeout_s):
+            async with (_UNSCOPED if bounded
+                        else PolledTimeout(timeout_s if timeout_s is not None
+                                           else self.timeout_s)):
                 result = await call()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # any failure, see the docstring
             self.metrics.error(op, _kind(exc))
             self.failed(f"{op}: {type(exc).__name__}: {exc}")
             raise StoreUnavailable(str(exc)) from None
