@@ -699,13 +699,7 @@ class WorkerSpec:
     clients: int
     tag: str  # unique per (phase, worker): keeps inserted _ids and random streams apart
     database: str
-    collection: str
-    docs: int
-    insert_share: float
-    seed: int
-    warmup_s: float
-    duration_s: float
-    open_batch: int
+    load: LoadSpec
 
 
 def doc_id(i: int) -> str:
@@ -727,12 +721,12 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     app = f"mongoproxy-bench-pool-{spec.target}"
     clients, _, open_errors, _ = await _open_many(
-        spec.host, spec.port, spec.clients, spec.open_batch, app
+        spec.host, spec.port, spec.clients, spec.load.open_batch, app
     )
     conn.send({"kind": "ready", "connected": len(clients), "errors": open_errors.count})
     start_ns: int = await loop.run_in_executor(None, conn.recv)
-    measure_ns = start_ns + int(spec.warmup_s * 1e9)
-    end_ns = measure_ns + int(spec.duration_s * 1e9)
+    measure_ns = start_ns + int(spec.load.warmup_s * 1e9)
+    end_ns = measure_ns + int(spec.load.duration_s * 1e9)
 
     lat: list[int] = []
     errors = ErrorTally()
@@ -752,14 +746,14 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
 
     async def run_client(local: int, client: WireClient) -> None:
         nonlocal inserts_acked, inserts_unknown, ops_total
-        rng = random.Random(f"{spec.seed}-{spec.tag}-{local}")
+        rng = random.Random(f"{spec.load.seed}-{spec.tag}-{local}")
         await asyncio.sleep(max(0.0, (start_ns - time.monotonic_ns()) / 1e9))
         seq = 0
         while True:
             t0 = time.monotonic_ns()
             if t0 >= end_ns:
                 return
-            is_insert = rng.random() < spec.insert_share
+            is_insert = rng.random() < spec.load.insert_share
             if is_insert:
                 seq += 1
                 cmd: Doc = {
@@ -768,9 +762,9 @@ async def _worker(spec: WorkerSpec, conn: Connection) -> dict[str, Any]:
                     "$db": spec.database,
                 }
             else:
-                key = doc_id(rng.randrange(spec.docs))
+                key = doc_id(rng.randrange(spec.load.docs))
                 cmd = {
-                    "find": spec.collection,
+                    "find": spec.load.collection,
                     "filter": {"_id": key},
                     "limit": 1,
                     "singleBatch": True,
@@ -895,13 +889,7 @@ def run_phase(
             clients=share,
             tag=f"r{round_no}-{target}-w{i}",
             database=database,
-            collection=cfg.collection,
-            docs=cfg.docs,
-            insert_share=cfg.insert_share,
-            seed=cfg.seed,
-            warmup_s=cfg.warmup_s,
-            duration_s=cfg.duration_s,
-            open_batch=cfg.open_batch,
+            load=cfg,
         )
         parent, child = ctx.Pipe()
         proc = ctx.Process(
