@@ -35,7 +35,6 @@ import os
 import random
 import secrets
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -48,17 +47,7 @@ from pymongo import MongoClient
 
 from bench.core import _positive_int, machine_info, new_histogram, record_ns, write_json
 from bench.pool import LoadSpec, PhaseResult, run_phase
-from bench.stack import (
-    HOST,
-    REPO_ROOT,
-    Stack,
-    StackError,
-    _Child,
-    _wait_for_http_ok,
-    _wait_for_port,
-    find_ferretdb,
-    free_port,
-)
+from bench.stack import Stack, StackError, start_stack
 
 TARGETS = ("direct", "proxy", "proxy-cache")
 OPS = ("by_id", "list20")
@@ -122,69 +111,17 @@ def add_parser(subparsers: Any) -> None:
 # ---------------------------------------------------------------- stack
 
 
-def start_cache_stack(
-    workdir: Path, timeout_ms: float, timeout: float = 30.0
-) -> tuple[Stack, dict[str, str]]:
-    """FerretDB, Redis, a proxy without and a proxy with the cache; and the targets' URIs
-    (the stack's ``admin_url`` is the cached proxy's)."""
-    redis_server = os.environ.get("MONGOPROXY_REDIS_SERVER") or "redis-server"
-    data_dir, state_dir = workdir / "ferretdb-data", workdir / "ferretdb-state"
-    data_dir.mkdir()
-    state_dir.mkdir()
-    fdb_port, redis_port = free_port(), free_port()
-    direct_uri = f"mongodb://{HOST}:{fdb_port}/"
-    children = [
-        _Child("ferretdb", [
-            find_ferretdb(), "--handler=sqlite", f"--sqlite-url=file:{data_dir}/",
-            f"--state-dir={state_dir}", f"--listen-addr={HOST}:{fdb_port}",
-            "--debug-addr=127.0.0.1:0", "--telemetry=disable", "--log-level=WARN",
-        ], workdir / "ferretdb.log"),
-        _Child("redis", [
-            redis_server, "--bind", HOST, "--port", str(redis_port), "--dir", str(workdir),
-            "--save", "", "--appendonly", "no",
-        ], workdir / "redis.log"),
-    ]
-    ports: dict[str, tuple[int, int]] = {}
-    for name in ("proxy", "proxy-cache"):
-        port, admin = free_port(), free_port()
-        ports[name] = (port, admin)
-        config = (f"listen: {{host: {HOST}, port: {port}}}\n"
-                  f"admin: {{host: {HOST}, port: {admin}}}\n"
-                  f'upstream: {{uri: "{direct_uri}"}}\n')
-        if name == "proxy-cache":
-            config += (f'cache: {{redis_url: "redis://{HOST}:{redis_port}/0", '
-                       f"timeout_ms: {timeout_ms}, "
-                       f"rules: [{{match: {{collection: {COLLECTION}}}, ttl_s: 3600}}]}}\n")
-        path = workdir / f"{name}.yaml"
-        path.write_text(config)
-        children.append(_Child(name, [sys.executable, "-m", "proxy", "run", "--config",
-                                      str(path)], workdir / f"{name}.log"))
-    stack = Stack(direct_uri=direct_uri, proxy_uri=f"mongodb://{HOST}:{ports['proxy'][0]}/",
-                  started=True, workdir=workdir,
-                  admin_url=f"http://{HOST}:{ports['proxy-cache'][1]}", _children=children)
-    deadline = time.monotonic() + timeout
-    current = children[0]
-    try:
-        for child in children:
-            current = child
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            child.spawn(cwd=REPO_ROOT, env=env)
-            assert child.proc is not None
-            if child.name in ports:
-                port, admin = ports[child.name]
-                _wait_for_http_ok(f"http://{HOST}:{admin}/healthz", child.proc, deadline)
-                _wait_for_port(port, child.proc, deadline)
-            else:
-                _wait_for_port(fdb_port if child.name == "ferretdb" else redis_port,
-                               child.proc, deadline)
-    except BaseException as e:
-        for child in reversed(children):
-            child.stop(timeout=2)
-        stack.workdir = None  # keep the logs
-        raise StackError(f"{current.name} failed to start: {e}\n--- {current.log_path} "
-                         f"(files kept in {workdir}) ---\n{current.log_tail()}") from e
-    return stack, {"direct": direct_uri, "proxy": stack.proxy_uri,
-                   "proxy-cache": f"mongodb://{HOST}:{ports['proxy-cache'][0]}/"}
+def start_cache_stack(timeout_ms: float) -> tuple[Stack, dict[str, str], str]:
+    """FerretDB, Redis, a proxy without and a proxy with the cache (``timeout_ms``, a rule
+    for the bench collection); the targets' URIs and the cached proxy's admin URL."""
+    stack = start_stack(cache={"timeout_ms": timeout_ms,
+                               "rules": [{"match": {"collection": COLLECTION}, "ttl_s": 3600}]})
+    if "proxy-cache" not in stack.targets:
+        stack.stop()
+        raise StackError(stack.unavailable.get("proxy-cache", "the cached proxy did not start"))
+    uris = {"direct": stack.direct_uri, "proxy": stack.proxy_uri,
+            "proxy-cache": stack.targets["proxy-cache"]}
+    return stack, uris, stack.admin_urls["proxy-cache"]
 
 
 def _cache_counts(admin_url: str) -> dict[str, float]:
@@ -269,7 +206,8 @@ class Row:
     ratio_vs_direct: float | None = None
 
 
-def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str]) -> dict[str, Any]:
+def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
+        admin_url: str) -> dict[str, Any]:
     machine = machine_info()
     db = f"bench_cache_{time.strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(3)}"
     top = max(cfg.concurrency)
@@ -289,8 +227,7 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str]) -> dict[str, 
                 fn = _op(op, clients[target], db, cfg.hot, rng)
                 for i in range(max(cfg.hot, len(STATUSES)) * 2):
                     fn(i)
-        assert stack.admin_url is not None
-        counts_before = _cache_counts(stack.admin_url)
+        counts_before = _cache_counts(admin_url)
         per_round = [cfg.ops // cfg.rounds + (1 if r < cfg.ops % cfg.rounds else 0)
                      for r in range(cfg.rounds)]
         walls: dict[tuple[str, str, int], float] = {}
@@ -306,8 +243,9 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str]) -> dict[str, 
                         key = (target, op, c)
                         walls[key] = walls.get(key, 0.0) + wall
                         record_ns(hists.setdefault(key, new_histogram()), lat)
-        counts_after = _cache_counts(stack.admin_url)
-        saturation = _saturation(cfg, stack, uris, db) if cfg.saturation_clients else None
+        counts_after = _cache_counts(admin_url)
+        saturation = (_saturation(cfg, stack, uris, admin_url, db)
+                      if cfg.saturation_clients else None)
         clients["direct"].drop_database(db)
     finally:
         for client in clients.values():
@@ -341,7 +279,7 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str]) -> dict[str, 
 
 
 def _saturation(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
-                db: str) -> dict[str, Any]:
+                admin_url: str, db: str) -> dict[str, Any]:
     """Each target's throughput at saturation: ``saturation_clients`` raw OP_MSG clients
     (``find`` by ``_id`` over the hot ids, one request at a time each) in ``workers``
     processes, so neither the GIL nor pymongo caps the load; targets alternate per
@@ -351,7 +289,7 @@ def _saturation(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
                     insert_share=0.0, seed=1, warmup_s=1.0, duration_s=cfg.saturation_s,
                     open_batch=200, sample_interval_s=cfg.saturation_s)
     phases: dict[str, list[PhaseResult]] = {t: [] for t in TARGETS}
-    before = _cache_counts(stack.admin_url or "")
+    before = _cache_counts(admin_url)
     for rnd in range(cfg.saturation_rounds):
         for target in TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS)):
             print(f"bench cache: saturation round {rnd + 1}/{cfg.saturation_rounds} "
@@ -361,7 +299,7 @@ def _saturation(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
                 watched["proxy"] = pids[target]
             phases[target].append(run_phase(load, target, rnd, uris[target],
                                              cfg.saturation_clients, db, watched, None, 0))
-    after = _cache_counts(stack.admin_url or "")
+    after = _cache_counts(admin_url)
     rows: dict[str, dict[str, Any]] = {}
     for target, mine in phases.items():
         errors = sum(p.errors for p in mine)
@@ -434,10 +372,9 @@ def main(args: argparse.Namespace) -> int:
                            args.saturation_rounds, args.workers)
     t0 = time.perf_counter()
     print("bench cache: starting FerretDB + Redis + two proxies", file=sys.stderr, flush=True)
-    stack, uris = start_cache_stack(Path(tempfile.mkdtemp(prefix="mongoproxy-bench-cache-")),
-                                    cfg.timeout_ms)
+    stack, uris, admin_url = start_cache_stack(cfg.timeout_ms)
     with stack:
-        data = run(cfg, stack, uris)
+        data = run(cfg, stack, uris, admin_url)
     data["total_wall_s"] = time.perf_counter() - t0
     data["machine"]["loadavg_at_end"] = list(os.getloadavg())
     write_json(cfg.json_path, data)

@@ -300,6 +300,7 @@ def run_cell(
     stack_after = _stack_cpu(pids)
     if errors:
         raise RuntimeError(f"{target} {op} c={concurrency}: {errors[0]!r}") from errors[0]
+    served_by = SERVED_BY.get(target, "proxy")
     wall = (max(ends) - min(starts)) / 1e9
     merged = [x for per_thread in lat for x in per_thread]
     assert len(merged) == n_ops
@@ -311,8 +312,7 @@ def run_cell(
         ops=n_ops,
         wall_s=wall,
         loadgen_cpu_s=cpu,
-        proxy_cpu_s=_diff(stack_after.get(SERVED_BY.get(target, "proxy")),
-                          stack_before.get(SERVED_BY.get(target, "proxy"))),
+        proxy_cpu_s=_diff(stack_after.get(served_by), stack_before.get(served_by)),
         ferretdb_cpu_s=_diff(stack_after.get("ferretdb"), stack_before.get("ferretdb")),
         latencies_ns=merged,
     )

@@ -239,7 +239,8 @@ def find_haproxy() -> str | None:
 
 
 def find_redis() -> str | None:
-    return shutil.which("redis-server")
+    """$MONGOPROXY_REDIS_SERVER (as the tests take it), else redis-server on PATH."""
+    return os.environ.get("MONGOPROXY_REDIS_SERVER") or shutil.which("redis-server")
 
 
 def proxy_config_text(
