@@ -20,6 +20,7 @@ from proxy.errors import ProxyError
 from proxy.identity.handshake import UpstreamLimits
 from proxy.identity.scram import ClientAuthenticator
 from proxy.listener.connection import ClientConnection
+from proxy.listener.guard import Guard
 from proxy.listener.stream import ClientStream
 from proxy.observe.endpoints import ReadinessFacts, has_usable_primary
 from proxy.observe.hub import Observer
@@ -59,10 +60,12 @@ class Proxy:
             None if config.cache is None
             else ResultCache(config.cache, self.observer.metrics.registry)
         )
+        self.guard = Guard(config, self.observer.metrics.registry, self.pools.get,
+                           self.topology.mark_failed)
         self.admin = AdminServer({
             "/healthz": self._healthz,
             **self.observer.routes(self._readiness),
-        })
+        }, token=config.admin.token)
         self.server: asyncio.Server | None = None
         self.connections: dict[ClientConnection, asyncio.Task[None]] = {}
         self.shutting_down = False
@@ -118,7 +121,8 @@ class Proxy:
         if self.cache is not None:
             await self.cache.start()
         self.server = await asyncio.get_running_loop().create_server(
-            lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096
+            lambda: ClientStream(self._accept, self.guard.budget), listen.host, listen.port,
+            backlog=4096
         )
         log.info(
             "mongoproxy listening on %s:%d, upstream %s, admin http://%s:%d",
@@ -138,6 +142,9 @@ class Proxy:
         return int(self.server.sockets[0].getsockname()[1])
 
     def _accept(self, stream: ClientStream) -> None:
+        if not self.guard.admit(len(self.connections), stream.peer):
+            stream.close()
+            return
         conn = ClientConnection(self, stream, next(self._connection_ids))
         self.connections[conn] = asyncio.get_running_loop().create_task(self._serve(conn))
         self.observer.metrics.client_connected()
@@ -164,6 +171,7 @@ class Proxy:
                 conn.close()
         if self.connections:
             await asyncio.wait(list(self.connections.values()), timeout=1)
+        await self.guard.close()
         await self.pools.close()
         if self.cache is not None:
             await self.cache.close()

@@ -49,11 +49,47 @@ class ListenConfig(_Strict):
     # Bounded time for anything the proxy waits on from a client: a message that has
     # started arriving must be complete within this time.
     read_timeout_ms: int = Field(default=60_000, gt=0)
+    # Resource limits against hostile or careless clients (docs/security.md).
+    # Client connections served at once; more are closed at accept, with a log line.
+    max_connections: int = Field(default=10_000, gt=0)
+    # A connection that sends nothing for this long is closed (0 = never).
+    idle_timeout_ms: int = Field(default=600_000, ge=0)
+    # With users configured: time from a connection's first non-handshake message to
+    # a completed login (driver monitors only send hello and are not held to it).
+    login_timeout_ms: int = Field(default=30_000, gt=0)
+    # With users configured: the largest message (compressed or not) before login.
+    max_preauth_message_bytes: int = Field(default=65_536, ge=1024, le=48_000_000)
+    # A client that does not read its replies: dropped when a reply is still unsent
+    # after this long.
+    write_timeout_ms: int = Field(default=60_000, gt=0)
+    # All client connections together: bytes of messages being received plus unsent
+    # replies. A message that does not fit waits (its socket is not read) until it does.
+    max_buffered_bytes: int = Field(default=512 * 1024 * 1024, ge=48_000_000)
+
+
+class AuthThrottleConfig(_Strict):
+    """Failed logins, counted per client address and per user name."""
+
+    # Failures tolerated before each further attempt is delayed.
+    free_failures: int = Field(default=3, ge=0)
+    # The delay after the first counted failure, doubled per further failure, capped.
+    base_delay_ms: int = Field(default=100, ge=0)
+    max_delay_ms: int = Field(default=5_000, ge=0)
+    # This many failures lock the address (or user) out for lockout_ms: attempts fail
+    # without being checked.
+    lockout_failures: int = Field(default=20, gt=0)
+    lockout_ms: int = Field(default=300_000, ge=0)
+    # Failures older than this are forgotten.
+    window_ms: int = Field(default=600_000, gt=0)
+    # Addresses and users tracked at once (oldest forgotten first).
+    max_tracked: int = Field(default=100_000, gt=0)
 
 
 class AdminConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=9216, ge=0, le=65535)
+    # When set, every request must carry "Authorization: Bearer <token>" (401 else).
+    token: str | None = Field(default=None, min_length=16)
 
 
 class PoolConfig(_Strict):
@@ -87,12 +123,22 @@ class MemberConfig(_Strict):
         return host, int(port)
 
 
+class UpstreamHealthConfig(_Strict):
+    """Outlier detection: when a dropped upstream connection marks its server down."""
+
+    # Consecutive failed exchanges (no success between) ...
+    consecutive_failures: int = Field(default=5, gt=0)
+    # ... from at least this many different client connections.
+    distinct_clients: int = Field(default=3, gt=0)
+
+
 class UpstreamConfig(_Strict):
     # Discovery: a standard connection string (standalone, replicaSet=..., or mongos list).
     uri: str | None = None
     # Declared roles: used instead of the uri's hosts when given.
     members: tuple[MemberConfig, ...] = ()
     pool: PoolConfig = PoolConfig()
+    outlier: UpstreamHealthConfig = UpstreamHealthConfig()
     server_selection_timeout_ms: int = Field(default=10_000, gt=0)
     local_threshold_ms: int = Field(default=15, ge=0)
     # Health-check interval (declared roles) / pymongo heartbeatFrequencyMS (discovery).
@@ -133,6 +179,7 @@ class ShutdownConfig(_Strict):
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     admin: AdminConfig = AdminConfig()
+    auth_throttle: AuthThrottleConfig = AuthThrottleConfig()
     upstream: UpstreamConfig
     shutdown: ShutdownConfig = ShutdownConfig()
     observability: ObservabilityConfig = ObservabilityConfig()

@@ -34,8 +34,13 @@ from proxy.errors import (
 )
 from proxy.identity.handshake import HELLO_COMMANDS, hello_reply, read_client_hello
 from proxy.identity.scram import AUTH_COMMANDS, AuthenticatedUser
-from proxy.listener.stream import ClientStream, StalledMessageError
+from proxy.identity.throttle import authenticate
+from proxy.listener.inflate import inflate
+from proxy.listener.preauth import preauth_decision, preauth_reply, refusal
+from proxy.listener.session_limits import SessionLimits
+from proxy.listener.stream import ClientStream, IdleTimeoutError, StalledMessageError
 from proxy.observe.record import Timer
+from proxy.observe.redact import redact_reason
 from proxy.observe.shape import describe
 from proxy.pool.connection import UpstreamConnection, UpstreamProtocolError, next_request_id
 from proxy.pool.pool import ConnectFailed, UpstreamPool
@@ -56,7 +61,6 @@ from proxy.wire import (
     WireError,
     compress,
     decode_body,
-    decompress,
     encode_op_msg,
     encode_op_reply,
     pack_header,
@@ -107,6 +111,7 @@ class ClientConnection:
         self.peer = stream.peer
         # True while a request is being handled: shutdown waits for these.
         self.busy = False
+        self.limits = SessionLimits(proxy.config.listen, len(proxy.authenticator) > 0)
 
     async def serve(self) -> None:
         try:
@@ -124,8 +129,10 @@ class ClientConnection:
                     await self._handle(message, Timer(started_ns))
                 finally:
                     self.busy = False
-                if self.stream.paused:
-                    await self.stream.drain()
+                if self.stream.paused and not await self.stream.drain(
+                        self.limits.write_timeout_s):
+                    log.info("closing client %s: %s", self.peer, self.limits.write_timeout_text)
+                    return
         except ConnectionError:
             pass  # the client went away; nothing to answer
         except WireError as exc:
@@ -142,10 +149,13 @@ class ClientConnection:
     async def _read_message(self) -> tuple[bytes, int] | None:
         """The next whole message and when its first byte arrived (perf_counter ns), or
         None once the client closed its end."""
-        listen = self.proxy.config.listen
+        limits = self.limits
         try:
             return await self.stream.next_message(
-                listen.max_message_size_bytes, listen.read_timeout_ms / 1000)
+                limits.max_size(self.identity), limits.read_timeout_s,
+                limits.wait_s(self.identity))
+        except IdleTimeoutError as exc:
+            raise limits.timed_out(self.identity, exc) from None
         except StalledMessageError:
             raise
         except WireError as exc:  # a header that cannot be framed: say why, then close
@@ -160,9 +170,8 @@ class ClientConnection:
         compressor: str | None = None
         try:
             if op_code == OpCode.OP_COMPRESSED:
-                message, compressor = decompress(
-                    message, self.proxy.config.listen.max_message_size_bytes
-                )
+                message, compressor = await inflate(
+                    message, self.limits.max_size(self.identity), self.compressors)
                 op_code = parse_header(message).op_code
             if op_code == OpCode.OP_MSG:
                 await self._handle_op_msg(message, compressor, timer)
@@ -202,17 +211,18 @@ class ClientConnection:
             # Handshakes and heartbeats are not operations: they are neither timed nor logged.
             self._write_op_msg(msg.request_id, self._hello(name, command))
         elif name in AUTH_COMMANDS:
-            reply, user = self.auth.handle(command)
+            self.limits.login_started()
+            reply, user = await authenticate(self.auth, self.proxy.guard.throttle, self.peer,
+                                             command)
             if user is not None:
                 self.identity = user
                 self._set_context()
-            elif not reply.get("ok"):
-                log.info("client %d: %s failed: %s", self.connection_id, name,
-                         self.auth.last_failure)
             self._write_op_msg(msg.request_id, reply)
             # The payload carries the client's proof: never logged, even with log_values.
             self._record(timer, name, {name: 1, "$db": command.get("$db")}, msg,
                          error_code=reply.get("code"))
+        elif self._preauth(name, command, msg, timer):
+            return
         else:
             admission = admit(
                 self.proxy.policy, name, command, msg.body, msg.sequences,
@@ -255,6 +265,21 @@ class ClientConnection:
                                         msg.more_to_come)
             await self._forward(message, msg, command, decision, compressor, timer, tenant,
                                 access)
+
+    def _preauth(self, name: str, command: Mapping[str, Any], msg: OpMsg, timer: Timer) -> bool:
+        """Before login (with users configured): answer allowlisted commands here and
+        refuse the rest; True when answered (nothing is forwarded)."""
+        decision = preauth_decision(name, users_configured=self.limits.users_configured,
+                                    authenticated=self.identity is not None)
+        if decision == "pass":
+            return False
+        self.limits.login_started()
+        if decision == "local":
+            limits = self.proxy.upstream_limits()
+            self._write_op_msg(msg.request_id, preauth_reply(name, limits.max_wire_version))
+            return True
+        self._refuse(timer, name, {name: 1}, msg, ProxyError(UNAUTHORIZED, refusal(name)), None)
+        return True
 
     def _cache_access(
         self,
@@ -313,7 +338,8 @@ class ClientConnection:
             "app_name": self.app_name,
             "command": name,
             "namespace": admission.namespace,
-            "reason": reason,
+            "reason": reason if self.proxy.config.observability.log_values
+            else redact_reason(reason),
             "connection_id": self.connection_id,
         })
 
@@ -511,20 +537,21 @@ class ClientConnection:
         timer.mark("checkout_wait")
         timeout_ms = self.proxy.config.upstream.socket_timeout_ms
         reusable = False
+        outliers = self.proxy.guard.outliers
         try:
             header, body = await conn.exchange(message, request_id, timeout_ms / 1000)
             reusable = True
+            outliers.success(address)
         except TimeoutError:
-            self.proxy.topology.mark_failed(address)
+            # One client's request can time out (or drop its connection) on its own:
+            # the server is marked down only when that is confirmed (proxy.pool.outlier).
+            outliers.failure(address, self.connection_id)
             raise ProxyError(
                 NETWORK_TIMEOUT,
                 f"no reply from upstream {pool.label} to {name} within {timeout_ms} ms",
             ) from None
         except (OSError, asyncio.IncompleteReadError, UpstreamProtocolError) as exc:
-            # The server (or the path to it) failed: its other idle connections are
-            # suspect too, as SDAM clears a pool on a network error.
-            self.proxy.topology.mark_failed(address)
-            pool.clear()
+            outliers.failure(address, self.connection_id)
             raise ProxyError(
                 HOST_UNREACHABLE,
                 f"connection to upstream {pool.label} failed during {name}: {_describe(exc)}",
