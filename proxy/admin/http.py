@@ -7,7 +7,9 @@ Hostile input is bounded: a request line or header line longer than
 :data:`MAX_LINE_BYTES`, more than :data:`MAX_HEADERS` header lines, or a request not
 complete within 10 s gets an error status (or, for the timeout, is closed), never a
 traceback. With ``admin.token`` set, every request must carry ``Authorization: Bearer
-<token>`` (401 otherwise); without it the port must stay private (docs/security.md).
+<token>`` (401 otherwise), except the liveness and readiness probes (``/healthz``,
+``/readyz``: load balancers and orchestrators call them without credentials); without
+a token the port must stay private (docs/security.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ Handler = Callable[[dict[str, list[str]]], tuple[int, str, bytes]]
 
 MAX_LINE_BYTES = 8192
 MAX_HEADERS = 100
+# Answered without the token: probes carry no credentials, and say nothing sensitive.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def json_response(status: int, document: Any) -> tuple[int, str, bytes]:
@@ -66,8 +70,8 @@ class AdminServer:
             except _TooLarge:
                 response = json_response(431, {"error": "request line or headers too large"})
             else:
-                if self._token is not None and not hmac.compare_digest(
-                        authorization, self._token):
+                if self._token is not None and not _open(request_line) \
+                        and not hmac.compare_digest(authorization, self._token):
                     response = json_response(401, {"error": "missing or wrong bearer token"})
                 else:
                     response = self._dispatch(request_line.decode("latin-1"))
@@ -100,6 +104,11 @@ class AdminServer:
         except Exception:
             log.exception("admin endpoint %s failed", url.path)
             return json_response(500, {"error": "internal error"})
+
+
+def _open(request_line: bytes) -> bool:
+    parts = request_line.split()
+    return len(parts) == 3 and urlsplit(parts[1].decode("latin-1")).path in OPEN_PATHS
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:

@@ -75,12 +75,13 @@ class ClientStream(asyncio.Protocol):
         # large message in between just accumulate.
         if first:
             self._wake()
-        elif len(buffer) >= HEADER_SIZE:
+        if len(buffer) >= HEADER_SIZE:
             length = declared_length(buffer)
             if len(buffer) >= length or not HEADER_SIZE <= length <= self._max_size:
-                self._wake()
+                if not first:
+                    self._wake()
             elif not (self._reserved or self._budget_wait) and self._budget is not None:
-                self._reserve(length)
+                self._reserve(length)  # a message arriving in pieces is charged
             if len(buffer) - max(length, 0) > READ_HIGH_WATER and not self._reading_paused:
                 assert self.transport is not None
                 self.transport.pause_reading()  # resumed when more bytes are needed
