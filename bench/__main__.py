@@ -14,6 +14,8 @@ Subcommands:
          loop, interleaved (bench/harness.py)
   storm  N connections opened at once, each running a few operations (bench/storm.py)
   report Markdown, charts and the README table from run/storm JSON (bench/report.py)
+  attack a well-behaved client's p50 with and without each hostile client of issue 15
+         (bench/attack.py)
   ab     the proxy at a git revision against this checkout, side by side: CPU and wall
          time per forwarded find and per cache hit (bench/ab.py)
 """
@@ -24,7 +26,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import ab, cache, core, harness, observe_cost, pool, report, seed, storm, tenancy_cost
+from bench import (
+    ab,
+    attack,
+    cache,
+    core,
+    harness,
+    observe_cost,
+    pool,
+    report,
+    seed,
+    storm,
+    tenancy_cost,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     storm.add_parser(subparsers)
     report.add_parser(subparsers)
     ab.add_parser(subparsers)
+    attack.add_parser(subparsers)
     return parser
 
 
