@@ -160,7 +160,7 @@ class ClientConnection:
             raise
         except WireError as exc:  # a header that cannot be framed: say why, then close
             self._write_op_msg(exc.request_id or 0, _wire_error_document(exc))
-            await self.stream.drain()
+            await self.stream.drain(self.limits.write_timeout_s)
             raise
 
     async def _handle(self, message: bytes, timer: Timer) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pymongo.uri_parser import parse_uri
 
 from proxy.config import Config
@@ -49,6 +49,10 @@ class Guard:
                                      "Failed client logins (failed: wrong credentials; "
                                      "locked: refused while locked out)", ["result"],
                                      registry=registry)
+        buffered = Gauge("mongoproxy_client_buffered_bytes",
+                         "Bytes held for clients: messages being received and unread "
+                         "replies (limit: listen.max_buffered_bytes)", registry=registry)
+        buffered.set_function(lambda: self.budget.used)
         for result in ("failed", "locked"):
             self.auth_failures.labels(result)
         self.throttle = AuthThrottle(config.auth_throttle, on_failure=self._auth_failed)
