@@ -28,6 +28,7 @@ from proxy.pool.auth import Credentials
 from proxy.route.rules import RoutingConfig
 from proxy.tenancy import TenancyConfig
 from proxy.wire import SUPPORTED_COMPRESSORS
+from proxy.yamlload import load_yaml_file
 
 
 class ConfigError(Exception):
@@ -54,6 +55,11 @@ class ListenConfig(_Strict):
 class AdminConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=9216, ge=0, le=65535)
+    # /readyz proves the data path with a ping to the primary on a pooled connection
+    # (or recent client traffic), reused for this long, and failing past this timeout
+    # (below Kubernetes' default probe timeout of 1 s).
+    ready_probe_interval_ms: int = Field(default=1_000, ge=0)
+    ready_probe_timeout_ms: int = Field(default=800, gt=0)
 
 
 class PoolConfig(_Strict):
@@ -163,13 +169,11 @@ def parse_config(data: Any) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML configuration file."""
+    """Read and validate a YAML configuration file (a key given twice is an error)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = load_yaml_file(path)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     try:

@@ -35,7 +35,14 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.classify import Classification
-from proxy.route.rules import MatchConfig, Matcher, NameField, NamePattern
+from proxy.route.rules import (
+    MatchConfig,
+    Matcher,
+    NameField,
+    NamePattern,
+    config_errors,
+    duplicate_names,
+)
 
 __all__ = ["CacheConfig", "CacheMatchConfig", "CacheRuleConfig", "CacheRules"]
 
@@ -66,6 +73,9 @@ class CacheMatchConfig(MatchConfig):
 class CacheRuleConfig(_Strict):
     match: CacheMatchConfig
     ttl_s: float = Field(gt=0, le=30 * 24 * 3600)
+    # Optional label for /rules and mongoproxy_rule_hits_total (else the rule's index).
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+                             max_length=64)
 
 
 class BreakerConfig(_Strict):
@@ -111,6 +121,9 @@ class CacheConfig(_Strict):
     @classmethod
     def _compile(cls, data: Any, handler: Callable[[Any], CacheConfig]) -> CacheConfig:
         self = handler(data)
+        errors = duplicate_names(self.rules)
+        if errors:
+            raise config_errors(cls.__name__, errors)
         # Kept in the instance __dict__ (as RoutingConfig does): cheap to reach per request.
         object.__setattr__(self, "_compiled", CacheRules(self.rules))
         return self
@@ -125,9 +138,12 @@ class CacheConfig(_Strict):
 
 
 class CacheRules:
-    """Compiled cache rules: ``ttl_for(classification, route_class)``."""
+    """Compiled cache rules: ``ttl_for(classification, route_class)``.
 
-    __slots__ = ("rules",)
+    ``hits[i]`` counts the reads rule ``i`` matched (looked up or bypassed), read at
+    scrape time by :mod:`proxy.observe.rulehits`."""
+
+    __slots__ = ("hits", "rules")
 
     def __init__(self, rules: tuple[CacheRuleConfig, ...]) -> None:
         compiled: list[tuple[Matcher, NamePattern | None, float, int]] = []
@@ -136,10 +152,12 @@ class CacheRules:
             klass = None if match.class_ is None else NamePattern(match.class_)
             compiled.append((Matcher(match.routing_match()), klass, rule.ttl_s, index))
         self.rules = tuple(compiled)
+        self.hits = [0] * len(compiled)
 
     def ttl_for(self, c: Classification, route_class: str) -> tuple[float, int] | None:
         """(ttl_s, rule index) of the first rule that fits, else None."""
         for matches, klass, ttl_s, index in self.rules:
             if (klass is None or klass(route_class)) and matches(c):
+                self.hits[index] += 1
                 return ttl_s, index
         return None

@@ -9,7 +9,7 @@ from typing import IO, Any
 from proxy.admin.http import Handler
 from proxy.observe.config import ObservabilityConfig
 from proxy.observe.digest import QueryDigest
-from proxy.observe.endpoints import ReadinessFacts, observe_routes
+from proxy.observe.endpoints import Readiness, digest_reset_handler, observe_routes
 from proxy.observe.metrics import MemberState, Metrics
 from proxy.observe.record import OperationRecord
 from proxy.observe.slowlog import SlowLog
@@ -40,9 +40,13 @@ class Observer:
         self.metrics.observe(op)
         self.slowlog.record(op)
 
-    def routes(self, readiness: Callable[[], ReadinessFacts]) -> dict[str, Handler]:
+    def routes(self, readiness: Readiness) -> dict[str, Handler]:
         """``/metrics``, ``/digest`` and ``/readyz`` for the admin server."""
         return observe_routes(self.metrics, self.digest, readiness)
+
+    def post_routes(self) -> dict[str, Handler]:
+        """``POST /digest/reset``."""
+        return {"/digest/reset": digest_reset_handler(self.digest)}
 
     def close(self) -> None:
         self.slowlog.close()
