@@ -32,11 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     add_hash_arguments(hash_password)
     explain = sub.add_parser(
         "explain-route",
-        help="show the class, rule, read preference and member a command would get",
+        help="show the tenancy verdict, class, rule, read preference, member and cache "
+             "decision a command would get",
     )
     explain.add_argument("--config", required=True, help="YAML configuration file")
     explain.add_argument("command_json", help="the command as (Extended) JSON")
     explain.add_argument("--app-name", default=None, help="the client's appName")
+    explain.add_argument("--user", default=None,
+                         help="a configured proxy user (tenancy.users) the command runs as")
     explain.add_argument(
         "--offline", action="store_true",
         help="do not contact the upstream: no member is chosen",
@@ -63,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{path}: OK")
         return 0
     if args.command == "explain-route":
-        return _explain_route(config, args.command_json, args.app_name, args.offline)
+        return _explain_route(config, args.command_json, args.app_name, args.offline,
+                              args.user)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -76,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _explain_route(config: Config, command_json: str, app_name: str | None,
-                   offline: bool) -> int:
+                   offline: bool, user: str | None = None) -> int:
     import asyncio
 
     from proxy.route.explain import ExplainError, explain_route
@@ -84,7 +88,9 @@ def _explain_route(config: Config, command_json: str, app_name: str | None,
     logging.basicConfig(level=logging.ERROR)  # the monitor's member-state lines are noise here
     description = None if offline else asyncio.run(_current_topology(config))
     try:
-        print(explain_route(config.routing, command_json, app_name, description))
+        print(explain_route(config.routing, command_json, app_name, description,
+                            tenancy=config.tenancy, cache=config.cache, explain_cache=True,
+                            user=user))
     except ExplainError as exc:
         print(f"mongoproxy explain-route: {exc}", file=sys.stderr)
         return 2

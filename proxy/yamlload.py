@@ -37,10 +37,10 @@ class StrictLoader(yaml.SafeLoader):
                     key_node.start_mark,
                 )
             seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml_file(path: str | Path) -> Any:
     """Parse the YAML file at ``path``; OSError and yaml.YAMLError propagate."""
     with open(path, encoding="utf-8") as stream:
-        return yaml.load(stream, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(stream, Loader=StrictLoader)  # a SafeLoader subclass

@@ -231,10 +231,12 @@ class RuleConfig(_Strict):
 
     def text(self) -> str:
         """The rule as compact YAML, for logs and explain-route."""
-        doc = {
+        doc: dict[str, Any] = {
             "match": self.match.model_dump(exclude_none=True),
             "class": self.class_,
         }
+        if self.name is not None:
+            doc["name"] = self.name
         return str(yaml.safe_dump(
             doc, default_flow_style=True, sort_keys=False, width=1 << 30
         )).strip()
