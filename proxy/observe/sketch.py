@@ -5,9 +5,9 @@ a bucket is reported as ``2 * gamma**i / (gamma + 1)``, which is within ``a`` (r
 of every value in it. So the q-quantile is within ``a`` of the true value at rank
 ``floor(q * (n - 1))`` whatever the distribution, with a sparse dict of occupied
 buckets (a handful per query shape in practice; at most ~1,900 from 1 µs to one hour at
-1 %). The exact ``min`` and ``max`` are kept too and every answer is clamped to them: a
-sketch of one value answers that value for every quantile, and percentiles never fall
-outside what was observed (p95 <= max).
+1 %). The exact ``min`` and ``max`` are kept too (the 0- and 1-quantiles) and every
+answer is clamped to them: a sketch of one value answers that value for every quantile,
+and percentiles never fall outside what was observed (p95 <= max).
 
 Mergeable: :meth:`merge` adds another sketch's buckets (same ``alpha``), so per-worker
 sketches combine into one without losing the guarantee. :meth:`state` /
@@ -66,6 +66,10 @@ class LatencySketch:
             return 0.0
         if not 0 <= q <= 1:
             raise ValueError("q must be between 0 and 1")
+        if q == 0:
+            return self.min
+        if q == 1:
+            return self.max
         rank = q * (self.count - 1)
         seen = 0
         value = self.max
