@@ -580,6 +580,9 @@ def test_readyz_follows_the_upstream(
     stopped = time.monotonic()
     wait_until(lambda: http_get(url)[0] == 503, timeout=5.0, what="/readyz 503")
     assert time.monotonic() - stopped < 5.0  # within a few heartbeats of 500 ms
+    # The data-path probe may see it first (connection refused); the monitor follows.
+    wait_until(lambda: json.loads(http_get(url)[2])["primary"] == "no", timeout=5.0,
+               what="the monitor to lose the primary")
     status, _, body = http_get(url)
     assert status == 503
     answer = json.loads(body)
