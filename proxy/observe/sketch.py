@@ -27,18 +27,22 @@ __all__ = ["DEFAULT_ALPHA", "LatencySketch"]
 DEFAULT_ALPHA = 0.01
 # Values at or below this (ms) share one bucket (1 ns; zero durations are fine).
 _FLOOR = 1e-6
+_log = math.log
+_ceil = math.ceil
 
 
 class LatencySketch:
     """Quantiles of non-negative values (milliseconds) within ``alpha`` relative error."""
 
-    __slots__ = ("_gamma_log", "alpha", "buckets", "count", "max", "min", "total")
+    __slots__ = ("_gamma_log", "_multiplier", "alpha", "buckets", "count", "max", "min",
+                 "total")
 
     def __init__(self, alpha: float = DEFAULT_ALPHA) -> None:
         if not 0 < alpha < 1:
             raise ValueError("alpha must be between 0 and 1")
         self.alpha = alpha
         self._gamma_log = math.log((1 + alpha) / (1 - alpha))
+        self._multiplier = 1 / self._gamma_log
         self.buckets: dict[int, int] = {}
         self.count = 0
         self.total = 0.0
@@ -46,7 +50,8 @@ class LatencySketch:
         self.max = 0.0
 
     def add(self, value: float) -> None:
-        index = math.ceil(math.log(value if value > _FLOOR else _FLOOR) / self._gamma_log)
+        # Called once per operation: module-level names, one multiplication.
+        index = _ceil(_log(value if value > _FLOOR else _FLOOR) * self._multiplier)
         buckets = self.buckets
         buckets[index] = buckets.get(index, 0) + 1
         self.count += 1
