@@ -357,3 +357,44 @@ def test_explain_route_shows_tenancy_and_cache(tmp_path: Path) -> None:
     done = run_cli("explain-route", "--config", str(path), "--offline", "--user", "bob",
                    '{"find": "orders", "$db": "app"}')
     assert done.returncode == 2 and "'bob' is not a configured proxy user" in done.stderr
+
+
+def test_post_body_is_read_and_bounded(proxy: ProxyProcess) -> None:
+    """A POST body is read before the answer (no connection reset) and bounded."""
+    for size in (0, 10, 60_000):
+        req = urllib.request.Request(f"{proxy.admin_url}/digest/reset", method="POST",
+                                     data=b"x" * size)
+        with urllib.request.urlopen(req, timeout=10) as reply:
+            assert reply.status == 200 and json.loads(reply.read())["reset"] is True
+    req = urllib.request.Request(f"{proxy.admin_url}/digest/reset", method="POST",
+                                 headers={"Content-Length": "10000000"}, data=b"")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(req, timeout=10)
+    assert caught.value.code == 413
+
+
+def test_rule_names_must_be_unique_per_list(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    base: Doc = {"upstream": {"uri": "mongodb://127.0.0.1:1/"},
+                 "routing": {"classes": {"a": {}}, "rules": [
+                     {"match": {"collection": "x"}, "class": "a", "name": "same"},
+                     {"match": {"collection": "y"}, "class": "a", "name": "same"}]}}
+    path.write_text(yaml.safe_dump(base))
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2
+    assert "routing.rules.1.name: name 'same' is already used by rule 0" in done.stderr
+    base["routing"]["rules"][1]["name"] = "other"
+    base["cache"] = {"redis_url": "redis://127.0.0.1:1", "rules": [
+        {"match": {"collection": "x"}, "ttl_s": 1, "name": "same"},
+        {"match": {"collection": "y"}, "ttl_s": 1, "name": "same"}]}
+    path.write_text(yaml.safe_dump(base))
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2
+    assert "cache.rules.1.name: name 'same' is already used by rule 0" in done.stderr
+    base["cache"]["rules"][1]["name"] = "1 bad"
+    path.write_text(yaml.safe_dump(base))
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2 and "cache.rules.1.name" in done.stderr
+    base["cache"]["rules"][1]["name"] = "other"
+    path.write_text(yaml.safe_dump(base))  # routing and cache may share a name
+    assert run_cli("check-config", str(path)).returncode == 0

@@ -67,9 +67,13 @@ class AdminServer:
                     name, _, value = line.partition(b":")
                     if name.strip().lower() == b"content-length" and value.strip().isdigit():
                         length = int(value)
-                if 0 < length <= MAX_POST_BODY:
-                    await reader.readexactly(length)  # unused; read so close() is clean
-                status, ctype, body = await self._dispatch(request_line.decode("latin-1"))
+                if length > MAX_POST_BODY:
+                    status, ctype, body = json_response(
+                        413, {"error": f"request body over {MAX_POST_BODY} bytes"})
+                else:
+                    if length:
+                        await reader.readexactly(length)  # unused; read: close() is clean
+                    status, ctype, body = await self._dispatch(request_line.decode("latin-1"))
             reason = HTTPStatus(status).phrase
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
