@@ -32,7 +32,7 @@ def json_response(status: int, document: Any) -> tuple[int, str, bytes]:
 
 
 class AdminServer:
-    """``routes`` answer GET (and HEAD-less clients), ``post_routes`` answer POST."""
+    """``routes`` answer GET, ``post_routes`` answer POST (operator actions)."""
 
     def __init__(
         self, routes: dict[str, Handler], post_routes: dict[str, Handler] | None = None
