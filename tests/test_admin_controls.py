@@ -398,3 +398,23 @@ def test_rule_names_must_be_unique_per_list(tmp_path: Path) -> None:
     base["cache"]["rules"][1]["name"] = "other"
     path.write_text(yaml.safe_dump(base))  # routing and cache may share a name
     assert run_cli("check-config", str(path)).returncode == 0
+
+
+def test_readyz_reuses_its_proof_within_the_interval(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory
+) -> None:
+    """Probes within ``ready_probe_interval_ms`` reuse one ping's result: the same round
+    trip time, an age that grows; no round trip per probe."""
+    proxy = proxy_factory(ferretdb.uri, {"admin": {"ready_probe_interval_ms": 60_000}})
+    url = f"{proxy.admin_url}/readyz"
+    wait_until(lambda: request(url)[0] == 200, what="/readyz 200")
+    first = request(url)[1]["data_path"]
+    assert first["ok"] is True and first["proof"] in ("ping", "traffic")
+    ages = []
+    for _ in range(20):
+        status, body = request(url)
+        assert status == 200
+        assert body["data_path"]["rtt_ms"] == first["rtt_ms"]
+        assert body["data_path"]["proof"] == first["proof"]
+        ages.append(body["data_path"]["age_ms"])
+    assert ages == sorted(ages) and ages[-1] > first["age_ms"]
