@@ -16,7 +16,7 @@ NODE_DIR   := tests/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.ci-stamp
 PYTEST_ARGS ?=
 
-.PHONY: deps tools node lint typecheck test run bench clean
+.PHONY: deps tools node lint typecheck test run bench docs clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -67,6 +67,10 @@ bench: deps tools
 	$(PY) -m bench $(BENCH_RUN)
 	$(PY) -m bench $(BENCH_STORM)
 	$(PY) -m bench report --run bench/results/bench.json --storm bench/results/storm.json --readme README.md
+
+# docs/configuration.md from the configuration models (a test fails when it is stale).
+docs: deps
+	$(PY) -m scripts.gen_config_docs
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache $(NODE_DIR)/node_modules
