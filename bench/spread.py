@@ -82,7 +82,9 @@ def ratio_text(value: float | None, per_round: list[float] | None) -> str:
     """``0.851 (0.76-0.93)``: the run's ratio and its lowest and highest round."""
     if value is None:
         return "-"
-    rng = span(list(per_round or []))
+    if per_round is None:  # JSON written before the rounds were kept
+        return f"{value:.3f} (rounds not recorded)"
+    rng = span(list(per_round))
     if rng is None:
         return f"{value:.3f}"
     return f"{value:.3f} ({rng[0]:.2f}-{rng[1]:.2f})"

@@ -76,6 +76,7 @@ def test_every_ratio_has_its_rounds() -> None:
     assert spread.ratio_text(0.7, [0.8, 0.5]) == "0.700 (0.50-0.80)"
     assert spread.ratio_text(None, [1.0]) == "-"
     assert spread.ratio_text(1.0, []) == "1.000"
+    assert spread.ratio_text(1.0, None) == "1.000 (rounds not recorded)"
     table = report._ratio_table(data)
     assert table[2] == "| closed | proxy / direct | 0.636 (0.50-0.80) | 1.737 (1.50-2.00) | " \
                        "1.737 (1.50-2.00) |"
