@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pymongo.topology_description import TopologyDescription
 
+from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
 from proxy.identity.hash_cli import add_arguments as add_hash_arguments
 from proxy.identity.hash_cli import run as run_hash_password
@@ -18,6 +19,7 @@ from proxy.identity.hash_cli import run as run_hash_password
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mongoproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mongoproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", required=True, help="YAML configuration file")

@@ -56,7 +56,7 @@ class CacheMatchConfig(MatchConfig):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    class_: NameField = Field(default=None, alias="class")
+    class_: NameField = Field(default=None, alias="class")  # the routing class chosen
 
     @field_validator("class_")
     @classmethod
@@ -72,7 +72,7 @@ class CacheMatchConfig(MatchConfig):
 
 class CacheRuleConfig(_Strict):
     match: CacheMatchConfig
-    ttl_s: float = Field(gt=0, le=30 * 24 * 3600)
+    ttl_s: float = Field(gt=0, le=30 * 24 * 3600)  # how long an entry may answer
     # Optional label for /rules and mongoproxy_rule_hits_total (else the rule's index).
     name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
                              max_length=64)
@@ -87,12 +87,15 @@ class BreakerConfig(_Strict):
 
 
 class CacheConfig(_Strict):
-    redis_url: str = Field(min_length=1)
+    """The Redis result cache: reads matched by a rule are answered from Redis."""
+
+    redis_url: str = Field(min_length=1)  # redis://, rediss:// or unix:// URL
     # True: redis_url names one node of a Redis Cluster (redis-py's cluster client
     # discovers the others).
     cluster: bool = False
-    key_prefix: str = "mp:"
-    max_entry_bytes: int = Field(default=1_048_576, gt=0, le=48_000_000)
+    key_prefix: str = "mp:"  # prefix of every Redis key the cache writes
+    max_entry_bytes: int = Field(default=1_048_576, gt=0, le=48_000_000)  # larger: not cached
+    # Entries at least this large are stored zstd-compressed.
     compress_min_bytes: int = Field(default=4096, ge=0)
     # Bound on one Redis operation of the read path (a hit's lookup, a store); past it
     # the request goes to MongoDB.
@@ -101,11 +104,12 @@ class CacheConfig(_Strict):
     # the circuit opens. Longer than timeout_ms because a failure here costs the whole
     # cache, and the write has already taken milliseconds at MongoDB.
     invalidate_timeout_ms: float = Field(default=100, gt=0)
-    connect_timeout_ms: float = Field(default=200, gt=0)
+    connect_timeout_ms: float = Field(default=200, gt=0)  # connecting to Redis
     # Generation tokens expire after this long without a write (a missing token is
     # simply recreated: safe, see proxy.cache.store).
     generation_ttl_s: int = Field(default=86_400, gt=0)
-    breaker: BreakerConfig = BreakerConfig()
+    breaker: BreakerConfig = BreakerConfig()  # the circuit breaker in front of Redis
+    # Tried in order; the first that fits gives the TTL (reloaded live).
     rules: tuple[CacheRuleConfig, ...] = ()
 
     _compiled: ClassVar[CacheRules]

@@ -202,15 +202,19 @@ NameField = str | list[str] | None
 
 
 class MatchConfig(_Strict):
-    command: NameField = None
-    database: NameField = None
-    collection: NameField = None
-    has_stage: NameField = None
-    text_search: bool | None = None
-    app_name: NameField = None
+    """What a rule matches; every key given must fit (name patterns: docs/routing.md)."""
+
+    command: NameField = None  # command name (an explain is matched as what it explains)
+    database: NameField = None  # the command's database ($db)
+    collection: NameField = None  # the collection the command names
+    has_stage: NameField = None  # a top-level stage of an aggregate pipeline, e.g. $group
+    text_search: bool | None = None  # the command uses $text or $search
+    app_name: NameField = None  # the appName the client sent in its handshake
+    # A string equal to the command's comment, or a document whose every key must be
+    # in the command's comment document.
     comment: str | dict[str, Any] | None = None
-    user: NameField = None
-    tenant: NameField = None
+    user: NameField = None  # the proxy user the connection authenticated as
+    tenant: NameField = None  # the tenant the connection is bound to
 
     @field_validator(
         "command", "database", "collection", "has_stage", "app_name", "user", "tenant"
@@ -224,7 +228,7 @@ class MatchConfig(_Strict):
 
 class RuleConfig(_Strict):
     match: MatchConfig
-    class_: str = Field(alias="class")
+    class_: str = Field(alias="class")  # a name under routing.classes
     # Optional label for /rules and mongoproxy_rule_hits_total (else the rule's index).
     name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
                              max_length=64)
@@ -243,11 +247,16 @@ class RuleConfig(_Strict):
 
 
 class ClassConfig(_Strict):
+    # Where reads of the class go (writes always go to the primary).
     read_preference: ReadMode | None = None
-    tags: list[dict[str, str]] | None = None
-    max_staleness_s: int | None = None
+    tags: list[dict[str, str]] | None = None  # tag sets, tried in order
+    max_staleness_s: int | None = None  # at least 90 (MongoDB's minimum)
+    # Sets maxTimeMS when the command has none, 0 or a larger one.
     max_time_ms: int | None = Field(default=None, gt=0)
+    # override: ignore the driver's $readPreference; honor: use it when sent. Default:
+    # override when the class names a read_preference, honor otherwise.
     client_read_preference: Literal["honor", "override"] | None = None
+    # Refuse the class's commands with this message (code 13); takes no other option.
     deny: str | None = Field(default=None, min_length=1)
 
     @field_validator("max_staleness_s")
@@ -307,9 +316,11 @@ class ClassConfig(_Strict):
 
 
 class RoutingConfig(_Strict):
-    default: ClassConfig = ClassConfig()
-    classes: dict[str, ClassConfig] = {}
-    rules: tuple[RuleConfig, ...] = ()
+    """Command classes and the ordered rules that pick them (reloaded live)."""
+
+    default: ClassConfig = ClassConfig()  # the class of a command no rule matches
+    classes: dict[str, ClassConfig] = {}  # named classes
+    rules: tuple[RuleConfig, ...] = ()  # tried in order; the first that fits names the class
 
     # Built once by validation; kept in the instance __dict__ (not a pydantic private
     # attribute, whose access costs ~2 us through BaseModel.__getattr__).
