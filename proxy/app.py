@@ -14,6 +14,9 @@ from typing import Any
 from bson import Int64
 
 from proxy.admin.http import AdminServer, json_response
+from proxy.advice.advisor import Advisor
+from proxy.advice.endpoint import advice_routes
+from proxy.advice.upstream import pooled_runner
 from proxy.cache.layer import ResultCache
 from proxy.config import Config
 from proxy.errors import ProxyError
@@ -59,9 +62,17 @@ class Proxy:
             None if config.cache is None
             else ResultCache(config.cache, self.observer.metrics.registry)
         )
+        self.advisor = Advisor(
+            config.advice, self.observer.digest,
+            pooled_runner(self.topology, self.pools, config.advice.command_timeout_ms / 1000),
+            tenant_field=config.tenancy.field,
+        )
+        if config.advice.enabled:
+            self.observer.index_changed = self.advisor.index_changed
         self.admin = AdminServer({
             "/healthz": self._healthz,
             **self.observer.routes(self._readiness),
+            **(advice_routes(self.advisor) if config.advice.enabled else {}),
         })
         self.server: asyncio.Server | None = None
         self.connections: dict[ClientConnection, asyncio.Task[None]] = {}
@@ -117,6 +128,8 @@ class Proxy:
             await self._fill_pool(sd.address)
         if self.cache is not None:
             await self.cache.start()
+        if self.config.advice.enabled:
+            self.advisor.start()
         self.server = await asyncio.get_running_loop().create_server(
             lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096
         )
@@ -164,6 +177,7 @@ class Proxy:
                 conn.close()
         if self.connections:
             await asyncio.wait(list(self.connections.values()), timeout=1)
+        await self.advisor.close()
         await self.pools.close()
         if self.cache is not None:
             await self.cache.close()

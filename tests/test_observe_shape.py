@@ -281,7 +281,8 @@ def test_hash_is_stable_and_short() -> None:
     (datetime.datetime(2024, 1, 1), "?date"), (ObjectId(), "?oid"),
     (Binary(b"x"), "?binary"), (b"x", "?binary"), (uuid.uuid4(), "?uuid"),
     (Regex("a"), "?regex"), (Regex("^a"), "?regex:prefix"), (Regex("^a", "i"), "?regex"),
-    (re.compile(r"\Ax"), "?regex:prefix"), (Regex("^(a|b)"), "?regex"), (Timestamp(1, 1), "?timestamp"), ([1], "?array"),
+    (re.compile(r"\Ax"), "?regex:prefix"), (Regex("^(a|b)"), "?regex"),
+    (Timestamp(1, 1), "?timestamp"), ([1], "?array"),
     ({"a": 1}, "?object"),
 ])
 def test_placeholders(value: Any, expected: str) -> None:

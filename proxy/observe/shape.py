@@ -17,8 +17,9 @@ Rules (the tests in ``tests/test_observe_shape.py`` are the executable version):
   int64 alike: the driver picks the width from the magnitude), ``?double``,
   ``?decimal``, ``?bool``, ``?null``, ``?date``, ``?oid``, ``?binary``, ``?uuid``,
   ``?regex`` (``?regex:prefix`` when left-anchored on a literal, case-sensitive: an
-  index can bound it; the ``$regex`` operator's pattern likewise), ``?timestamp``, ``?array`` (an array compared as a whole), ``?object``
-  (an embedded document compared as a whole), ``?minkey``, ``?maxkey``, ``?code``.
+  index can bound it; the ``$regex`` operator's pattern likewise), ``?timestamp``,
+  ``?array`` (an array compared as a whole), ``?object`` (an embedded document
+  compared as a whole), ``?minkey``, ``?maxkey``, ``?code``.
 * Collapsed: ``$in``/``$nin``/``$all`` lists become the sorted list of the distinct
   element types (``{$in: [1, 2, 3]}`` and ``{$in: [7]}`` are both ``{$in: ["?int"]}``);
   the branches of ``$or``/``$and``/``$nor`` are de-duplicated and sorted, so an
