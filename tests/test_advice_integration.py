@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from pymongo import ASCENDING, DESCENDING, MongoClient
 
 from tests.support import REPO_ROOT, FerretDBProcess, ProxyProcess
@@ -168,11 +169,17 @@ def test_indexes_made_elsewhere_are_seen_at_the_refresh(
     wait_for(proxy, lambda d: not missing_keys(d, ns), "the refresh to see the index")
 
 
-def test_limit_is_validated(ferretdb: FerretDBProcess, proxy: ProxyProcess) -> None:
+@pytest.mark.parametrize(("query", "word"), [
+    ("limit=-1", "limit"), ("limit=x", "limit"), ("window=0", "window"), ("window=x", "window"),
+])
+def test_parameters_are_validated(ferretdb: FerretDBProcess, proxy: ProxyProcess,
+                                  query: str, word: str) -> None:
     try:
-        urllib.request.urlopen(f"{proxy.admin_url}/advice?limit=-1", timeout=5)
+        urllib.request.urlopen(f"{proxy.admin_url}/advice?{query}", timeout=5)
     except urllib.error.HTTPError as err:
         assert err.code == 400
-        assert "limit" in json.loads(err.read())["error"]
+        assert word in json.loads(err.read())["error"]
     else:
-        raise AssertionError("limit=-1 was accepted")
+        raise AssertionError(f"{query} was accepted")
+    document = advice(proxy, "?window=3600&limit=5")
+    assert document["window_s"] is not None and document["window_s"] >= 0

@@ -19,6 +19,7 @@ from proxy.advice.compare import consolidate, redundant, serving_index
 from proxy.advice.config import AdviceConfig
 from proxy.advice.derive import Derivation, Need, derive, key_document
 from proxy.advice.render import create_index_js, drop_index_js
+from proxy.advice.window import Snapshots
 from proxy.observe.digest import QueryDigest
 
 __all__ = ["QUERY_COMMANDS", "Advisor"]
@@ -57,8 +58,9 @@ class Advisor:
         self.tenant_field = tenant_field
         self.catalog = IndexCatalog(
             run_command, refresh_s=config.refresh_s, poll_s=config.poll_s,
-            max_namespaces=config.max_namespaces, source=self.namespaces)
+            max_namespaces=config.max_namespaces, source=self._poll)
         self._derived: dict[str, Derivation | None] = {}
+        self.snapshots = Snapshots(config.window_step_s, config.window_keep)
 
     def start(self) -> None:
         self.catalog.start()
@@ -68,6 +70,13 @@ class Advisor:
 
     def index_changed(self, database: str | None, collection: str | None) -> None:
         self.catalog.invalidate(database, collection)
+
+    def _poll(self) -> list[str]:
+        """Called by the catalog's task every ``poll_s``: a window snapshot when due,
+        and the namespaces to fetch indexes for."""
+        rows = list(self.digest.rows.items())
+        self.snapshots.maybe_take(time.time(), ((k, r.count, r.total_ms) for k, r in rows))
+        return list(self.namespaces())
 
     def namespaces(self) -> Iterable[str]:
         """The namespaces the digest has queries for (polled by the catalog)."""
@@ -83,9 +92,17 @@ class Advisor:
         found = self._derived[key] = derive(shape, self.tenant_field)
         return found
 
-    def report(self, limit: int = 50) -> dict[str, Any]:
-        """The ``/advice`` document (see docs/advice.md for its fields)."""
+    def report(self, limit: int = 50, window_s: float | None = None) -> dict[str, Any]:
+        """The ``/advice`` document (see docs/advice.md for its fields): time at stake
+        since the digest started, or within the last ``window_s`` seconds."""
+        now = time.time()
         rows = self.digest.top(len(self.digest), "total_time")
+        since: float = self.digest.started
+        base: dict[str, tuple[int, float]] | None = None
+        if window_s is not None:
+            found = self.snapshots.baseline(now, window_s)
+            if found is not None:
+                since, base = max(since, found[0]), found[1]
         shapes: list[dict[str, Any]] = []
         missing: dict[tuple[str, Need], _Missing] = {}
         unserved: dict[str, list[tuple[Need, dict[str, Any]]]] = {}
@@ -99,13 +116,18 @@ class Advisor:
             derivation = self._derive(str(row["shape_hash"]), shape)
             if derivation is None:
                 continue
+            count, total_ms = row["count"], row["total_ms"]
+            if base is not None:
+                count, total_ms = Snapshots.delta(count, total_ms, base.get(row["shape_hash"]))
+                if count == 0:
+                    continue
             seen.add(namespace)
             entry = self.catalog.get(namespace)
             about = {
                 "shape_hash": row["shape_hash"], "namespace": namespace,
                 "command": row.get("command"), "shape": row.get("shape"),
-                "count": row["count"], "total_ms": row["total_ms"],
-                "avg_ms": row.get("avg_ms"),
+                "count": count, "total_ms": round(total_ms, 3),
+                "avg_ms": round(total_ms / count, 3) if count else 0.0,
             }
             status, extra = self._judge(derivation, entry, about, unserved)
             shapes.append({**about, "status": status, **extra})
@@ -123,8 +145,9 @@ class Advisor:
                     item.total_ms += about["total_ms"]
         ranked = sorted(missing.values(), key=lambda m: (-m.total_ms, -m.count, m.need.key))
         return {
-            "generated_at": time.time(),
-            "since": self.digest.started,
+            "generated_at": now,
+            "since": since,
+            "window_s": None if window_s is None else round(now - since, 3),
             "tenant_field": self.tenant_field,
             "missing": [_missing_document(m) for m in ranked[:max(0, limit)]],
             "unindexable": unindexable[:max(0, limit)],

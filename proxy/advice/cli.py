@@ -1,5 +1,6 @@
-"""``mongoproxy advise --admin URL [--format text|json|js] [--limit N]``: the advice of a
-running proxy, as a report, as JSON, or as ready-to-paste mongosh commands."""
+"""``mongoproxy advise --admin URL [--format text|json|js] [--limit N] [--window S]``:
+the advice of a running proxy, as a report, as JSON, or as ready-to-paste mongosh
+commands."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from proxy.advice.render import render_js, render_text
 __all__ = ["annotate_digest", "fetch_advice", "main"]
 
 
-def fetch_advice(admin: str, limit: int = 50, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_advice(admin: str, limit: int = 50, timeout: float = 5.0,
+                 window_s: float | None = None) -> dict[str, Any]:
     url = f"{admin.rstrip('/')}/advice?limit={limit}"
+    if window_s is not None:
+        url += f"&window={window_s:g}"
     with urllib.request.urlopen(url, timeout=timeout) as reply:
         document: dict[str, Any] = json.loads(reply.read())
     return document
@@ -45,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="admin endpoint base URL (default %(default)s)")
     parser.add_argument("--format", choices=("text", "json", "js"), default="text")
     parser.add_argument("--limit", type=int, default=50, help="missing indexes shown")
+    parser.add_argument("--window", type=float, default=None, metavar="SECONDS",
+                        help="rank by the time spent in the last SECONDS "
+                             "(default: since the digest started)")
     return parser
 
 
@@ -54,7 +61,7 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     stream = out if out is not None else sys.stdout
     admin = args.admin if "://" in args.admin else f"http://{args.admin}"
     try:
-        advice = fetch_advice(admin, max(0, args.limit))
+        advice = fetch_advice(admin, max(0, args.limit), window_s=args.window)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         print(f"mongoproxy advise: cannot read {admin}/advice: {exc}", file=sys.stderr)
         return 1

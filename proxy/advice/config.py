@@ -7,6 +7,8 @@ advice:
   poll_s: 10             # how often the fetcher looks for newly queried collections
   max_namespaces: 500    # collections whose indexes are kept
   command_timeout_ms: 5000
+  window_step_s: 60      # /advice?window=S: counters copied this often...
+  window_keep: 60        # ...this many copies kept (0: no windows)
 ```
 """
 
@@ -25,3 +27,5 @@ class AdviceConfig(BaseModel):
     poll_s: float = Field(default=10.0, ge=0.1, le=3_600.0)
     max_namespaces: int = Field(default=500, ge=1, le=100_000)
     command_timeout_ms: int = Field(default=5000, ge=100, le=600_000)
+    window_step_s: float = Field(default=60.0, ge=0.1, le=86_400.0)
+    window_keep: int = Field(default=60, ge=0, le=10_000)

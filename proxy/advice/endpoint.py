@@ -1,4 +1,4 @@
-"""``GET /advice?limit=N`` on the admin port (see docs/advice.md)."""
+"""``GET /advice?limit=N&window=S`` on the admin port (see docs/advice.md)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ def advice_routes(advisor: Advisor, default_limit: int = 50) -> dict[str, Handle
         except ValueError:
             return json_response(400, {"error": f"limit must be a non-negative integer, "
                                                 f"got {raw!r}"})
-        return json_response(200, advisor.report(min(limit, MAX_ADVICE_LIMIT)))
+        values = query.get("window")
+        raw = values[-1] if values else None
+        try:
+            window = None if raw is None else float(raw)
+            if window is not None and not window > 0:
+                raise ValueError
+        except ValueError:
+            return json_response(400, {"error": f"window must be a positive number of "
+                                                f"seconds, got {raw!r}"})
+        return json_response(200, advisor.report(min(limit, MAX_ADVICE_LIMIT), window))
 
     return {"/advice": handle}
