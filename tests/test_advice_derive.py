@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from proxy.advice.compare import IndexInfo, consolidate, redundant, serves, serving_index
 from proxy.advice.derive import Need, derive
+from proxy.advice.explain import collection_scan, example_command
 from proxy.advice.render import create_index_js, render_js
 from proxy.observe.shape import query_shape
 
@@ -296,3 +297,39 @@ def test_invariants(filter_: dict[str, Any], sort: dict[str, int]) -> None:
         # Its own index serves it; dropping the last field does not (unless empty).
         assert serves(need.key, need)
         assert not serves(need.key[:-1], need)
+
+
+# -- explain: the example command and the reading of plans ------------------------------
+
+def test_example_command_has_neutral_values_only() -> None:
+    shape = find({T: "acme-secret", "n": {"$gte": 5, "$in": [1, 2]},
+                  "s": {"$regex": "^se", "$options": "i"}, "e": {"$exists": True}},
+                 {"d": -1})
+    command = example_command(shape)
+    assert command == {"find": "c", "filter": {
+        "e": {"$exists": True}, "n": {"$gte": 0, "$in": [0]},
+        T: "", "s": {"$options": "i", "$regex": "^a"}}, "sort": {"d": -1}}
+    assert example_command(query_shape({"count": "c", "query": {}, "$db": "app"})) is None
+
+
+PLANS: list[tuple[str, dict[str, Any], bool | None]] = [
+    ("MongoDB classic, collection scan",
+     {"queryPlanner": {"winningPlan": {"stage": "SORT", "inputStage": {"stage": "COLLSCAN"}}}},
+     True),
+    ("MongoDB classic, index",
+     {"queryPlanner": {"winningPlan": {"stage": "FETCH", "inputStage": {"stage": "IXSCAN"}}}},
+     False),
+    ("MongoDB 7 SBE", {"queryPlanner": {"winningPlan": {"queryPlan": {
+        "stage": "COLLSCAN"}, "slotBasedPlan": {}}}}, True),
+    ("FerretDB SQLite full scan",
+     {"queryPlanner": {"Plan": ["id=2 parent=0 notused=0 detail=SCAN t_f10c3da3"]}}, True),
+    ("FerretDB SQLite index",
+     {"queryPlanner": {"Plan": ["id=3 parent=0 notused=0 detail=SEARCH t USING INDEX i (a=?)"]}},
+     False),
+    ("nothing to read", {"ok": 1}, None),
+]
+
+
+@pytest.mark.parametrize(("why", "reply", "expected"), PLANS, ids=[p[0] for p in PLANS])
+def test_collection_scan(why: str, reply: dict[str, Any], expected: bool | None) -> None:
+    assert collection_scan(reply)[0] is expected, why

@@ -183,3 +183,30 @@ def test_parameters_are_validated(ferretdb: FerretDBProcess, proxy: ProxyProcess
         raise AssertionError(f"{query} was accepted")
     document = advice(proxy, "?window=3600&limit=5")
     assert document["window_s"] is not None and document["window_s"] >= 0
+
+
+def test_explain_confirms_the_collection_scan(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, db_name: str
+) -> None:
+    proxy = proxy_factory(ferretdb.uri, {"advice": {
+        "poll_s": 0.2, "explain": True, "explain_interval_s": 0.2, "explain_min_ms": 0}})
+    ns = f"{db_name}.audit"
+    with MongoClient(proxy.uri, **TIMEOUTS) as client:
+        coll = client[db_name]["audit"]
+        coll.insert_many([{"tenant_id": "a", "resource_type": "task", "action": "update",
+                           "timestamp": i} for i in range(10)])
+        for _ in range(4):
+            list(coll.find({"tenant_id": "a", "resource_type": SECRET, "action": "update"})
+                 .sort("timestamp", -1))
+
+    def explained(d: Doc) -> bool:
+        return any(s["namespace"] == ns and "explain" in s for s in d["shapes"])
+
+    document = wait_for(proxy, explained, "an explain of the shape")
+    [row] = [s for s in document["shapes"] if s["namespace"] == ns and "explain" in s]
+    # FerretDB's SQLite plan of a filter it cannot push down: a full table scan.
+    assert row["status"] == "missing" and row["explain"]["collscan"] is True, row
+    assert "SCAN" in row["explain"]["plan"]
+    [item] = [m for m in document["missing"] if m["namespace"] == ns]
+    assert item["shapes"][0]["explain"]["collscan"] is True
+    assert "explain: collection scan" in cli(proxy, "advise")

@@ -18,6 +18,7 @@ from proxy.advice.catalog import CatalogEntry, IndexCatalog, RunCommand
 from proxy.advice.compare import consolidate, redundant, serving_index
 from proxy.advice.config import AdviceConfig
 from proxy.advice.derive import Derivation, Need, derive, key_document
+from proxy.advice.explain import Explainer
 from proxy.advice.render import create_index_js, drop_index_js
 from proxy.advice.window import Snapshots
 from proxy.observe.digest import QueryDigest
@@ -56,9 +57,13 @@ class Advisor:
         self.config = config
         self.digest = digest
         self.tenant_field = tenant_field
+        self.explainer = (
+            Explainer(run_command, config.explain_interval_s, config.explain_min_ms)
+            if config.explain else None)
         self.catalog = IndexCatalog(
             run_command, refresh_s=config.refresh_s, poll_s=config.poll_s,
-            max_namespaces=config.max_namespaces, source=self._poll)
+            max_namespaces=config.max_namespaces, source=self._poll,
+            after=None if self.explainer is None else self._explain)
         self._derived: dict[str, Derivation | None] = {}
         self.snapshots = Snapshots(config.window_step_s, config.window_keep)
 
@@ -77,6 +82,16 @@ class Advisor:
         rows = list(self.digest.rows.items())
         self.snapshots.maybe_take(time.time(), ((k, r.count, r.total_ms) for k, r in rows))
         return list(self.namespaces())
+
+    async def _explain(self) -> None:
+        """After each poll: one explain of the slowest shape lacking an index, when due."""
+        now = time.time()
+        if self.explainer is None or not self.explainer.due(now):
+            return
+        candidates = [{**s, "shape_doc": _shape_of(s)}
+                      for s in self.report(limit=0)["shapes"] if s["status"] == "missing"]
+        candidates.sort(key=lambda s: -s["total_ms"])
+        await self.explainer.explain_one(candidates, now)
 
     def namespaces(self) -> Iterable[str]:
         """The namespaces the digest has queries for (polled by the catalog)."""
@@ -129,6 +144,8 @@ class Advisor:
                 "count": count, "total_ms": round(total_ms, 3),
                 "avg_ms": round(total_ms / count, 3) if count else 0.0,
             }
+            if self.explainer is not None and row["shape_hash"] in self.explainer.results:
+                about["explain"] = self.explainer.results[row["shape_hash"]]
             status, extra = self._judge(derivation, entry, about, unserved)
             shapes.append({**about, "status": status, **extra})
             if status == "unindexable":
@@ -233,6 +250,7 @@ def _missing_document(item: _Missing) -> dict[str, Any]:
         "count": item.count,
         "total_ms": round(item.total_ms, 3),
         "shapes": [{k: s[k] for k in ("shape_hash", "command", "shape", "count",
-                                      "total_ms", "avg_ms")} for s in shapes],
+                                      "total_ms", "avg_ms", "explain") if k in s}
+                   for s in shapes],
         "js": create_index_js(item.namespace, item.need.key),
     }

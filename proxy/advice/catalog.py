@@ -51,9 +51,11 @@ class CatalogEntry:
 class IndexCatalog:
     def __init__(self, run_command: RunCommand, *, refresh_s: float = 300.0,
                  poll_s: float = 10.0, max_namespaces: int = 500, retry_s: float = 30.0,
-                 source: Callable[[], Iterable[str]] | None = None) -> None:
+                 source: Callable[[], Iterable[str]] | None = None,
+                 after: Callable[[], Awaitable[None]] | None = None) -> None:
         self._run = run_command
         self._source = source
+        self._after = after
         self.refresh_s = refresh_s
         self.poll_s = poll_s
         self.retry_s = retry_s
@@ -125,6 +127,8 @@ class IndexCatalog:
             for ns in self._due(time.time()):
                 self._stale.discard(ns)
                 await self.refresh(ns)
+            if self._after is not None:
+                await self._after()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
 

@@ -9,6 +9,9 @@ advice:
   command_timeout_ms: 5000
   window_step_s: 60      # /advice?window=S: counters copied this often...
   window_keep: 60        # ...this many copies kept (0: no windows)
+  explain: false         # confirm collection scans with the server's explain...
+  explain_interval_s: 60 # ...at most one explain this often...
+  explain_min_ms: 100    # ...of a shape lacking an index at least this slow on average
 ```
 """
 
@@ -29,3 +32,6 @@ class AdviceConfig(BaseModel):
     command_timeout_ms: int = Field(default=5000, ge=100, le=600_000)
     window_step_s: float = Field(default=60.0, ge=0.1, le=86_400.0)
     window_keep: int = Field(default=60, ge=0, le=10_000)
+    explain: bool = False
+    explain_interval_s: float = Field(default=60.0, ge=0.1, le=86_400.0)
+    explain_min_ms: float = Field(default=100.0, ge=0.0)

@@ -69,6 +69,11 @@ def render_text(advice: Mapping[str, Any]) -> str:
                    f"of {len(item['shapes'])} shape(s)")
         for shape in item["shapes"]:
             out.append(f"     {shape['count']:>8} x {shape['avg_ms']} ms  {shape['shape']}")
+            explained = shape.get("explain")
+            if explained:
+                verdict = {True: "collection scan", False: "no collection scan",
+                           None: "did not say"}[explained["collscan"]]
+                out.append(f"       explain: {verdict} ({explained['plan']})")
         out.append(f"   {create_index_js(item['namespace'], item['key'].items())}")
     unindexable = advice.get("unindexable", [])
     if unindexable:
