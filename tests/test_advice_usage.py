@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import pytest
 from mockupdb import MockupDB
 from pymongo import MongoClient
 
-from tests.support import ProxyFactory
+from tests.support import REPO_ROOT, ProxyFactory
 
 pytestmark = pytest.mark.timeout(120)
 SINCE = datetime.datetime(2024, 5, 1, 12, 0, 0)
@@ -93,3 +95,8 @@ def test_unused_indexes_where_the_server_counts_accesses(
     [row] = document["shapes"]
     assert row["status"] == "served" and row["served_by"] == ["by_status"]
     assert document["missing"] == [] and document["redundant"] == []
+    text = subprocess.run(
+        [sys.executable, "-m", "proxy", "advise", "--admin", proxy.admin_url],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "Unused indexes (1 found; unknown for 0 collection(s)):" in text
+    assert "- app.users forgotten: 0 operations since 2024-05-01 12:00:00" in text

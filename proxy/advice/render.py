@@ -92,7 +92,8 @@ def render_text(advice: Mapping[str, Any]) -> str:
     out.append("")
     unused = advice.get("unused", [])
     unknown = advice.get("usage_unknown", [])
-    out.append(f"Unused indexes ({len(unused)}):")
+    out.append(f"Unused indexes ({len(unused)} found; unknown for {len(unknown)} "
+               "collection(s)):")
     for item in unused:
         out.append(f"- {item['namespace']} {item['index']}: 0 operations since {item['since']}")
     for item in unknown:
