@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.advice.catalog import CatalogEntry, IndexCatalog, RunCommand
-from proxy.advice.compare import consolidate, redundant, serving_index
+from proxy.advice.compare import IndexInfo, consolidate, redundant, serving_index
 from proxy.advice.config import AdviceConfig
 from proxy.advice.derive import Derivation, Need, derive, key_document
 from proxy.advice.explain import Explainer
@@ -65,6 +65,10 @@ class Advisor:
             max_namespaces=config.max_namespaces, source=self._poll,
             after=None if self.explainer is None else self._explain)
         self._derived: dict[str, Derivation | None] = {}
+        # Consolidation per set of unserved needs: the same from one request to the next
+        # while the traffic's shapes and the indexes stay the same.
+        self._consolidated: dict[frozenset[Need], dict[Need, Need]] = {}
+        self._served: dict[str, tuple[CatalogEntry, dict[Need, IndexInfo | None]]] = {}
         self.snapshots = Snapshots(config.window_step_s, config.window_keep)
 
     def start(self) -> None:
@@ -99,13 +103,27 @@ class Advisor:
             if row.command in QUERY_COMMANDS and row.database and row.collection:
                 yield f"{row.database}.{row.collection}"
 
-    def _derive(self, key: str, shape: Mapping[str, Any]) -> Derivation | None:
+    def _derive(self, key: str, row: Mapping[str, Any]) -> Derivation | None:
+        """The derivation of a digest row's shape, parsed and derived once per hash."""
         if key in self._derived:
             return self._derived[key]
         if len(self._derived) >= _CACHE_MAX:
             self._derived.clear()
-        found = self._derived[key] = derive(shape, self.tenant_field)
+        shape = _shape_of(row)
+        found = self._derived[key] = None if shape is None else derive(shape,
+                                                                        self.tenant_field)
         return found
+
+    def _serving(self, namespace: str, entry: CatalogEntry, indexes: tuple[IndexInfo, ...],
+                 need: Need) -> IndexInfo | None:
+        """serving_index, remembered per namespace until its catalog entry is replaced."""
+        known = self._served.get(namespace)
+        if known is None or known[0] is not entry:
+            known = self._served[namespace] = (entry, {})
+        answers = known[1]
+        if need not in answers:
+            answers[need] = serving_index(indexes, need)
+        return answers[need]
 
     def report(self, limit: int = 50, window_s: float | None = None) -> dict[str, Any]:
         """The ``/advice`` document (see docs/advice.md for its fields): time at stake
@@ -124,11 +142,10 @@ class Advisor:
         unindexable: list[dict[str, Any]] = []
         seen: set[str] = set()
         for row in rows:
-            shape = _shape_of(row)
             namespace = row.get("namespace")
-            if shape is None or not isinstance(namespace, str) or "." not in namespace:
+            if not isinstance(namespace, str) or "." not in namespace:
                 continue
-            derivation = self._derive(str(row["shape_hash"]), shape)
+            derivation = self._derive(str(row["shape_hash"]), row)
             if derivation is None:
                 continue
             count, total_ms = row["count"], row["total_ms"]
@@ -152,7 +169,7 @@ class Advisor:
                 unindexable.append({**about, "problems": list(derivation.problems)})
         self.catalog.want(seen)
         for namespace, pairs in unserved.items():
-            target = consolidate(n for n, _about in pairs)
+            target = self._consolidate(frozenset(n for n, _about in pairs))
             for need, about in pairs:
                 chosen = target[need]
                 item = missing.setdefault((namespace, chosen), _Missing(namespace, chosen))
@@ -172,6 +189,14 @@ class Advisor:
             "shapes": shapes,
         }
 
+    def _consolidate(self, needs: frozenset[Need]) -> dict[Need, Need]:
+        found = self._consolidated.get(needs)
+        if found is None:
+            if len(self._consolidated) >= _CACHE_MAX // 16:
+                self._consolidated.clear()
+            found = self._consolidated[needs] = consolidate(needs)
+        return found
+
     def _judge(self, derivation: Derivation, entry: CatalogEntry | None,
                about: dict[str, Any], unserved: dict[str, list[tuple[Need, dict[str, Any]]]]
                ) -> tuple[str, dict[str, Any]]:
@@ -186,7 +211,7 @@ class Advisor:
             return "unknown", extra
         used, lacking = [], []
         for need in derivation.needs:
-            index = serving_index(entry.indexes, need)
+            index = self._serving(about["namespace"], entry, entry.indexes, need)
             if index is None:
                 lacking.append(need)
             else:

@@ -27,7 +27,7 @@ predicates); ``$and`` branches are flattened.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["Derivation", "IndexKey", "Need", "derive", "derive_filter", "key_document"]
@@ -50,11 +50,12 @@ class Need:
     equality: tuple[str, ...]
     sort: IndexKey
     range: tuple[str, ...]
+    # The whole key, computed once: consolidation compares keys many times.
+    key: IndexKey = field(init=False, compare=False, repr=False)
 
-    @property
-    def key(self) -> IndexKey:
-        return (tuple((f, 1) for f in self.equality) + self.sort
-                + tuple((f, 1) for f in self.range))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", tuple((f, 1) for f in self.equality) + self.sort
+                           + tuple((f, 1) for f in self.range))
 
     def reason(self) -> str:
         parts = []
@@ -156,10 +157,10 @@ def _sort_key(sort: Any) -> IndexKey:
     if not isinstance(sort, dict):
         return ()
     out = []
-    for field, direction in sort.items():
+    for name, direction in sort.items():
         if isinstance(direction, bool) or not isinstance(direction, (int, float)):
             break  # {$meta: "textScore"}: the rest of the order is not an index's
-        out.append((str(field), 1 if direction >= 0 else -1))
+        out.append((str(name), 1 if direction >= 0 else -1))
     return tuple(out)
 
 
