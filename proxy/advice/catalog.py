@@ -122,15 +122,21 @@ class IndexCatalog:
     async def _loop(self) -> None:
         while True:
             self._wake.clear()
-            if self._source is not None:
-                self.want(self._source())
-            for ns in self._due(time.time()):
-                self._stale.discard(ns)
-                await self.refresh(ns)
-            if self._after is not None:
-                await self._after()
+            try:
+                await self._poll_once()
+            except Exception:  # a bug here must not end the advice for good
+                log.exception("index advice: poll failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+
+    async def _poll_once(self) -> None:
+        if self._source is not None:
+            self.want(self._source())
+        for ns in self._due(time.time()):
+            self._stale.discard(ns)
+            await self.refresh(ns)
+        if self._after is not None:
+            await self._after()
 
     async def refresh(self, namespace: str) -> CatalogEntry:
         """Fetch one namespace's indexes and usage now."""
