@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy.advice.advisor import Advisor
 from proxy.advice.catalog import CatalogEntry
@@ -98,3 +100,23 @@ def test_window_counts_only_recent_operations(advisor: Advisor) -> None:
     assert whole["window_s"] is None
     assert {m["shapes"][0]["shape_hash"]: m["count"] for m in whole["missing"]} == {
         new: 3, old: 51}
+
+
+MARK = "zq7x"  # in every literal value; field names never contain it
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(filters=st.lists(st.dictionaries(
+    st.sampled_from(["tenant_id", "a", "b", "c"]),
+    st.one_of(
+        st.text(max_size=4).map(lambda s: MARK + s),
+        st.text(max_size=4).map(lambda s: {"$gt": MARK + s}),
+        st.text(max_size=4).map(lambda s: {"$in": [MARK + s, MARK]}),
+        st.text(max_size=4).map(lambda s: {"$regex": "^" + MARK + s}),
+        st.text(max_size=4).map(lambda s: {"$ne": MARK + s}),
+    ), min_size=1, max_size=4), min_size=1, max_size=5))
+def test_literal_values_never_appear(advisor: Advisor, filters: list[dict[str, Any]]) -> None:
+    for filter_ in filters:
+        _record(advisor.digest, {"find": "tasks", "filter": filter_, "sort": {"a": -1}}, 3.0)
+    assert MARK not in json.dumps(advisor.report())
