@@ -4,7 +4,8 @@ A background task keeps, per namespace, the ``listIndexes`` answer and the
 ``$indexStats`` access counts (``None``: the server does not say, e.g. FerretDB). A
 namespace is fetched when first wanted, again after ``refresh_s``, and at once after
 an index change seen through the proxy (:meth:`IndexCatalog.invalidate`, called from
-the observer for ``createIndexes``, ``dropIndexes``, ``drop``, ``dropDatabase``).
+the observer for ``createIndexes``, ``dropIndexes``, ``collMod`` (hides and unhides
+indexes), ``drop``, ``dropDatabase``).
 
 The catalog runs commands through a callable it is given,
 ``run_command(db, command) -> reply document`` (awaitable), so it does not care how the
@@ -30,7 +31,7 @@ log = logging.getLogger("mongoproxy.advice")
 
 RunCommand = Callable[[str, dict[str, Any]], Awaitable[Mapping[str, Any]]]
 # Commands after which the namespace's indexes are fetched again.
-INDEX_COMMANDS = frozenset({"createIndexes", "dropIndexes", "drop", "dropDatabase"})
+INDEX_COMMANDS = frozenset({"createIndexes", "dropIndexes", "collMod", "drop", "dropDatabase"})
 _NAMESPACE_NOT_FOUND = 26
 
 
