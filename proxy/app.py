@@ -15,6 +15,9 @@ from bson import Int64
 
 from proxy.admin.connections import connections_handler
 from proxy.admin.http import AdminServer, json_response
+from proxy.advice.advisor import Advisor
+from proxy.advice.endpoint import advice_routes
+from proxy.advice.upstream import pooled_runner
 from proxy.cache.layer import ResultCache
 from proxy.config import Config
 from proxy.errors import ProxyError
@@ -70,11 +73,19 @@ class Proxy:
             interval_s=config.admin.ready_probe_interval_ms / 1000,
             timeout_s=config.admin.ready_probe_timeout_ms / 1000,
         )
+        self.advisor = Advisor(
+            config.advice, self.observer.digest,
+            pooled_runner(self.topology, self.pools, config.advice.command_timeout_ms / 1000),
+            tenant_field=config.tenancy.field,
+        )
+        if config.advice.enabled:
+            self.observer.index_changed = self.advisor.index_changed
         self.admin = AdminServer({
             "/healthz": self._healthz,
             **self.observer.routes(self._readiness),
             "/rules": rules_handler(lambda: self.config),
             "/connections": connections_handler(lambda: self.connections),
+            **(advice_routes(self.advisor) if config.advice.enabled else {}),
         }, self.observer.post_routes())
         self.server: asyncio.Server | None = None
         self.connections: dict[ClientConnection, asyncio.Task[None]] = {}
@@ -130,6 +141,8 @@ class Proxy:
             await self._fill_pool(sd.address)
         if self.cache is not None:
             await self.cache.start()
+        if self.config.advice.enabled:
+            self.advisor.start()
         self.server = await asyncio.get_running_loop().create_server(
             lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096
         )
@@ -177,6 +190,7 @@ class Proxy:
                 conn.close()
         if self.connections:
             await asyncio.wait(list(self.connections.values()), timeout=1)
+        await self.advisor.close()
         await self.pools.close()
         if self.cache is not None:
             await self.cache.close()

@@ -1,5 +1,5 @@
 """Command line: ``mongoproxy run --config FILE``, ``check-config FILE``, ``top``,
-``explain-route`` and ``hash-password``."""
+``advise``, ``explain-route`` and ``hash-password``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     sub.add_parser("top", help="the query digest of a running proxy, refreshing",
                    add_help=False)
+    sub.add_parser("advise", help="index advice from a running proxy's query shapes",
+                   add_help=False)
     hash_password = sub.add_parser(
         "hash-password", help="print the stored SCRAM-SHA-256 credential for a proxy user",
     )
@@ -55,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.observe.top import main as top_main
 
         return top_main(argv[1:])
+    if argv[:1] == ["advise"]:
+        from proxy.advice.cli import main as advise_main
+
+        return advise_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
         return run_hash_password(args)

@@ -22,6 +22,7 @@ from pydantic import (
 from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
+from proxy.advice.config import AdviceConfig
 from proxy.cache.config import CacheConfig
 from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
@@ -161,6 +162,7 @@ class Config(_Strict):
     observability: ObservabilityConfig = ObservabilityConfig()
     routing: RoutingConfig = RoutingConfig()
     tenancy: TenancyConfig = TenancyConfig()
+    advice: AdviceConfig = AdviceConfig()
     # The Redis result cache; absent: no cache.
     cache: CacheConfig | None = None
 

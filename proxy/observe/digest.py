@@ -75,6 +75,10 @@ class _Row:
     def count(self) -> int:
         return self.latency.count
 
+    @property
+    def total_ms(self) -> float:
+        return self.latency.total
+
 
 class QueryDigest:
     """Statistics per query shape; ``record`` is called once per operation."""

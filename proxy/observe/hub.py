@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from proxy.admin.http import Handler
+from proxy.advice.catalog import INDEX_COMMANDS
 from proxy.observe.config import ObservabilityConfig
 from proxy.observe.digest import QueryDigest
 from proxy.observe.endpoints import Readiness, digest_reset_handler, observe_routes
@@ -33,12 +34,16 @@ class Observer:
         self.metrics = Metrics(config, pool_stats=pool_stats, pool_max_size=pool_max_size,
                                topology=topology, **metrics_options)
         self.slowlog = SlowLog(config, stream=slow_log_stream)
+        # Told (database, collection) after an index change passed through the proxy.
+        self.index_changed: Callable[[str | None, str | None], None] | None = None
 
     def finish(self, op: OperationRecord) -> None:
         """Account for one finished operation (ok, failed or rejected)."""
         self.digest.record(op)
         self.metrics.observe(op)
         self.slowlog.record(op)
+        if op.command in INDEX_COMMANDS and op.error_code is None and self.index_changed:
+            self.index_changed(op.database, op.collection)
 
     def routes(self, readiness: Readiness) -> dict[str, Handler]:
         """``/metrics``, ``/digest`` and ``/readyz`` for the admin server."""

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+from proxy.advice.cli import annotate_digest
 from proxy.observe.digest import ORDERS
 
 __all__ = ["fetch_digest", "main", "render_table", "reset_digest"]
@@ -37,6 +38,7 @@ _COLUMNS: list[tuple[str, str, int]] = [
     ("MAX ms", "max_ms", 9),
     ("DOCS", "docs_returned", 9),
     ("HIT%", "cache_hit_ratio", 5),
+    ("INDEX", "index_advice", 8),  # from /advice: served, MISSING, no-index, scan
 ]
 
 
@@ -133,7 +135,9 @@ def main(
         while True:
             width = shutil.get_terminal_size((160, 40)).columns
             try:
-                text = render_table(fetch_digest(admin, args.limit, args.order), width, admin)
+                document = fetch_digest(admin, args.limit, args.order)
+                annotate_digest(document, admin)
+                text = render_table(document, width, admin)
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 if args.once:
                     print(f"mongoproxy top: cannot read {admin}/digest: {exc}", file=sys.stderr)
