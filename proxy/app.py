@@ -13,7 +13,11 @@ from typing import Any
 
 from bson import Int64
 
+from proxy.admin.connections import connections_handler
 from proxy.admin.http import AdminServer, json_response
+from proxy.advice.advisor import Advisor
+from proxy.advice.endpoint import advice_routes
+from proxy.advice.upstream import pooled_runner
 from proxy.cache.layer import ResultCache
 from proxy.config import Config
 from proxy.errors import ProxyError
@@ -22,14 +26,16 @@ from proxy.identity.scram import ClientAuthenticator
 from proxy.listener.connection import ClientConnection
 from proxy.listener.guard import Guard
 from proxy.listener.stream import ClientStream
+from proxy.observe.dataprobe import DataPathProbe
 from proxy.observe.endpoints import ReadinessFacts, has_usable_primary
 from proxy.observe.hub import Observer
 from proxy.observe.metrics import topology_facts
+from proxy.observe.rulehits import RuleHits, rules_handler
 from proxy.pool.auth import Credentials
 from proxy.pool.registry import Pools
 from proxy.reload import ConfigReloader
 from proxy.route.cursors import CursorTable
-from proxy.route.readpref import read_preference
+from proxy.route.readpref import PRIMARY, read_preference
 from proxy.route.router import Router
 from proxy.route.topology import make_topology
 from proxy.tenancy import TenantPolicy
@@ -62,10 +68,28 @@ class Proxy:
         )
         self.guard = Guard(config, self.observer.metrics.registry, self.pools.get,
                            self.topology.mark_failed)
+        RuleHits(lambda: self.config, self.observer.metrics.registry)
+        self.data_probe = DataPathProbe(
+            lambda: self.topology.select(PRIMARY),
+            self.pools.get,
+            self._primary_address,
+            interval_s=config.admin.ready_probe_interval_ms / 1000,
+            timeout_s=config.admin.ready_probe_timeout_ms / 1000,
+        )
+        self.advisor = Advisor(
+            config.advice, self.observer.digest,
+            pooled_runner(self.topology, self.pools, config.advice.command_timeout_ms / 1000),
+            tenant_field=config.tenancy.field,
+        )
+        if config.advice.enabled:
+            self.observer.index_changed = self.advisor.index_changed
         self.admin = AdminServer({
             "/healthz": self._healthz,
             **self.observer.routes(self._readiness),
-        }, token=config.admin.token)
+            "/rules": rules_handler(lambda: self.config),
+            "/connections": connections_handler(lambda: self.connections),
+            **(advice_routes(self.advisor) if config.advice.enabled else {}),
+        }, self.observer.post_routes(), token=config.admin.token)
         self.server: asyncio.Server | None = None
         self.connections: dict[ClientConnection, asyncio.Task[None]] = {}
         self.shutting_down = False
@@ -120,6 +144,8 @@ class Proxy:
             await self._fill_pool(sd.address)
         if self.cache is not None:
             await self.cache.start()
+        if self.config.advice.enabled:
+            self.advisor.start()
         self.server = await asyncio.get_running_loop().create_server(
             lambda: ClientStream(self._accept, self.guard.budget), listen.host, listen.port,
             backlog=4096
@@ -172,6 +198,7 @@ class Proxy:
         if self.connections:
             await asyncio.wait(list(self.connections.values()), timeout=1)
         await self.guard.close()
+        await self.advisor.close()
         await self.pools.close()
         if self.cache is not None:
             await self.cache.close()
@@ -180,12 +207,27 @@ class Proxy:
         self.observer.close()
         log.info("mongoproxy stopped")
 
-    def _readiness(self) -> ReadinessFacts:
+    async def _readiness(self) -> ReadinessFacts:
+        primary = has_usable_primary(self.topology.description())
+        data_path = None
+        detail: dict[str, Any] = {}
+        if primary and not self.shutting_down:
+            state = await self.data_probe.check()
+            data_path = state.ok
+            detail["data_path"] = state.describe(time.monotonic())
         return ReadinessFacts(
-            primary=has_usable_primary(self.topology.description()),
+            primary=primary,
             redis=None if self.cache is None else self.cache.state,
             shutting_down=self.shutting_down,
+            data_path=data_path,
+            detail=detail,
         )
+
+    def _primary_address(self) -> tuple[str, int] | None:
+        for sd in self.topology.description().known_servers:
+            if sd.is_writable:
+                return sd.address[0], sd.address[1] or 27017
+        return None
 
     def _healthz(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         return json_response(200, {

@@ -22,12 +22,14 @@ from pydantic import (
 from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
+from proxy.advice.config import AdviceConfig
 from proxy.cache.config import CacheConfig
 from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
 from proxy.route.rules import RoutingConfig
 from proxy.tenancy import TenancyConfig
 from proxy.wire import SUPPORTED_COMPRESSORS
+from proxy.yamlload import load_yaml_file
 
 
 class ConfigError(Exception):
@@ -39,18 +41,22 @@ class _Strict(BaseModel):
 
 
 class ListenConfig(_Strict):
+    """Where applications connect, and what the proxy accepts from them."""
+
+    # Address applications connect to (0.0.0.0 inside a container).
     host: str = "127.0.0.1"
-    port: int = Field(default=27016, ge=0, le=65535)
+    port: int = Field(default=27016, ge=0, le=65535)  # MongoDB wire protocol port
     # Offered to clients in the handshake, in this order of preference of ours; the
     # client's own order decides among those both sides support.
     compressors: tuple[Literal["zstd", "snappy", "zlib"], ...] = SUPPORTED_COMPRESSORS  # type: ignore[assignment]
-    zlib_compression_level: int = Field(default=-1, ge=-1, le=9)
+    zlib_compression_level: int = Field(default=-1, ge=-1, le=9)  # -1: zlib's default
+    # A larger message is answered 17 ProtocolError and its connection closed.
     max_message_size_bytes: int = Field(default=48_000_000, ge=1024, le=48_000_000)
     # Bounded time for anything the proxy waits on from a client: a message that has
     # started arriving must be complete within this time.
     read_timeout_ms: int = Field(default=60_000, gt=0)
-    # Resource limits against hostile or careless clients (docs/security.md).
-    # Client connections served at once; more are closed at accept, with a log line.
+    # Client connections served at once; more are closed at accept, with a log line
+    # (this and the limits below: docs/security.md).
     max_connections: int = Field(default=10_000, gt=0)
     # A connection that sends nothing for this long is closed (0 = never).
     idle_timeout_ms: int = Field(default=600_000, ge=0)
@@ -72,12 +78,15 @@ class AuthThrottleConfig(_Strict):
 
     # Failures tolerated before each further attempt is delayed.
     free_failures: int = Field(default=3, ge=0)
-    # The delay after the first counted failure, doubled per further failure, capped.
+    # The delay of the failure reply after the first counted failure, doubled per
+    # further failure.
     base_delay_ms: int = Field(default=100, ge=0)
+    # The longest delay of a failure reply.
     max_delay_ms: int = Field(default=5_000, ge=0)
-    # This many failures lock the address (or user) out for lockout_ms: attempts fail
-    # without being checked.
+    # This many failures lock the address (or the user) out: attempts fail without
+    # their proof being checked, even with the right password.
     lockout_failures: int = Field(default=20, gt=0)
+    # How long a lockout lasts (0 = never lock out).
     lockout_ms: int = Field(default=300_000, ge=0)
     # Failures older than this are forgotten.
     window_ms: int = Field(default=600_000, gt=0)
@@ -86,16 +95,29 @@ class AuthThrottleConfig(_Strict):
 
 
 class AdminConfig(_Strict):
+    """The operator HTTP endpoints (/, /healthz, /readyz, /metrics, /digest, ...)."""
+
+    # Keep it on a private interface: without a token the endpoints have no auth.
     host: str = "127.0.0.1"
-    port: int = Field(default=9216, ge=0, le=65535)
-    # When set, every request must carry "Authorization: Bearer <token>" (401 else).
+    port: int = Field(default=9216, ge=0, le=65535)  # HTTP port of the admin endpoints
+    # /readyz proves the data path with a ping to the primary on a pooled connection
+    # (or recent client traffic), reused for this long, and failing past this timeout
+    # (below Kubernetes' default probe timeout of 1 s).
+    ready_probe_interval_ms: int = Field(default=1_000, ge=0)
+    ready_probe_timeout_ms: int = Field(default=800, gt=0)
+    # When set (16 characters at least), every request but /healthz and /readyz must
+    # carry "Authorization: Bearer <token>", else 401 (docs/security.md).
     token: str | None = Field(default=None, min_length=16)
 
 
 class PoolConfig(_Strict):
+    # Upstream connections per server at most, shared by all clients (a tenth of them,
+    # at least one, is kept for getMore/killCursors).
     max_size: int = Field(default=100, gt=0)
-    min_size: int = Field(default=0, ge=0)
+    min_size: int = Field(default=0, ge=0)  # connections opened at start
+    # Connect + hello handshake + authentication of a new upstream connection.
     connect_timeout_ms: int = Field(default=5_000, gt=0)
+    # A request waits this long for a free pooled connection, then fails 89 NetworkTimeout.
     wait_queue_timeout_ms: int = Field(default=10_000, gt=0)
     # Idle connections are closed after this long unused (0 = never, the drivers'
     # maxIdleTimeMS default); never one that owns open cursors, never below min_size.
@@ -105,9 +127,9 @@ class PoolConfig(_Strict):
 class MemberConfig(_Strict):
     """A server whose role is declared rather than discovered."""
 
-    host: str
-    role: Literal["primary", "secondary"]
-    tags: dict[str, str] = {}
+    host: str  # HOST:PORT
+    role: Literal["primary", "secondary"]  # at most one primary
+    tags: dict[str, str] = {}  # tag set matched by read preferences' tags
 
     @field_validator("host")
     @classmethod
@@ -133,13 +155,19 @@ class UpstreamHealthConfig(_Strict):
 
 
 class UpstreamConfig(_Strict):
+    """The MongoDB deployment behind the proxy: give either ``uri`` or ``members``."""
+
     # Discovery: a standard connection string (standalone, replicaSet=..., or mongos list).
     uri: str | None = None
     # Declared roles: used instead of the uri's hosts when given.
     members: tuple[MemberConfig, ...] = ()
-    pool: PoolConfig = PoolConfig()
+    pool: PoolConfig = PoolConfig()  # per upstream server
+    # When a failed exchange marks its server down (docs/security.md).
     outlier: UpstreamHealthConfig = UpstreamHealthConfig()
+    # A request waits this long for a suitable server, then fails 133
+    # FailedToSatisfyReadPreference.
     server_selection_timeout_ms: int = Field(default=10_000, gt=0)
+    # Latency window among suitable servers, as in the drivers.
     local_threshold_ms: int = Field(default=15, ge=0)
     # Health-check interval (declared roles) / pymongo heartbeatFrequencyMS (discovery).
     heartbeat_ms: int = Field(default=1_000, ge=500)
@@ -172,6 +200,8 @@ class UpstreamConfig(_Strict):
 
 
 class ShutdownConfig(_Strict):
+    """Graceful stop on SIGTERM/SIGINT."""
+
     # How long SIGTERM/SIGINT waits for in-flight requests before closing everything.
     drain_timeout_ms: int = Field(default=10_000, ge=0)
 
@@ -185,6 +215,7 @@ class Config(_Strict):
     observability: ObservabilityConfig = ObservabilityConfig()
     routing: RoutingConfig = RoutingConfig()
     tenancy: TenancyConfig = TenancyConfig()
+    advice: AdviceConfig = AdviceConfig()
     # The Redis result cache; absent: no cache.
     cache: CacheConfig | None = None
 
@@ -210,13 +241,11 @@ def parse_config(data: Any) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML configuration file."""
+    """Read and validate a YAML configuration file (a key given twice is an error)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = load_yaml_file(path)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     try:
