@@ -65,6 +65,9 @@ class ListenConfig(_Strict):
     login_timeout_ms: int = Field(default=30_000, gt=0)
     # With users configured: the largest message (compressed or not) before login.
     max_preauth_message_bytes: int = Field(default=65_536, ge=1024, le=48_000_000)
+    # With users configured: messages a connection may send per second before login
+    # (bursts of as many); faster ones wait, their socket unread.
+    max_preauth_messages_per_s: int = Field(default=20, gt=0)
     # A client that does not read its replies: dropped when a reply is still unsent
     # after this long.
     write_timeout_ms: int = Field(default=60_000, gt=0)

@@ -209,3 +209,35 @@ async def _until(predicate: object, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():  # type: ignore[operator]
             await asyncio.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- pacing
+
+
+async def test_preauth_messages_are_paced_to_the_configured_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A token bucket of ``max_preauth_messages_per_s``: a burst of that many passes at
+    once, each further message waits 1/rate (the clock and the sleeps are recorded)."""
+    from proxy.config import ListenConfig
+    from proxy.listener import session_limits
+
+    clock = Clock()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+        clock.now += seconds
+
+    monkeypatch.setattr(session_limits, "_clock", clock)
+    monkeypatch.setattr(session_limits, "_sleep", sleep)
+    limits = session_limits.SessionLimits(ListenConfig(max_preauth_messages_per_s=5), True)
+    assert limits.paced(None) and not limits.paced(object())
+    for _ in range(8):
+        await limits.pace()
+    assert slept == [0.2, 0.2, 0.2]
+    clock.now += 10  # a quiet client gets its burst back, no more
+    for _ in range(5):
+        await limits.pace()
+    assert len(slept) == 3
+    assert not session_limits.SessionLimits(ListenConfig(), False).paced(None)

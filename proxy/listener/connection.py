@@ -159,9 +159,12 @@ class ClientConnection:
         None once the client closed its end."""
         limits = self.limits
         try:
-            return await self.stream.next_message(
+            received = await self.stream.next_message(
                 limits.max_size(self.identity), limits.read_timeout_s,
                 limits.wait_s(self.identity))
+            if limits.paced(self.identity):
+                await limits.pace()
+            return received
         except IdleTimeoutError as exc:
             raise limits.timed_out(self.identity, exc) from None
         except StalledMessageError:

@@ -3,6 +3,10 @@
 * Before login (when users are configured) a message may be at most
   ``listen.max_preauth_message_bytes``, compressed or not: an unauthenticated client
   cannot make the proxy buffer, or inflate, a 48 MB message.
+* Before login a connection may send ``listen.max_preauth_messages_per_s`` messages a
+  second (a token bucket, bursts of as many): faster ones wait, their socket unread, so
+  an unauthenticated flood (of refused compression bombs, say) costs the proxy no
+  more than that rate per connection.
 * A connection that sends nothing for ``listen.idle_timeout_ms`` is closed.
 * With users configured, a connection that has sent anything but the handshake (driver
   monitors send only ``hello``, and are never asked to log in) must complete its login
@@ -13,12 +17,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from proxy.config import ListenConfig
 from proxy.listener.stream import IdleTimeoutError, StalledMessageError
 
 __all__ = ["LoginTimeoutError", "SessionLimits"]
+
+_clock = time.monotonic  # module-level, so that a unit test can drive them
+_sleep = asyncio.sleep
 
 
 class LoginTimeoutError(StalledMessageError):
@@ -28,7 +36,8 @@ class LoginTimeoutError(StalledMessageError):
 class SessionLimits:
     __slots__ = (
         "_idle_s", "_login_binding", "_login_deadline", "_login_s", "_max", "_preauth_max",
-        "read_timeout_s", "users_configured", "write_timeout_s",
+        "_rate", "_tokens", "_tokens_at", "read_timeout_s", "users_configured",
+        "write_timeout_s",
     )
 
     def __init__(self, listen: ListenConfig, users_configured: bool) -> None:
@@ -41,6 +50,9 @@ class SessionLimits:
         self._login_binding = False
         self._max = listen.max_message_size_bytes
         self._preauth_max = min(listen.max_preauth_message_bytes, self._max)
+        self._rate = float(listen.max_preauth_messages_per_s)
+        self._tokens = self._rate
+        self._tokens_at = _clock()
 
     @property
     def write_timeout_text(self) -> str:
@@ -51,6 +63,18 @@ class SessionLimits:
         if identity is None and self.users_configured:
             return self._preauth_max
         return self._max
+
+    def paced(self, identity: object | None) -> bool:
+        """Whether messages are rate-limited now (users configured, not logged in)."""
+        return identity is None and self.users_configured
+
+    async def pace(self) -> None:
+        """Wait as long as the pre-login message rate limit says (maybe not at all)."""
+        now = _clock()
+        tokens = min(self._rate, self._tokens + (now - self._tokens_at) * self._rate) - 1
+        self._tokens, self._tokens_at = tokens, now
+        if tokens < 0:
+            await _sleep(-tokens / self._rate)
 
     def login_started(self) -> None:
         """A message that needs (or performs) a login: the login clock starts."""
