@@ -107,6 +107,7 @@ class AdminConfig(_Strict):
     # (or recent client traffic), reused for this long, and failing past this timeout
     # (below Kubernetes' default probe timeout of 1 s).
     ready_probe_interval_ms: int = Field(default=1_000, ge=0)
+    # a data-path proof that takes longer than this fails (/readyz answers 503)
     ready_probe_timeout_ms: int = Field(default=800, gt=0)
     # When set (16 characters at least), every request but /healthz and /readyz must
     # carry "Authorization: Bearer <token>", else 401 (docs/security.md).
@@ -218,7 +219,7 @@ class Config(_Strict):
     observability: ObservabilityConfig = ObservabilityConfig()
     routing: RoutingConfig = RoutingConfig()
     tenancy: TenancyConfig = TenancyConfig()
-    advice: AdviceConfig = AdviceConfig()
+    advice: AdviceConfig = AdviceConfig()  # index advice (GET /advice, mongoproxy advise)
     # The Redis result cache; absent: no cache.
     cache: CacheConfig | None = None
 
