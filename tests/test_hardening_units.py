@@ -241,3 +241,12 @@ async def test_preauth_messages_are_paced_to_the_configured_rate(
         await limits.pace()
     assert len(slept) == 3
     assert not session_limits.SessionLimits(ListenConfig(), False).paced(None)
+
+
+def test_small_messages_always_fit_the_budget() -> None:
+    budget = MemoryBudget(48_000_000)
+    assert budget.try_reserve(47_000_000)
+    assert not budget.try_reserve(2_000_000)
+    assert budget.try_reserve(60_000)  # ordinary traffic is never held up
+    budget.release(47_000_000)
+    assert budget.try_reserve(2_000_000)

@@ -8,7 +8,9 @@
 * :class:`MemoryBudget` bounds the bytes all client connections hold together: the
   messages being received (charged their declared length once the header is in) and
   replies a client has not read yet. A message that does not fit waits, its socket not
-  read (the kernel pushes back on the client), until other messages are released.
+  read (the kernel pushes back on the client), until other messages are released;
+  messages up to :data:`SMALL_MESSAGE` always fit, so that stalled large messages
+  filling the budget never hold up ordinary traffic.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from collections.abc import Callable
 __all__ = ["ConnectionLimit", "MemoryBudget", "RateLimitedLog"]
 
 log = logging.getLogger("mongoproxy.limits")
+
+# Messages up to this size are never made to wait for the budget.
+SMALL_MESSAGE = 64 * 1024
 
 # File descriptors kept for everything but client connections: upstream pools,
 # monitors, the admin server, Redis, log files.
@@ -103,7 +108,9 @@ class MemoryBudget:
         self._waiters: deque[Callable[[], bool]] = deque()
 
     def try_reserve(self, size: int) -> bool:
-        if self.used + size > self.limit and self.used > 0:
+        # A small message always fits (at most max_connections x SMALL over the limit):
+        # filling the budget with stalled large messages must not stop ordinary traffic.
+        if self.used + size > self.limit and self.used > 0 and size > SMALL_MESSAGE:
             return False  # a message larger than the whole budget waits for an empty one
         self.used += size
         return True
