@@ -164,6 +164,29 @@ def test_one_client_cannot_evict_the_server(
     assert _metric(proxy, "mongoproxy_upstream_ejections_total") == 0
 
 
+def test_a_logged_in_client_cannot_evict_the_server(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, db_name: str
+) -> None:
+    """The same with users: before login the MinKey ping is answered by the proxy (see
+    the pre-auth tests); after login it reaches FerretDB, which drops the connection,
+    and still only the attacker's request fails."""
+    proxy = proxy_factory(ferretdb.uri, {
+        "tenancy": {"users": _users()},
+        "upstream": {"members": [{"host": ferretdb.address, "role": "primary"}],
+                     "heartbeat_ms": 10_000, "server_selection_timeout_ms": 300}})
+    login = {"username": "app", "password": PASSWORD, "authMechanism": "SCRAM-SHA-256"}
+    with GoodClient(proxy, db_name, retryReads=False, **login) as good:
+        attacker: MongoClient[Doc] = MongoClient(proxy.uri, retryReads=False, **login)
+        for _ in range(10):
+            with pytest.raises(OperationFailure) as dropped:
+                attacker.admin.command({"ping": 1, "x": MinKey()})
+            assert dropped.value.code == 6, dropped.value.details
+            time.sleep(0.05)
+        attacker.close()
+    assert good.ops > 0 and not good.errors, good.errors[:3]
+    assert _metric(proxy, "mongoproxy_upstream_ejections_total") == 0
+
+
 # --------------------------------------------------------------------------- 5: limits
 
 
@@ -332,7 +355,8 @@ def test_no_values_in_logs_without_log_values(
     assert refused.value.code == 13
     digest = urllib.request.urlopen(f"{proxy.admin_url}/digest", timeout=5).read().decode()
     client.close()
-    time.sleep(0.5)  # the slow log is written in the background
+    # The slow log is written in the background: wait for the find's line.
+    assert _wait_until(lambda: '"$exists":"?str"' in proxy.log_text())
     log = proxy.log_text()
     assert "tenancy rejection" in log
     for secret in ("SECRET_EXISTS", "SECRET_XTENANT"):
