@@ -28,6 +28,8 @@ from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
 from proxy.route.rules import RoutingConfig
 from proxy.tenancy import TenancyConfig
+from proxy.tls.client import check_uri_options, context_from_options
+from proxy.tls.config import ListenTLSConfig, MemberTLSConfig
 from proxy.wire import SUPPORTED_COMPRESSORS
 from proxy.yamlload import load_yaml_file
 
@@ -55,6 +57,8 @@ class ListenConfig(_Strict):
     # Bounded time for anything the proxy waits on from a client: a message that has
     # started arriving must be complete within this time.
     read_timeout_ms: int = Field(default=60_000, gt=0)
+    # TLS for applications (proxy.tls.config); absent: plaintext only.
+    tls: ListenTLSConfig | None = None
 
 
 class AdminConfig(_Strict):
@@ -90,6 +94,8 @@ class MemberConfig(_Strict):
     host: str  # HOST:PORT
     role: Literal["primary", "secondary"]  # at most one primary
     tags: dict[str, str] = {}  # tag set matched by read preferences' tags
+    # This member's TLS; absent: the tls* options of upstream.uri (none without a uri).
+    tls: MemberTLSConfig | None = None
 
     @field_validator("host")
     @classmethod
@@ -130,9 +136,13 @@ class UpstreamConfig(_Strict):
         if value is None:
             return value
         try:
-            parse_uri(value)
+            options = parse_uri(value)["options"]
         except (InvalidURI, ValueError) as exc:
             raise ValueError(f"not a valid MongoDB connection string: {exc}") from None
+        # Options the proxy's own pools would ignore are refused, never silently dropped;
+        # TLS files are loaded now, so a missing CA file fails here rather than at start.
+        check_uri_options(options)
+        context_from_options(options)
         # The proxy authenticates its own upstream connections as the uri's user.
         Credentials.from_uri(value)  # ValueError: unsupported authMechanism, no password
         return value

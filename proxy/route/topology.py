@@ -40,6 +40,7 @@ from proxy.errors import (
 )
 from proxy.pool.connection import UpstreamConnection
 from proxy.pool.pool import HANDSHAKE
+from proxy.tls.client import UpstreamTLS
 
 log = logging.getLogger("mongoproxy.topology")
 
@@ -228,6 +229,7 @@ class DeclaredTopology(Topology):
         )
         self._description = self._build()
         self._tasks: list[asyncio.Task[None]] = []
+        self._tls = UpstreamTLS(config)
 
     async def start(self) -> None:
         first_checks = [asyncio.Event() for _ in self.members]
@@ -298,7 +300,8 @@ class DeclaredTopology(Topology):
         while True:
             try:
                 if conn is None:
-                    conn = await UpstreamConnection.open(address, timeout_s, HANDSHAKE)
+                    conn = await UpstreamConnection.open(
+                        address, timeout_s, HANDSHAKE, None, self._tls.context_for(address))
                 start = time.monotonic()
                 reply = await conn.command({"hello": 1, "$db": "admin"}, timeout_s)
                 self._rtt[address].add_sample(time.monotonic() - start)
