@@ -137,14 +137,18 @@ class UpstreamConfig(_Strict):
             return value
         try:
             options = parse_uri(value)["options"]
-        except (InvalidURI, ValueError) as exc:
+        except (InvalidURI, ValueError, OSError) as exc:  # OSError: an unreadable tls file
             raise ValueError(f"not a valid MongoDB connection string: {exc}") from None
         # Options the proxy's own pools would ignore are refused, never silently dropped;
         # TLS files are loaded now, so a missing CA file fails here rather than at start.
         check_uri_options(options)
         context_from_options(options)
         # The proxy authenticates its own upstream connections as the uri's user.
-        Credentials.from_uri(value)  # ValueError: unsupported authMechanism, no password
+        credentials = Credentials.from_uri(value)  # ValueError: unsupported mechanism...
+        if (credentials is not None and credentials.mechanism == "MONGODB-X509"
+                and not options.get("tlsCertificateKeyFile")):
+            raise ValueError("authMechanism=MONGODB-X509 needs tls=true and "
+                             "tlsCertificateKeyFile (the client certificate is the identity)")
         return value
 
     @model_validator(mode="after")

@@ -161,7 +161,7 @@ class Topology(ABC):
                     FAILED_TO_SATISFY_READ_PREFERENCE,
                     f"no upstream server available for read preference "
                     f"{_describe(selector)} after {timeout_ms} ms; topology: "
-                    f"{_summary(self.description())}",
+                    f"{_summary(self.description())}{_errors(self.description())}",
                 )
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -337,6 +337,15 @@ def _describe(selector: _ServerMode) -> str:
     if selector.max_staleness != -1:
         parts.append(f"maxStalenessSeconds: {selector.max_staleness}")
     return "{" + ", ".join(parts) + "}"
+
+
+def _errors(description: TopologyDescription) -> str:
+    """Why the unreachable servers are (a TLS or authentication failure, a refusal)."""
+    errors = [
+        f"{sd.address[0]}:{sd.address[1]}: {sd.error}"
+        for sd in description.server_descriptions().values() if sd.error is not None
+    ]
+    return "; last errors: " + "; ".join(errors) if errors else ""
 
 
 def _summary(description: TopologyDescription) -> str:

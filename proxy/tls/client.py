@@ -23,13 +23,14 @@ from pymongo.client_options import _parse_ssl_options
 from pymongo.common import _CaseInsensitiveDictionary
 from pymongo.errors import ConfigurationError
 from pymongo.uri_parser import parse_uri
+from redis.asyncio.connection import SSLConnection
 
 from proxy.tls.server import check_readable
 
 if TYPE_CHECKING:
     from proxy.config import UpstreamConfig
 
-__all__ = ["UpstreamTLS", "check_uri_options", "context_from_options"]
+__all__ = ["UpstreamTLS", "check_uri_options", "context_from_options", "redis_ssl_context"]
 
 Address = tuple[str, int]
 
@@ -102,6 +103,15 @@ def context_from_options(options: Mapping[str, Any]) -> ssl.SSLContext | None:
     if not isinstance(context, ssl.SSLContext):  # pragma: no cover - is_sync=False
         raise ValueError("TLS options: pymongo built a non-standard SSL context")
     return context
+
+
+def redis_ssl_context(url_params: Mapping[str, Any]) -> ssl.SSLContext:
+    """The context redis-py builds for a ``rediss://`` url's ``ssl_*`` query options
+    (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``, ...), taken
+    from redis-py itself (an SSLConnection is only constructed, never connected), so the
+    cache's raw lookup lane verifies exactly as its redis-py client does."""
+    options = {k: v for k, v in url_params.items() if k.startswith("ssl_")}
+    return SSLConnection(**options).ssl_context.get()
 
 
 class UpstreamTLS:

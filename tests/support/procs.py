@@ -284,11 +284,15 @@ class RedisProcess(ManagedProcess):
         workdir: Path | None = None,
         port: int | None = None,
         binary: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        """``tls``: (certificate, key, CA) files: TLS only (``--port 0``), and clients
+        must present a certificate signed by the CA."""
         super().__init__(workdir)
         self.binary = binary or find_redis_server()
         self.host = HOST
         self.port = port if port is not None else free_port()
+        self.tls = tls
 
     @property
     def address(self) -> str:
@@ -302,7 +306,10 @@ class RedisProcess(ManagedProcess):
         return [
             self.binary,
             "--bind", self.host,
-            "--port", str(self.port),
+            *(["--port", str(self.port)] if self.tls is None else [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls[0]), "--tls-key-file", str(self.tls[1]),
+                "--tls-ca-cert-file", str(self.tls[2]), "--tls-auth-clients", "yes"]),
             "--dir", str(self.workdir),
             "--save", "",
             "--appendonly", "no",
