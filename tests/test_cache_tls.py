@@ -14,8 +14,8 @@ from bson.int64 import Int64
 from proxy.cache.config import CacheConfig
 from proxy.cache.eligibility import WriteTargets
 from proxy.cache.entry import encode_entry
-from proxy.cache.layer import ResultCache
 from proxy.cache.lane import lane_for
+from proxy.cache.layer import ResultCache
 from proxy.cache.store import StoreUnavailable
 from tests.support import RedisProcess
 from tests.support.certs import PKI

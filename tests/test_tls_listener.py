@@ -8,10 +8,13 @@ line and no traceback, and a TLS client connected meanwhile keeps working.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -270,3 +273,54 @@ def test_check_config_refuses_a_certificate_that_does_not_load(pki: PKI, tmp_pat
     ok = parse_config(config(cert_file=str(pki.server.pem), ca_file=str(pki.ca),
                              client_certificates="required", min_version="TLS1.3"))
     assert ok.listen.tls is not None
+
+
+def test_node_driver_through_a_tls_listener_with_client_certificates(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, pki: PKI, db_name: str
+) -> None:
+    from tests.test_driver_node import run_crud
+
+    proxy = proxy_factory(ferretdb.uri, tls_config(
+        pki, ca_file=str(pki.ca), client_certificates="required"))
+    result = run_crud(
+        f"{proxy.uri}?tls=true&tlsCAFile={pki.ca}&tlsCertificateKeyFile={pki.client.pem}",
+        db_name)
+    assert result["hello"]["msg"] == "isdbgrid"
+    assert result["insertMany"] == {"insertedCount": 120}
+    assert result["countDocuments"] == {"all": 120, "flagged": 30}
+    assert result["duplicate"] == {"code": 11000, "name": "MongoServerError"}
+
+
+def run_mongosh(uri: str, script: str, home: Path) -> subprocess.CompletedProcess[str]:
+    from tests.test_driver_node import NODE_DIR
+
+    binary = NODE_DIR / "node_modules" / ".bin" / "mongosh"
+    if not binary.exists():
+        pytest.fail(f"{binary} missing; run `make node`", pytrace=False)
+    return subprocess.run(
+        [str(binary), uri, "--quiet", "--norc", "--eval", script],
+        capture_output=True, text=True, timeout=120, check=False,
+        # mongosh keeps history and logs under $HOME/.mongodb.
+        env={**os.environ, "MONGOSH_NO_UPDATE_CHECK": "1", "HOME": str(home)},
+    )
+
+
+def test_mongosh_through_a_tls_listener(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, pki: PKI, db_name: str,
+    tmp_path: Path,
+) -> None:
+    proxy = proxy_factory(ferretdb.uri, tls_config(
+        pki, ca_file=str(pki.ca), client_certificates="required"))
+    script = (f'const d = db.getSiblingDB("{db_name}"); d.items.insertOne({{_id: 1}}); '
+              'print(JSON.stringify({n: d.items.countDocuments({}), '
+              'msg: db.adminCommand({hello: 1}).msg}))')
+    tls = f"{proxy.uri}?tls=true&tlsCAFile={pki.ca}&serverSelectionTimeoutMS=3000"
+    ok = run_mongosh(f"{tls}&tlsCertificateKeyFile={pki.client.pem}", script, tmp_path)
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    assert json.loads(ok.stdout.strip().splitlines()[-1]) == {"n": 1, "msg": "isdbgrid"}
+    # Without its certificate, and in plaintext: refused, with the reason shown.
+    no_cert = run_mongosh(tls, script, tmp_path)
+    assert no_cert.returncode != 0
+    plain = run_mongosh(f"{proxy.uri}?serverSelectionTimeoutMS=3000", script, tmp_path)
+    assert plain.returncode != 0
+    assert "requires TLS" in plain.stdout + plain.stderr, plain.stdout + plain.stderr
