@@ -324,3 +324,29 @@ def test_mongosh_through_a_tls_listener(
     plain = run_mongosh(f"{proxy.uri}?serverSelectionTimeoutMS=3000", script, tmp_path)
     assert plain.returncode != 0
     assert "requires TLS" in plain.stdout + plain.stderr, plain.stdout + plain.stderr
+
+
+def test_stalled_handshakes_are_bounded_and_time_out(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, pki: PKI, db_name: str
+) -> None:
+    # One pending handshake at most: a client that connects and says nothing holds it
+    # until handshake_timeout_ms; the next client waits in the backlog, then is served.
+    proxy = proxy_factory(ferretdb.uri, tls_config(
+        pki, max_pending_handshakes=1, handshake_timeout_ms=1000))
+    served_at: list[float] = []
+
+    def use() -> None:
+        with tls_client(proxy, pki.ca, serverSelectionTimeoutMS=10_000) as client:
+            client[db_name].items.insert_one({"_id": 1})
+            served_at.append(time.monotonic())
+
+    with socket.create_connection((proxy.host, proxy.port), timeout=10) as silent:
+        thread = threading.Thread(target=use)
+        thread.start()
+        assert silent.recv(10) == b""  # dropped at its deadline
+        dropped_at = time.monotonic()
+        thread.join()
+    # An order, not a duration: the client could only be served once the slot was free.
+    assert served_at and served_at[0] >= dropped_at
+    log = wait_for_log(proxy, "failed: not completed in time")
+    assert "Traceback" not in log

@@ -11,6 +11,7 @@
         min_version: TLS1.2                      # TLS1.2 | TLS1.3
         allow_plaintext: false                   # true: also serve plaintext clients (migrations)
         handshake_timeout_ms: 10000
+        max_pending_handshakes: 1000             # then accepting waits (backlog) until one ends
 
 ``upstream.members[].tls`` (proxy -> a declared member), when the member's TLS differs
 from the ``tls*`` options of ``upstream.uri`` (absent: the uri's options apply)::
@@ -46,6 +47,9 @@ class ListenTLSConfig(_Strict):
     # A client must finish its handshake (and, with allow_plaintext, send its first
     # byte) within this time.
     handshake_timeout_ms: int = Field(default=10_000, gt=0)
+    # Clients between accept and the end of their handshake; beyond it the proxy stops
+    # accepting (the kernel's backlog holds the next ones) until one finishes.
+    max_pending_handshakes: int = Field(default=1_000, gt=0)
 
     @model_validator(mode="after")
     def _loads(self) -> ListenTLSConfig:

@@ -168,6 +168,7 @@ class TLSListener:
         self.sockets = [sock]
         self._accepting: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(tls.config.max_pending_handshakes)
         # Counters for tests and metrics: failed handshakes, refused plaintext clients.
         self.handshake_failures = 0
         self.plaintext_refused = 0
@@ -193,16 +194,23 @@ class TLSListener:
 
     async def _accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        slots = self._slots
         while True:
+            await slots.acquire()  # released when the client's handshake is over
             try:
                 client, peer = await loop.sock_accept(self._sock)
             except OSError as exc:  # EMFILE and the like: wait, do not spin
+                slots.release()
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
             task = loop.create_task(self._admit(client, peer))
             self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            task.add_done_callback(self._admitted)
+
+    def _admitted(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        self._slots.release()
 
     async def _admit(self, client: socket.socket, peer: Any) -> None:
         config = self.tls.config
