@@ -39,7 +39,7 @@ from proxy.route.router import Router
 from proxy.route.topology import make_topology
 from proxy.tenancy import TenantPolicy
 from proxy.tls.client import UpstreamTLS
-from proxy.tls.server import ServerTLS, TLSListener
+from proxy.tls.server import ServerTLS, TLSListener, TLSMetrics
 
 log = logging.getLogger("mongoproxy")
 PRIMARY_PREFERRED = read_preference("primaryPreferred")
@@ -155,6 +155,7 @@ class Proxy:
             self.listen_tls.start_watching()  # certificate files reloaded when they change
             self.server = await TLSListener.start(
                 lambda: ClientStream(self._accept), self.listen_tls, listen.host, listen.port)
+            self.observer.metrics.registry.register(TLSMetrics(self.listen_tls, self.server))
         log.info(
             "mongoproxy listening on %s:%d, upstream %s, admin http://%s:%d",
             listen.host, self.port, self.topology.summary(), self.config.admin.host,

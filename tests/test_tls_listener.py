@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,15 @@ def wait_for_log(proxy: ProxyProcess, text: str, count: int = 1, timeout: float 
             return log
         time.sleep(0.05)
     raise AssertionError(f"{text!r} not logged {count} time(s):\n{proxy.log_text()}")
+
+
+def metric(proxy: ProxyProcess, sample: str) -> float:
+    """The value of one sample (name with its labels) of the proxy's /metrics."""
+    with urllib.request.urlopen(f"{proxy.admin_url}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.split()[-1])
+    raise AssertionError(f"{sample} not in /metrics")
 
 
 def _crud(client: MongoClient[Doc], db_name: str) -> None:
@@ -120,6 +130,7 @@ def test_plaintext_client_is_refused_clearly_and_tls_clients_carry_on(
         assert good[db_name].items.find_one({"_id": 1}) == {"_id": 1}
     log = wait_for_log(proxy, "refused a plaintext connection")
     assert "Traceback" not in log
+    assert metric(proxy, "mongoproxy_tls_plaintext_refused_total") >= 1
     # A raw socket sending garbage: closed, nothing else happens.
     with socket.create_connection((proxy.host, proxy.port), timeout=5) as raw:
         raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -152,6 +163,7 @@ def test_client_certificates_required(
     assert "the client sent no certificate" in log
     assert "client certificate not accepted: unable to get local issuer certificate" in log
     assert "client certificate not accepted: certificate has expired" in log
+    assert metric(proxy, "mongoproxy_tls_handshake_failures_total") >= 3
     assert "Traceback" not in log
 
 
@@ -256,6 +268,8 @@ def test_certificate_reload_under_load(
             t.join()
     assert errors == []
     assert "Traceback" not in proxy.log_text()
+    assert metric(proxy, 'mongoproxy_tls_certificate_reloads_total{result="failed"}') >= 1
+    assert metric(proxy, 'mongoproxy_tls_certificate_reloads_total{result="ok"}') >= 1
 
 
 def test_check_config_refuses_a_certificate_that_does_not_load(pki: PKI, tmp_path: Path) -> None:

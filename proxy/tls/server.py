@@ -23,10 +23,12 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import bson
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from proxy.errors import error_document
 from proxy.wire import HEADER_SIZE, OpCode, declared_length, encode_op_msg
@@ -35,7 +37,8 @@ from proxy.wire.op_query import encode_op_reply
 if TYPE_CHECKING:
     from proxy.tls.config import ListenTLSConfig
 
-__all__ = ["ServerTLS", "TLSListener", "build_server_context", "describe_tls_error"]
+__all__ = ["ServerTLS", "TLSListener", "TLSMetrics", "build_server_context",
+           "describe_tls_error"]
 
 log = logging.getLogger("mongoproxy.tls")
 
@@ -315,3 +318,30 @@ def _handshake_reason(exc: BaseException) -> str:
     with contextlib.suppress(Exception):
         return f"{type(exc).__name__}: {exc}"
     return type(exc).__name__
+
+
+class TLSMetrics(Collector):
+    """The listener's TLS counters on the proxy's Prometheus registry."""
+
+    def __init__(self, tls: ServerTLS, listener: TLSListener) -> None:
+        self.tls = tls
+        self.listener = listener
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "mongoproxy_tls_handshake_failures",
+            "Client TLS handshakes that failed or timed out (each logged once)",
+            value=self.listener.handshake_failures)
+        yield CounterMetricFamily(
+            "mongoproxy_tls_plaintext_refused",
+            "Plaintext clients refused by a TLS listener (allow_plaintext: false)",
+            value=self.listener.plaintext_refused)
+        reloads = CounterMetricFamily(
+            "mongoproxy_tls_certificate_reloads",
+            "Reloads of the listener's certificate files, by result", labels=["result"])
+        reloads.add_metric(["ok"], self.tls.reloads)
+        reloads.add_metric(["failed"], self.tls.failed_reloads)
+        yield reloads
