@@ -18,7 +18,6 @@ Each client's handshake runs in its own task: a slow or failing client delays no
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -220,6 +219,7 @@ class TLSListener:
         timeout_s = config.handshake_timeout_ms / 1000
         loop = asyncio.get_running_loop()
         try:
+            client.setblocking(False)  # _peek must never block the loop
             async with asyncio.timeout(timeout_s):
                 first = await _peek(loop, client)
             if not first:
@@ -234,7 +234,6 @@ class TLSListener:
                     return
                 await loop.connect_accepted_socket(self._factory, client)
                 return
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.connect_accepted_socket(
                 self._factory, client, ssl=self.tls.context,
                 ssl_handshake_timeout=timeout_s)
@@ -315,9 +314,7 @@ def _handshake_reason(exc: BaseException) -> str:
         return _REASONS.get(reason, reason)
     if isinstance(exc, TimeoutError):
         return "not completed in time"
-    with contextlib.suppress(Exception):
-        return f"{type(exc).__name__}: {exc}"
-    return type(exc).__name__
+    return f"{type(exc).__name__}: {exc}"
 
 
 class TLSMetrics(Collector):
