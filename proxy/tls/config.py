@@ -36,11 +36,16 @@ class _Strict(BaseModel):
 
 
 class ListenTLSConfig(_Strict):
+    """TLS for applications; reloaded on SIGHUP and when the files change."""
+
+    # PEM certificate chain, leaf first (and the key, when key_file is not given).
     cert_file: str = Field(min_length=1)
-    key_file: str | None = None
+    key_file: str | None = None  # PEM private key of cert_file
+    # PEM CA certificates that verify client certificates.
     ca_file: str | None = None
+    # Ask for a client certificate (optional) or require one (required); needs ca_file.
     client_certificates: Literal["none", "optional", "required"] = "none"
-    min_version: Literal["TLS1.2", "TLS1.3"] = "TLS1.2"
+    min_version: Literal["TLS1.2", "TLS1.3"] = "TLS1.2"  # lowest TLS version accepted
     # Like mongod's preferTLS: a client whose first byte is not a TLS ClientHello is
     # served in plaintext instead of refused.
     allow_plaintext: bool = False
@@ -69,12 +74,16 @@ class ListenTLSConfig(_Strict):
 class MemberTLSConfig(_Strict):
     """A declared member's TLS, in the meaning of the uri options of the same names."""
 
-    enabled: bool = True  # tls
-    ca_file: str | None = None  # tlsCAFile
-    certificate_key_file: str | None = None  # tlsCertificateKeyFile
-    certificate_key_file_password: SecretStr | None = None  # tlsCertificateKeyFilePassword
-    allow_invalid_hostnames: bool = False  # tlsAllowInvalidHostnames
-    allow_invalid_certificates: bool = False  # tlsAllowInvalidCertificates
+    enabled: bool = True  # TLS to this member (tls)
+    ca_file: str | None = None  # CAs that verify the member (tlsCAFile)
+    # The proxy's client certificate and key, PEM (tlsCertificateKeyFile).
+    certificate_key_file: str | None = None
+    # Password of an encrypted key (tlsCertificateKeyFilePassword).
+    certificate_key_file_password: SecretStr | None = None
+    # Skip the host-name check (tlsAllowInvalidHostnames).
+    allow_invalid_hostnames: bool = False
+    # Skip verifying the member's certificate: tests only (tlsAllowInvalidCertificates).
+    allow_invalid_certificates: bool = False
 
     def uri_options(self) -> dict[str, Any]:
         """The same settings as (lower-case) connection-string options, for pymongo."""
