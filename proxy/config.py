@@ -57,7 +57,7 @@ class ListenConfig(_Strict):
     # Bounded time for anything the proxy waits on from a client: a message that has
     # started arriving must be complete within this time.
     read_timeout_ms: int = Field(default=60_000, gt=0)
-    # TLS for applications (proxy.tls.config); absent: plaintext only.
+    # TLS for applications (docs/production.md); absent: plaintext only.
     tls: ListenTLSConfig | None = None
 
 
