@@ -180,7 +180,8 @@ class TLSListener:
         cls, protocol_factory: Callable[[], asyncio.Protocol], tls: ServerTLS,
         host: str, port: int, backlog: int = 4096,
     ) -> TLSListener:
-        sock = socket.create_server((host, port), backlog=backlog)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::" and the like
+        sock = socket.create_server((host, port), family=family, backlog=backlog)
         sock.setblocking(False)
         listener = cls(protocol_factory, tls, sock)
         listener._accepting = asyncio.create_task(listener._accept_loop(), name="tls accept")
