@@ -124,19 +124,20 @@ class ServerTLS:
         self.failed_reloads = 0
         self._watch: asyncio.Task[None] | None = None
 
-    def reload(self) -> bool:
-        """Load the files again; False (and the old context kept) if they do not load."""
+    def reload(self, trigger: str = "SIGHUP") -> bool:
+        """Load the files again; False (and the old context kept) if they do not load.
+        ``trigger`` (SIGHUP, file change) is named in the log line."""
         self._seen = _stamp(self._files)
         try:
             context = build_server_context(self.config)
         except (OSError, ValueError) as exc:
             self.failed_reloads += 1
-            log.error("TLS certificate reload failed, keeping the current certificate: %s",
-                      describe_tls_error(exc))
+            log.error("TLS certificate reload (%s) failed, keeping the current certificate: "
+                      "%s", trigger, describe_tls_error(exc))
             return False
         self.context = context
         self.reloads += 1
-        log.info("TLS certificate reloaded from %s", self.config.cert_file)
+        log.info("TLS certificate reloaded (%s) from %s", trigger, self.config.cert_file)
         return True
 
     def start_watching(self) -> None:
@@ -153,7 +154,7 @@ class ServerTLS:
             stamp = _stamp(self._files)
             # A file mid-replacement (missing) is not reloaded: the next poll sees it.
             if stamp != self._seen and None not in stamp:
-                self.reload()
+                self.reload("file change")
 
 
 class TLSListener:
