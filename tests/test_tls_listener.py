@@ -141,8 +141,8 @@ def test_allow_plaintext_serves_both(
     ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, pki: PKI, db_name: str
 ) -> None:
     proxy = proxy_factory(ferretdb.uri, tls_config(pki, allow_plaintext=True))
-    with tls_client(proxy, pki.ca) as secure, MongoClient(
-            proxy.uri, serverSelectionTimeoutMS=3000) as plain:
+    plaintext: MongoClient[Doc] = MongoClient(proxy.uri, serverSelectionTimeoutMS=3000)
+    with tls_client(proxy, pki.ca) as secure, plaintext as plain:
         secure[db_name].items.insert_one({"_id": "tls"})
         plain[db_name].items.insert_one({"_id": "plain"})
         assert secure[db_name].items.count_documents({}) == 2
@@ -365,3 +365,36 @@ def test_stalled_handshakes_are_bounded_and_time_out(
     assert served_at and served_at[0] >= dropped_at
     log = wait_for_log(proxy, "failed: not completed in time")
     assert "Traceback" not in log
+
+
+async def test_listener_on_the_standard_asyncio_loop(pki: PKI) -> None:
+    # The proxy runs on uvloop (the tests above); the listener relies only on loop APIs
+    # both implement. Here, in process, on asyncio's own loop, with an echo protocol.
+    import asyncio
+
+    from proxy.tls.config import ListenTLSConfig
+    from proxy.tls.server import ServerTLS, TLSListener
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)  # type: ignore[attr-defined]
+
+    tls = ServerTLS(ListenTLSConfig(cert_file=str(pki.server.cert),
+                                    key_file=str(pki.server.key), allow_plaintext=True))
+    listener = await TLSListener.start(Echo, tls, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        for ssl_context in (context, None):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ssl_context,
+                server_hostname="127.0.0.1" if ssl_context else None)
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            writer.close()
+        assert listener.handshake_failures == 0
+    finally:
+        listener.close()

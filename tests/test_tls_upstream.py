@@ -62,7 +62,8 @@ def auth_tls_ferretdb(pki: PKI, tmp_path_factory: pytest.TempPathFactory,
                       ) -> Iterator[TLSFerretDB]:
     """TLS without client certificates, with SCRAM authentication."""
     proc = AuthTLSFerretDB(tmp_path_factory.mktemp("ferretdb-tls-auth"),
-                           tls=(pki.server.cert, pki.server.key, None)).start()
+                           tls=(pki.server.cert, pki.server.key, None))
+    proc.start()
     yield proc
     proc.stop()
 
@@ -71,7 +72,8 @@ def auth_tls_ferretdb(pki: PKI, tmp_path_factory: pytest.TempPathFactory,
 def mtls_ferretdb(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSFerretDB]:
     """TLS that requires a client certificate signed by the test CA."""
     proc = TLSFerretDB(tmp_path_factory.mktemp("ferretdb-mtls"),
-                       tls=(pki.server.cert, pki.server.key, pki.ca)).start()
+                       tls=(pki.server.cert, pki.server.key, pki.ca))
+    proc.start()
     yield proc
     proc.stop()
 
@@ -179,7 +181,8 @@ def test_tls_insecure_and_invalid_hostnames(
 ) -> None:
     # A server whose certificate names "localhost" only, reached as 127.0.0.1.
     server = TLSFerretDB(tmp_path_factory.mktemp("ferretdb-localhost"),
-                         tls=(pki.localhost_only.cert, pki.localhost_only.key, None)).start()
+                         tls=(pki.localhost_only.cert, pki.localhost_only.key, None))
+    server.start()
     try:
         strict = proxy_factory(server.tls_uri(f"tls=true&tlsCAFile={pki.ca}"), {"upstream": {
             "pool": {"connect_timeout_ms": 3000}, "server_selection_timeout_ms": 1000}})
@@ -270,7 +273,7 @@ def fake_dns(records: dict[tuple[str, str], list[Any]]) -> Any:
         try:
             return records[(name, kind)]
         except KeyError:
-            raise dns.resolver.NXDOMAIN() from None
+            raise dns.resolver.NXDOMAIN() from None  # type: ignore[no-untyped-call]
 
     async def aresolve(name: str, kind: str, **kwargs: Any) -> list[Any]:
         return resolve(name, kind, **kwargs)

@@ -257,11 +257,17 @@ async def _peek(loop: asyncio.AbstractEventLoop, client: socket.socket) -> bytes
         except BlockingIOError:
             pass
         ready = loop.create_future()
-        loop.add_reader(client.fileno(), ready.set_result, None)
+        # Level-triggered: the reader may fire again before this task resumes.
+        loop.add_reader(client.fileno(), _set_ready, ready)
         try:
             await ready
         finally:
             loop.remove_reader(client.fileno())
+
+
+def _set_ready(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 async def _refuse_plaintext(

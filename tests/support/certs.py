@@ -45,10 +45,9 @@ def issue(ca: trustme.CA, directory: Path, name: str, *identities: str,
           common_name: str | None = None,
           not_after: datetime.datetime | None = None) -> CertFiles:
     """Issue one more certificate from ``ca`` into ``directory``."""
-    kwargs = {} if not_after is None else {
-        "not_before": not_after - datetime.timedelta(days=30), "not_after": not_after}
-    return _write(directory, name, ca.issue_cert(*identities, common_name=common_name,
-                                                 **kwargs))
+    not_before = None if not_after is None else not_after - datetime.timedelta(days=30)
+    return _write(directory, name, ca.issue_cert(
+        *identities, common_name=common_name, not_before=not_before, not_after=not_after))
 
 
 def make_pki(directory: Path) -> tuple[PKI, trustme.CA]:
