@@ -341,3 +341,25 @@ def test_check_config_refuses_options_the_pools_would_ignore(pki: PKI, tmp_path:
         f"mongodb://h:1/?tls=true&tlsCAFile={pki.ca}&tlsCertificateKeyFile={pki.client.pem}"
         "&authMechanism=MONGODB-X509&replicaSet=rs&directConnection=false"))
     assert ok.upstream.uri is not None
+
+
+def test_encrypted_client_key_with_its_password(pki: PKI, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pki.client.key.read_bytes(), password=None)
+    encrypted = tmp_path / "client-encrypted.pem"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"k3y-pass")) + pki.client.cert.read_bytes())
+    uri = f"mongodb://h:1/?tls=true&tlsCAFile={pki.ca}&tlsCertificateKeyFile={encrypted}"
+    assert parse_config({"upstream": {"uri": f"{uri}&tlsCertificateKeyFilePassword=k3y-pass"}})
+    with pytest.raises(ConfigError) as err:
+        parse_config({"upstream": {"uri": f"{uri}&tlsCertificateKeyFilePassword=wrong-pass"}})
+    assert "upstream.uri" in str(err.value)
+    assert "wrong-pass" not in str(err.value)
+    # The same through a declared member's tls block.
+    member = {"host": "h:1", "role": "primary", "tls": {
+        "ca_file": str(pki.ca), "certificate_key_file": str(encrypted),
+        "certificate_key_file_password": "k3y-pass"}}
+    config = parse_config({"upstream": {"members": [member]}})
+    assert "k3y-pass" not in repr(config)
