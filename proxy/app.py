@@ -39,6 +39,8 @@ from proxy.route.readpref import PRIMARY, read_preference
 from proxy.route.router import Router
 from proxy.route.topology import make_topology
 from proxy.tenancy import TenantPolicy
+from proxy.tls.client import UpstreamTLS
+from proxy.tls.server import ServerTLS, TLSListener, TLSMetrics
 
 log = logging.getLogger("mongoproxy")
 PRIMARY_PREFERRED = read_preference("primaryPreferred")
@@ -48,7 +50,9 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.topology = make_topology(config.upstream)
-        self.pools = Pools(config.upstream.pool, Credentials.from_uri(config.upstream.uri))
+        self.pools = Pools(config.upstream.pool, Credentials.from_uri(config.upstream.uri),
+                           UpstreamTLS(config.upstream))
+        self.listen_tls = None if config.listen.tls is None else ServerTLS(config.listen.tls)
         self.cursors = CursorTable()
         self.router = Router(self.topology, self.cursors)
         self.policy = TenantPolicy(config.tenancy)
@@ -90,7 +94,7 @@ class Proxy:
             "/connections": connections_handler(lambda: self.connections),
             **(advice_routes(self.advisor) if config.advice.enabled else {}),
         }, self.observer.post_routes(), token=config.admin.token)
-        self.server: asyncio.Server | None = None
+        self.server: asyncio.Server | TLSListener | None = None
         self.connections: dict[ClientConnection, asyncio.Task[None]] = {}
         self.shutting_down = False
         self._connection_ids = itertools.count(1)
@@ -146,10 +150,17 @@ class Proxy:
             await self.cache.start()
         if self.config.advice.enabled:
             self.advisor.start()
-        self.server = await asyncio.get_running_loop().create_server(
-            lambda: ClientStream(self._accept, self.guard.budget), listen.host, listen.port,
-            backlog=4096
-        )
+        if self.listen_tls is None:
+            self.server = await asyncio.get_running_loop().create_server(
+                lambda: ClientStream(self._accept, self.guard.budget), listen.host,
+                listen.port, backlog=4096
+            )
+        else:
+            self.listen_tls.start_watching()  # certificate files reloaded when they change
+            self.server = await TLSListener.start(
+                lambda: ClientStream(self._accept, self.guard.budget), self.listen_tls,
+                listen.host, listen.port)
+            self.observer.metrics.registry.register(TLSMetrics(self.listen_tls, self.server))
         log.info(
             "mongoproxy listening on %s:%d, upstream %s, admin http://%s:%d",
             listen.host, self.port, self.topology.summary(), self.config.admin.host,
@@ -199,6 +210,8 @@ class Proxy:
             await asyncio.wait(list(self.connections.values()), timeout=1)
         await self.guard.close()
         await self.advisor.close()
+        if self.listen_tls is not None:
+            await self.listen_tls.close()
         await self.pools.close()
         if self.cache is not None:
             await self.cache.close()
@@ -252,11 +265,20 @@ async def serve(config: Config, path: Path | None = None) -> None:
         reloader = ConfigReloader(proxy, path)
         reloader.start()
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    if proxy.listen_tls is not None:
+        # SIGHUP also reloads the listener's certificate (after the config, if any).
+        loop.add_signal_handler(signal.SIGHUP, _reload_all, reloader, proxy.listen_tls)
     await stop.wait()
     log.info("signal received: draining")
     if reloader is not None:
         await reloader.close()
     await proxy.shutdown()
+
+
+def _reload_all(reloader: ConfigReloader | None, tls: ServerTLS) -> None:
+    if reloader is not None:
+        reloader.reload()
+    tls.reload()
 
 
 def run(config: Config, path: Path | None = None) -> None:

@@ -28,6 +28,8 @@ from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
 from proxy.route.rules import RoutingConfig
 from proxy.tenancy import TenancyConfig
+from proxy.tls.client import check_uri_options, context_from_options
+from proxy.tls.config import ListenTLSConfig, MemberTLSConfig
 from proxy.wire import SUPPORTED_COMPRESSORS
 from proxy.yamlload import load_yaml_file
 
@@ -74,6 +76,8 @@ class ListenConfig(_Strict):
     # All client connections together: bytes of messages being received plus unsent
     # replies. A message that does not fit waits (its socket is not read) until it does.
     max_buffered_bytes: int = Field(default=512 * 1024 * 1024, ge=48_000_000)
+    # TLS for applications (docs/production.md); absent: plaintext only.
+    tls: ListenTLSConfig | None = None
 
 
 class AuthThrottleConfig(_Strict):
@@ -134,6 +138,8 @@ class MemberConfig(_Strict):
     host: str  # HOST:PORT
     role: Literal["primary", "secondary"]  # at most one primary
     tags: dict[str, str] = {}  # tag set matched by read preferences' tags
+    # This member's TLS; absent: the tls* options of upstream.uri (none without a uri).
+    tls: MemberTLSConfig | None = None
 
     @field_validator("host")
     @classmethod
@@ -185,11 +191,19 @@ class UpstreamConfig(_Strict):
         if value is None:
             return value
         try:
-            parse_uri(value)
-        except (InvalidURI, ValueError) as exc:
+            options = parse_uri(value)["options"]
+        except (InvalidURI, ValueError, OSError) as exc:  # OSError: an unreadable tls file
             raise ValueError(f"not a valid MongoDB connection string: {exc}") from None
+        # Options the proxy's own pools would ignore are refused, never silently dropped;
+        # TLS files are loaded now, so a missing CA file fails here rather than at start.
+        check_uri_options(options)
+        context_from_options(options)
         # The proxy authenticates its own upstream connections as the uri's user.
-        Credentials.from_uri(value)  # ValueError: unsupported authMechanism, no password
+        credentials = Credentials.from_uri(value)  # ValueError: unsupported mechanism...
+        if (credentials is not None and credentials.mechanism == "MONGODB-X509"
+                and not options.get("tlsCertificateKeyFile")):
+            raise ValueError("authMechanism=MONGODB-X509 needs tls=true and "
+                             "tlsCertificateKeyFile (the client certificate is the identity)")
         return value
 
     @model_validator(mode="after")
