@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -207,6 +208,45 @@ def test_connections_beyond_max_connections_are_refused_and_logged(
     again = connect(proxy)
     again.sendall(op_msg({"ping": 1, "$db": "admin"}, next_id()))
     assert read_reply(again).doc["ok"] == 1.0
+
+
+class _FewDescriptors(ProxyProcess):
+    """The proxy run under ``prlimit --nofile=300:300``."""
+
+    def command(self) -> list[str]:
+        return ["prlimit", "--nofile=300:300", *super().command()]
+
+
+def test_connections_stay_below_the_descriptor_limit_and_say_so(
+    ferretdb: FerretDBProcess, tmp_path: Path
+) -> None:
+    """uvloop accepts and closes connections silently at EMFILE: the proxy lowers its
+    connection limit below the descriptor limit at start (with a warning) and refuses
+    the excess with a log line, so it never gets there; a freed slot serves again."""
+    proxy = _FewDescriptors(ferretdb.uri, workdir=tmp_path).start()
+    try:
+        assert "listen.max_connections 10000 lowered to 134" in proxy.log_text()
+        socks = []
+        for _ in range(140):
+            socks.append(connect(proxy))
+        served = 0
+        for sock in socks:
+            try:
+                sock.sendall(op_msg({"ping": 1, "$db": "admin"}, next_id()))
+                served += read_reply(sock).doc["ok"] == 1.0
+            except (ConnectionError, OSError):
+                pass
+        assert served == 134, served
+        assert _wait_until(lambda: "the file descriptor limit" in proxy.log_text())
+        for sock in socks:
+            sock.close()
+        assert _wait_until(lambda: _metric(proxy, "mongoproxy_client_connections ") == 0)
+        again = connect(proxy)
+        again.sendall(op_msg({"ping": 1, "$db": "admin"}, next_id()))
+        assert read_reply(again).doc["ok"] == 1.0
+        again.close()
+    finally:
+        proxy.stop()
 
 
 def test_idle_connection_is_closed(
