@@ -34,7 +34,8 @@ from proxy.identity.credentials import (
     hash_password,
     parse,
 )
-from proxy.identity.handshake import HELLO_COMMANDS, UpstreamLimits, hello_reply
+from proxy.commands import HELLO_COMMANDS
+from proxy.identity.handshake import UpstreamLimits, hello_reply
 from proxy.identity.hash_cli import hash_password_main
 from proxy.identity.scram import (
     FAILED,

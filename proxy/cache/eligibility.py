@@ -39,6 +39,7 @@ from typing import Any
 
 from proxy.cache.key import ENVELOPE
 from proxy.classify import Classification
+from proxy.commands import FILTERED_READS
 from proxy.wire import reply_cursor
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
     "written_namespaces",
 ]
 
-CACHEABLE = frozenset({"find", "count", "distinct", "aggregate"})
+CACHEABLE = FILTERED_READS
 # Stages whose output depends only on the input documents of the collection.
 PURE_STAGES = frozenset({
     "$match", "$project", "$addFields", "$set", "$unset", "$sort", "$limit", "$skip",

@@ -16,10 +16,6 @@ if TYPE_CHECKING:
 
 Address = tuple[str, int]
 
-# Commands whose reply may open a cursor (reply ``cursor.id`` != 0).
-CURSOR_COMMANDS = frozenset(
-    {"find", "aggregate", "listCollections", "listIndexes", "getMore"}
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,7 +91,8 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from pymongo.read_preferences import _ServerMode
 
-from proxy.classify import WRITE_COMMANDS, Classification
+from proxy.classify import Classification
+from proxy.commands import NEVER_DENIED, WRITE_COMMANDS
 from proxy.errors import UNAUTHORIZED, ProxyError
 from proxy.route.readpref import PRIMARY, ReadPreferenceError, read_preference
 
@@ -114,10 +115,6 @@ __all__ = [
 MIN_MAX_STALENESS_S = 90
 DEFAULT_CLASS = "default"
 CURSOR_CLASS = "(cursor)"
-NEVER_DENIED = frozenset({
-    "hello", "isMaster", "saslStart", "saslContinue", "authenticate", "getnonce",
-    "logout", "ping", "endSessions", "buildInfo", "commitTransaction", "abortTransaction",
-})
 ReadMode = Literal["primary", "primaryPreferred", "secondary", "secondaryPreferred", "nearest"]
 _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _GLOB_CHARS = frozenset("*?[")

@@ -106,6 +106,7 @@ from typing import Any
 
 from bson import ObjectId
 
+from proxy.commands import ALIASES, CONTINUATIONS, FILTERED_READS, SAFE_DATABASE_COMMANDS
 from proxy.errors import UNAUTHORIZED
 from proxy.tenancy.config import TenancyConfig
 
@@ -118,15 +119,9 @@ __all__ = [
 ]
 
 
-SAFE_DATABASE_COMMANDS = frozenset({
-    "hello", "isMaster", "ismaster", "ping", "buildInfo", "buildinfo", "saslStart",
-    "saslContinue", "logout", "getnonce", "connectionStatus", "whatsmyuri",
-    "startSession", "endSessions", "refreshSessions", "commitTransaction",
-    "abortTransaction", "listCollections", "listDatabases", "getLastError",
-})
-_CURSOR_COMMANDS = frozenset({"getMore", "killCursors"})
-_ALIASES = {"findandmodify": "findAndModify"}
-_READS = frozenset({"find", "count", "distinct", "aggregate"})
+_CURSOR_COMMANDS = CONTINUATIONS
+_ALIASES = ALIASES
+_READS = FILTERED_READS
 _OPERATOR_DBS = frozenset({"admin", "config", "local"})
 
 # Top-level (or $and-level) operators that, ANDed with the tenant equality, only narrow.
