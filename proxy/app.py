@@ -20,7 +20,7 @@ from proxy.errors import ProxyError
 from proxy.identity.handshake import UpstreamLimits
 from proxy.identity.scram import ClientAuthenticator
 from proxy.listener.connection import ClientConnection
-from proxy.listener.stream import ClientStream
+from proxy.server.stream import ClientStream
 from proxy.observe.endpoints import ReadinessFacts, has_usable_primary
 from proxy.observe.hub import Observer
 from proxy.observe.metrics import topology_facts

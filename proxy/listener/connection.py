@@ -34,7 +34,7 @@ from proxy.errors import (
 )
 from proxy.identity.handshake import HELLO_COMMANDS, hello_reply, read_client_hello
 from proxy.identity.scram import AUTH_COMMANDS, AuthenticatedUser
-from proxy.listener.stream import ClientStream, StalledMessageError
+from proxy.server.stream import ClientStream, StalledMessageError
 from proxy.observe.record import Timer
 from proxy.observe.shape import describe
 from proxy.pool.connection import UpstreamConnection, UpstreamProtocolError, next_request_id
