@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from proxy.address import Address
 from proxy.config import PoolConfig
 from proxy.pool.auth import Credentials
 from proxy.pool.pool import UpstreamPool
-
-Address = tuple[str, int]
 
 
 class Pools:

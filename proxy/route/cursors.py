@@ -11,11 +11,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from proxy.address import Address
+
 if TYPE_CHECKING:
     from proxy.pool.connection import UpstreamConnection
-
-Address = tuple[str, int]
-
 
 
 @dataclass(frozen=True, slots=True)

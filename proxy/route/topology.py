@@ -32,6 +32,7 @@ from pymongo.server_description import ServerDescription
 from pymongo.server_type import SERVER_TYPE
 from pymongo.topology_description import TOPOLOGY_TYPE, TopologyDescription
 
+from proxy.address import Address
 from proxy.config import MemberConfig, UpstreamConfig
 from proxy.errors import (
     FAILED_TO_SATISFY_READ_PREFERENCE,
@@ -43,7 +44,6 @@ from proxy.pool.pool import HANDSHAKE
 
 log = logging.getLogger("mongoproxy.topology")
 
-Address = tuple[str, int]
 # Read preference objects whose cache key is remembered per description: the routing
 # rules' (long-lived); one-off client $readPreference objects beyond this are not kept.
 _MAX_SELECTOR_KEYS = 256
