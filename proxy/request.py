@@ -78,7 +78,7 @@ class Request:
         self.raw_name: str = raw
         name = self.name = ALIASES.get(raw, raw)
         db = command.get("$db")
-        if db is not None and not isinstance(db, str):
+        if db is not None and type(db) is not str:  # bson's Code is a str subclass
             raise ProxyError(INVALID_NAMESPACE, f"{raw}: $db must be a string, not "
                                                 f"{bson_type_name(db)}")
         self.db: str | None = db
@@ -86,7 +86,7 @@ class Request:
         self.collection: str | None = None
         self.cursor_ids: tuple[int, ...] = ()
         if name in COLLECTION_COMMANDS:
-            if isinstance(value, str):
+            if type(value) is str:
                 self.collection = value
             elif name not in _DATABASE_LEVEL_OK:
                 raise ProxyError(INVALID_NAMESPACE, f"{raw}: collection name has invalid "
@@ -105,7 +105,7 @@ class Request:
             if not _is_int(value):
                 raise _type_error(raw, "getMore", value, "long")
             collection = self.command.get("collection")
-            if not isinstance(collection, str):
+            if type(collection) is not str:
                 raise _type_error(raw, "collection", collection, "string")
             self.collection = collection
             self.cursor_ids = (value,)

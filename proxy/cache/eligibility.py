@@ -129,13 +129,13 @@ def _nondeterministic(value: Any) -> bool:
                     return True
                 if isinstance(sub, dict | list):
                     stack.append(sub)
-                elif isinstance(sub, str) and sub in _NONDETERMINISTIC_VALUES:
+                elif type(sub) is str and sub in _NONDETERMINISTIC_VALUES:  # not Code
                     return True
         elif isinstance(item, list):
             for sub in item:
                 if isinstance(sub, dict | list):
                     stack.append(sub)
-                elif isinstance(sub, str) and sub in _NONDETERMINISTIC_VALUES:
+                elif type(sub) is str and sub in _NONDETERMINISTIC_VALUES:  # not Code
                     return True
     return False
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
-from typing import Any
 
 from proxy.observe.metrics import Metrics
 from proxy.pipeline.session import Session
@@ -18,12 +16,10 @@ log = logging.getLogger("mongoproxy.connection")
 
 
 def tenancy_event(metrics: Metrics, session: Session, name: str,
-                  command: Mapping[str, Any], admission: Admission) -> None:
+                  collection: str | None, admission: Admission) -> None:
     """One structured log line and one metric per refusal or audit violation."""
     mode = "audit" if admission.refused is None else "enforce"
     reason = admission.refused or admission.violation or ""
-    target = command.get(name)
-    collection = target if isinstance(target, str) else None
     log.warning("tenancy %s: %s", "violation" if mode == "audit" else "rejection",
                 _line(session, name, admission, reason))
     metrics.tenancy_violation(collection or "", _reason_label(reason), mode=mode,

@@ -125,7 +125,10 @@ class Pipeline:
                 msg = parse_op_msg(message)
                 request = request_from_op_msg(message, msg, compressor)
                 timer.mark("decode")
-                return await self.handle(request, session, snapshot, timer)
+                reply = await self.handle(request, session, snapshot, timer)
+                if request.more_to_come:
+                    reply.parts = NO_PARTS  # the client reads no reply, even to an error
+                return reply
             if op_code == OpCode.OP_QUERY:
                 return self._op_query(message, session, snapshot)
             if op_code in _REMOVED_OPCODES:
@@ -145,6 +148,8 @@ class Pipeline:
             # A bug must cost one error reply, never the client's connection.
             log.exception("internal error handling request %d from client %d",
                           request_id, session.connection_id)
+            if msg is not None and msg.more_to_come:
+                return Reply(NO_PARTS)
             return Reply((error_message(request_id, ProxyError(
                 INTERNAL_ERROR, f"mongoproxy internal error: {type(exc).__name__}: {exc}"
             )),))
@@ -185,7 +190,7 @@ class Pipeline:
             cursor_tenant=self.roundtrip.cursors.tenant_of,
         )
         if admission.refused is not None or admission.violation is not None:
-            tenancy_event(self.observer.metrics, session, name, command, admission)
+            tenancy_event(self.observer.metrics, session, name, request.collection, admission)
         elif admission.superuser and name not in SAFE_DATABASE_COMMANDS:
             superuser_event(session, name, admission)
         if admission.refused is not None:
@@ -211,8 +216,7 @@ class Pipeline:
             command = rewritten
         message = forwarded_message(request, command, sequences,
                                     injected or rewritten is not None)
-        reply = Reply(NO_PARTS, timer, name, command)
-        reply.request_sequences = request.sequences
+        reply = Reply(NO_PARTS, timer, name, command, request)
         reply.decision = decision
         reply.tenant = tenant
         cached = self.cached
@@ -281,8 +285,7 @@ class Pipeline:
     def _refuse(self, request: Request, timer: Timer, error: ProxyError,
                 decision: RouteDecision | None = None) -> Reply:
         data = error_message(request.request_id, error)
-        reply = Reply((data,), timer, request.raw_name, request.command)
-        reply.request_sequences = request.sequences
+        reply = Reply((data,), timer, request.raw_name, request.command, request)
         reply.error_code = error.code
         reply.decision = decision
         reply.reply_bytes = len(data)
@@ -300,6 +303,7 @@ class Pipeline:
         # The payload carries the client's proof: never logged, even with log_values.
         reply = Reply((message_for(request.request_id, document),), timer, name,
                       {name: 1, "$db": request.db})
+        reply.db = request.db
         code = document.get("code")
         reply.error_code = code if isinstance(code, int) else None
         return reply
@@ -360,16 +364,14 @@ class Pipeline:
     def _record(self, reply: Reply, session: Session, timer: Timer) -> None:
         command = reply.command or {}
         name = reply.name
-        database = command.get("$db")
-        target = command.get("collection" if name == "getMore" else name)
         shape = describe(command, _statement_samples(reply.request_sequences))
         decision = reply.decision
         address = reply.address
         access = reply.access
         self.observer.finish(timer.record(
             name,
-            database=database if isinstance(database, str) else None,
-            collection=target if isinstance(target, str) else None,
+            database=reply.db,
+            collection=reply.collection,
             shape_hash=shape.hash,
             shape_text=shape.text,
             app_name=session.app_name,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from proxy.address import Address
     from proxy.cache.layer import Access
     from proxy.observe.record import Timer
+    from proxy.request import Request
     from proxy.route.rules import RouteDecision
 
 __all__ = ["NO_PARTS", "Reply", "error_message", "message_for", "query_failure"]
@@ -31,16 +32,20 @@ NO_PARTS: tuple[bytes, ...] = ()
 class Reply:
     """The bytes to send for one request and what the operation record says of it."""
 
-    __slots__ = ("access", "address", "command", "decision", "docs", "error_code", "name",
-                 "parts", "reply_bytes", "request_sequences", "tenant", "timer")
+    __slots__ = ("access", "address", "collection", "command", "db", "decision", "docs",
+                 "error_code", "name", "parts", "reply_bytes", "request_sequences", "tenant",
+                 "timer")
 
     def __init__(self, parts: tuple[bytes, ...], timer: Timer | None = None,
-                 name: str = "", command: Mapping[str, Any] | None = None) -> None:
+                 name: str = "", command: Mapping[str, Any] | None = None,
+                 request: Request | None = None) -> None:
         self.parts = parts
         self.timer = timer  # None: not an operation (handshake, wire error): not recorded
         self.name = name
         self.command = command
-        self.request_sequences: Any = ()
+        self.request_sequences: Any = () if request is None else request.sequences
+        self.db = None if request is None else request.db
+        self.collection = None if request is None else request.collection
         self.address: Address | None = None
         self.error_code: int | None = None
         self.docs: int | None = None
