@@ -12,8 +12,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -23,8 +21,10 @@ from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
 from proxy.cache.config import CacheConfig
+from proxy.configbase import Strict as _Strict
 from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
+from proxy.pool.config import PoolConfig
 from proxy.route.rules import RoutingConfig
 from proxy.tenancy import TenancyConfig
 from proxy.wire import SUPPORTED_COMPRESSORS
@@ -34,8 +34,18 @@ class ConfigError(Exception):
     """The configuration file is unreadable or invalid; the message names the key path."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = [
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "ListenConfig",
+    "MemberConfig",
+    "PoolConfig",
+    "ShutdownConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
 
 
 class ListenConfig(_Strict):
@@ -54,16 +64,6 @@ class ListenConfig(_Strict):
 class AdminConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=9216, ge=0, le=65535)
-
-
-class PoolConfig(_Strict):
-    max_size: int = Field(default=100, gt=0)
-    min_size: int = Field(default=0, ge=0)
-    connect_timeout_ms: int = Field(default=5_000, gt=0)
-    wait_queue_timeout_ms: int = Field(default=10_000, gt=0)
-    # Idle connections are closed after this long unused (0 = never, the drivers'
-    # maxIdleTimeMS default); never one that owns open cursors, never below min_size.
-    max_idle_ms: int = Field(default=0, ge=0)
 
 
 class MemberConfig(_Strict):

@@ -32,15 +32,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from proxy.classify import Classification
+from proxy.configbase import Strict
 from proxy.route.rules import MatchConfig, Matcher, NameField, NamePattern
 
 __all__ = ["CacheConfig", "CacheMatchConfig", "CacheRuleConfig", "CacheRules"]
 
 
-class _Strict(BaseModel):
+class _Strict(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 

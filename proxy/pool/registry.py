@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from proxy.address import Address
-from proxy.config import PoolConfig
 from proxy.pool.auth import Credentials
+from proxy.pool.config import PoolConfig
 from proxy.pool.pool import UpstreamPool
 
 

@@ -81,8 +81,6 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -93,6 +91,7 @@ from pymongo.read_preferences import _ServerMode
 
 from proxy.classify import Classification
 from proxy.commands import NEVER_DENIED, WRITE_COMMANDS
+from proxy.configbase import Strict
 from proxy.errors import UNAUTHORIZED, ProxyError
 from proxy.route.readpref import PRIMARY, ReadPreferenceError, read_preference
 
@@ -184,14 +183,10 @@ class NamePattern:
 
 # --- configuration models ------------------------------------------------------------
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 NameField = str | list[str] | None
 
 
-class MatchConfig(_Strict):
+class MatchConfig(Strict):
     command: NameField = None
     database: NameField = None
     collection: NameField = None
@@ -212,7 +207,7 @@ class MatchConfig(_Strict):
         return value
 
 
-class RuleConfig(_Strict):
+class RuleConfig(Strict):
     match: MatchConfig
     class_: str = Field(alias="class")
 
@@ -227,7 +222,7 @@ class RuleConfig(_Strict):
         )).strip()
 
 
-class ClassConfig(_Strict):
+class ClassConfig(Strict):
     read_preference: ReadMode | None = None
     tags: list[dict[str, str]] | None = None
     max_staleness_s: int | None = None
@@ -291,7 +286,7 @@ class ClassConfig(_Strict):
         )
 
 
-class RoutingConfig(_Strict):
+class RoutingConfig(Strict):
     default: ClassConfig = ClassConfig()
     classes: dict[str, ClassConfig] = {}
     rules: tuple[RuleConfig, ...] = ()

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.settings import TopologySettings
@@ -33,7 +33,6 @@ from pymongo.server_type import SERVER_TYPE
 from pymongo.topology_description import TOPOLOGY_TYPE, TopologyDescription
 
 from proxy.address import Address
-from proxy.config import MemberConfig, UpstreamConfig
 from proxy.errors import (
     FAILED_TO_SATISFY_READ_PREFERENCE,
     MAX_STALENESS_OUT_OF_RANGE,
@@ -41,6 +40,9 @@ from proxy.errors import (
 )
 from proxy.pool.connection import UpstreamConnection
 from proxy.pool.pool import HANDSHAKE
+
+if TYPE_CHECKING:  # a type only: the configuration is above the layers it configures
+    from proxy.config import MemberConfig, UpstreamConfig
 
 log = logging.getLogger("mongoproxy.topology")
 
