@@ -101,6 +101,7 @@ class Pipeline:
         self.authenticator = authenticator
         self.observer = observer
         self._users_configured = len(authenticator) > 0
+        self._cursor_tenant = roundtrip.cursors.tenant_of  # bound once, not per request
 
     def session(self, connection_id: int, peer: object) -> Session:
         return Session(connection_id, peer, self.authenticator.session())
@@ -187,7 +188,7 @@ class Pipeline:
             self.policy, name, command, request.msg.body, request.sequences,
             users_configured=self._users_configured,
             bound_tenant=session.tenant,
-            cursor_tenant=self.roundtrip.cursors.tenant_of,
+            cursor_tenant=self._cursor_tenant,
         )
         if admission.refused is not None or admission.violation is not None:
             tenancy_event(self.observer.metrics, session, name, request.collection, admission)
@@ -332,22 +333,32 @@ class Pipeline:
 
     # -- after the reply is out -----------------------------------------------------------
 
-    async def finish(self, reply: Reply, session: Session) -> None:
-        """The reply was written: store a cache miss, record the operation. Never
-        raises and never answers: the request has had its one reply."""
+    def written(self, reply: Reply, session: Session) -> None:
+        """The reply was written (and it has no cache part): record the operation.
+        Never raises and never answers: the request has had its one reply."""
         timer = reply.timer
         if timer is None:
             return
         if reply.parts:
             timer.mark("write")
+        self.record(reply, session)
+
+    async def finish(self, reply: Reply, session: Session) -> None:
+        """The reply was written: store a cache miss, then record the operation (see
+        :meth:`written`); for replies with a cache part."""
         access = reply.access
-        if access is not None and self.cached is not None:
-            try:
-                await self.cached.after_reply(access)
-            except Exception as exc:
-                log.error("cache store after %s failed: %s: %s", reply.name,
-                          type(exc).__name__, exc)
-            timer.mark("cache")
+        timer = reply.timer
+        if access is None or timer is None or self.cached is None:
+            self.written(reply, session)
+            return
+        if reply.parts:
+            timer.mark("write")
+        try:
+            await self.cached.after_reply(access)
+        except Exception as exc:
+            log.error("cache store after %s failed: %s: %s", reply.name,
+                      type(exc).__name__, exc)
+        timer.mark("cache")
         self.record(reply, session)
 
     def record(self, reply: Reply, session: Session) -> None:

@@ -147,15 +147,22 @@ class Topology(ABC):
     def _adapt(self, selector: _ServerMode) -> _ServerMode:
         return selector
 
+    def select_now(self, selector: _ServerMode) -> Address | None:
+        """A server for ``selector`` if one is suitable now (no await: the common case)."""
+        servers = self.candidates(selector)
+        if not servers:
+            return None
+        host, port = random.choice(servers).address
+        return host, port or 27017
+
     async def select(self, selector: _ServerMode) -> Address:
         """A server for ``selector``, waiting up to server_selection_timeout_ms for one."""
         timeout_ms = self.config.server_selection_timeout_ms
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
-            servers = self.candidates(selector)
-            if servers:
-                host, port = random.choice(servers).address
-                return host, port or 27017
+            address = self.select_now(selector)
+            if address is not None:
+                return address
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ProxyError(

@@ -69,7 +69,10 @@ class ClientSession:
                     try:
                         self._send(reply)
                     finally:
-                        await pipeline.finish(reply, session)
+                        if reply.access is None:  # nothing to await after the write
+                            pipeline.written(reply, session)
+                        else:
+                            await pipeline.finish(reply, session)
                 except asyncio.CancelledError:
                     interrupted = session.interrupted
                     if interrupted is not None:

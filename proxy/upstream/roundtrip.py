@@ -88,7 +88,11 @@ class Roundtrip:
         Always reads a reply: the moreToCome flag was cleared before forwarding, because
         a pooled connection must never be left with an unread reply.
         """
-        address = await self.router.server_for(request, decision)
+        address = (
+            self.topology.select_now(decision.read_preference) if decision.pinned is None
+            else None)
+        if address is None:  # pinned, or nothing suitable now: wait for a server
+            address = await self.router.server_for(request, decision)
         timer.mark("select")
         pool = self.pools.get(address)
         slots = None if decision.pinned == "cursor" else pool.ordinary_slots
