@@ -145,10 +145,10 @@ def classify(command: Mapping[str, Any], context: ClientContext = NO_CONTEXT) ->
     value = command.get(raw_name)
     collection: str | None = None
     if name in COLLECTION_COMMANDS:
-        collection = value if isinstance(value, str) else None
+        collection = value if type(value) is str else None
     elif name == "getMore":
         collection = _str_or_none(command.get("collection"))
-    elif name == "renameCollection" and isinstance(value, str):
+    elif name == "renameCollection" and type(value) is str:
         database, collection = _split_namespace(value, database)
     elif name == "bulkWrite":
         database, collection = _bulk_write_namespace(command, database)
@@ -191,7 +191,8 @@ def classify(command: Mapping[str, Any], context: ClientContext = NO_CONTEXT) ->
 
 
 def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    # Exactly str: bson's Code is a str subclass (and unhashable).
+    return value if type(value) is str else None
 
 
 def _max_time(value: Any) -> int | None:
@@ -225,11 +226,11 @@ def _bulk_write_namespace(
     ns_info = command.get("nsInfo")
     if not isinstance(ns_info, list):
         return default_db, None
-    namespaces = {e.get("ns") for e in ns_info if isinstance(e, dict)}
+    namespaces = {_str_or_none(e.get("ns")) for e in ns_info if isinstance(e, dict)}
     if len(namespaces) != 1:
         return default_db, None
     (namespace,) = namespaces
-    return _split_namespace(namespace, default_db) if isinstance(namespace, str) else (
+    return _split_namespace(namespace, default_db) if namespace is not None else (
         default_db, None)
 
 

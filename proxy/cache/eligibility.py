@@ -277,11 +277,12 @@ def written_namespaces(command: Mapping[str, Any], c: Classification) -> WriteTa
     if name == "renameCollection":
         source = command.get("renameCollection")
         target = command.get("to")
-        namespaces.update(ns for ns in (source, target) if isinstance(ns, str) and "." in ns)
+        namespaces.update(ns for ns in (source, target) if type(ns) is str and "." in ns)
     elif name == "bulkWrite":
-        for entry in command.get("nsInfo") or ():
+        ns_info = command.get("nsInfo")
+        for entry in ns_info if isinstance(ns_info, list) else ():
             ns = entry.get("ns") if isinstance(entry, dict) else None
-            if isinstance(ns, str) and "." in ns:
+            if type(ns) is str and "." in ns:
                 namespaces.add(ns)
     elif name == "aggregate":
         for stage in command.get("pipeline") or ():
