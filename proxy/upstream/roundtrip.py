@@ -179,13 +179,12 @@ class Roundtrip:
             # Cursor ids are longs on the wire; a small id encoded as int32 is refused.
             command = {"killCursors": collection, "cursors": [Int64(i) for i in ids],
                        "$db": database}
-            task = asyncio.create_task(self._run_on(server, command))
+            task = asyncio.create_task(self._run_on(server, "killCursors", command))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def _run_on(self, server: Address, command: dict[str, Any]) -> None:
+    async def _run_on(self, server: Address, name: str, command: dict[str, Any]) -> None:
         """One command of the proxy's own on ``server``, through the same exchange."""
-        name = next(iter(command))  # built by the proxy itself, never a client's
         pool = self.pools.get(server)
         request_id = next_request_id()
         message = encode_op_msg(request_id, 0, bson.encode(command))
