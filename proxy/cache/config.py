@@ -42,6 +42,8 @@ __all__ = ["CacheConfig", "CacheMatchConfig", "CacheRuleConfig", "CacheRules"]
 
 
 class _Strict(Strict):
+    """The cache's sections also accept field names where they have an alias."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 

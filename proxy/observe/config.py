@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from proxy.configbase import Strict
 
 __all__ = ["ObservabilityConfig"]
 
 
-class ObservabilityConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ObservabilityConfig(Strict):
     # Operations at least this slow are written to the slow log; 0 logs every operation.
     slow_query_ms: float = Field(default=100, ge=0)
     # "-" for stdout, or a file path (rotated by size).
