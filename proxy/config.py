@@ -12,8 +12,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -24,8 +22,10 @@ from pymongo.uri_parser import parse_uri
 
 from proxy.advice.config import AdviceConfig
 from proxy.cache.config import CacheConfig
+from proxy.configbase import Strict as _Strict
 from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
+from proxy.pool.config import PoolConfig
 from proxy.route.rules import RoutingConfig
 from proxy.tenancy import TenancyConfig
 from proxy.tls.client import check_uri_options, context_from_options
@@ -38,8 +38,18 @@ class ConfigError(Exception):
     """The configuration file is unreadable or invalid; the message names the key path."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = [
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "ListenConfig",
+    "MemberConfig",
+    "PoolConfig",
+    "ShutdownConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
 
 
 class ListenConfig(_Strict):
@@ -72,20 +82,6 @@ class AdminConfig(_Strict):
     ready_probe_interval_ms: int = Field(default=1_000, ge=0)
     # a data-path proof that takes longer than this fails (/readyz answers 503)
     ready_probe_timeout_ms: int = Field(default=800, gt=0)
-
-
-class PoolConfig(_Strict):
-    # Upstream connections per server at most, shared by all clients (a tenth of them,
-    # at least one, is kept for getMore/killCursors).
-    max_size: int = Field(default=100, gt=0)
-    min_size: int = Field(default=0, ge=0)  # connections opened at start
-    # Connect + hello handshake + authentication of a new upstream connection.
-    connect_timeout_ms: int = Field(default=5_000, gt=0)
-    # A request waits this long for a free pooled connection, then fails 89 NetworkTimeout.
-    wait_queue_timeout_ms: int = Field(default=10_000, gt=0)
-    # Idle connections are closed after this long unused (0 = never, the drivers'
-    # maxIdleTimeMS default); never one that owns open cursors, never below min_size.
-    max_idle_ms: int = Field(default=0, ge=0)
 
 
 class MemberConfig(_Strict):
