@@ -12,8 +12,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -24,8 +22,11 @@ from pymongo.uri_parser import parse_uri
 
 from proxy.advice.config import AdviceConfig
 from proxy.cache.config import CacheConfig
+from proxy.configbase import Strict as _Strict
+from proxy.identity.config import AuthThrottleConfig
 from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
+from proxy.pool.config import PoolConfig
 from proxy.route.rules import RoutingConfig
 from proxy.tenancy import TenancyConfig
 from proxy.tls.client import check_uri_options, context_from_options
@@ -38,8 +39,19 @@ class ConfigError(Exception):
     """The configuration file is unreadable or invalid; the message names the key path."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = [
+    "AdminConfig",
+    "AuthThrottleConfig",
+    "Config",
+    "ConfigError",
+    "ListenConfig",
+    "MemberConfig",
+    "PoolConfig",
+    "ShutdownConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
 
 
 class ListenConfig(_Strict):
@@ -80,27 +92,6 @@ class ListenConfig(_Strict):
     tls: ListenTLSConfig | None = None
 
 
-class AuthThrottleConfig(_Strict):
-    """Failed logins, counted per client address and per user name."""
-
-    # Failures tolerated before each further attempt is delayed.
-    free_failures: int = Field(default=3, ge=0)
-    # The delay of the failure reply after the first counted failure, doubled per
-    # further failure.
-    base_delay_ms: int = Field(default=100, ge=0)
-    # The longest delay of a failure reply.
-    max_delay_ms: int = Field(default=5_000, ge=0)
-    # This many failures lock the address (or the user) out: attempts fail without
-    # their proof being checked, even with the right password.
-    lockout_failures: int = Field(default=20, gt=0)
-    # How long a lockout lasts (0 = never lock out).
-    lockout_ms: int = Field(default=300_000, ge=0)
-    # Failures older than this are forgotten.
-    window_ms: int = Field(default=600_000, gt=0)
-    # Addresses and users tracked at once (oldest forgotten first).
-    max_tracked: int = Field(default=100_000, gt=0)
-
-
 class AdminConfig(_Strict):
     """The operator HTTP endpoints (/, /healthz, /readyz, /metrics, /digest, ...)."""
 
@@ -116,20 +107,6 @@ class AdminConfig(_Strict):
     # When set (16 characters at least), every request but /healthz and /readyz must
     # carry "Authorization: Bearer <token>", else 401 (docs/security.md).
     token: str | None = Field(default=None, min_length=16)
-
-
-class PoolConfig(_Strict):
-    # Upstream connections per server at most, shared by all clients (a tenth of them,
-    # at least one, is kept for getMore/killCursors).
-    max_size: int = Field(default=100, gt=0)
-    min_size: int = Field(default=0, ge=0)  # connections opened at start
-    # Connect + hello handshake + authentication of a new upstream connection.
-    connect_timeout_ms: int = Field(default=5_000, gt=0)
-    # A request waits this long for a free pooled connection, then fails 89 NetworkTimeout.
-    wait_queue_timeout_ms: int = Field(default=10_000, gt=0)
-    # Idle connections are closed after this long unused (0 = never, the drivers'
-    # maxIdleTimeMS default); never one that owns open cursors, never below min_size.
-    max_idle_ms: int = Field(default=0, ge=0)
 
 
 class MemberConfig(_Strict):

@@ -16,12 +16,10 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from proxy.config import ConfigError, load_config
-
-if TYPE_CHECKING:
-    from proxy.app import Proxy
+from proxy.config import Config, ConfigError, load_config
+from proxy.observe.hub import Observer
 
 log = logging.getLogger("mongoproxy.reload")
 
@@ -38,8 +36,15 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+class Reloadable(Protocol):
+    """What a reload swaps (``config``) and reports to (``observer.metrics``)."""
+
+    config: Config
+    observer: Observer
+
+
 class ConfigReloader:
-    def __init__(self, proxy: Proxy, path: Path) -> None:
+    def __init__(self, proxy: Reloadable, path: Path) -> None:
         self.proxy = proxy
         self.path = path
         self._seen = _stamp(path)

@@ -11,14 +11,14 @@ from collections.abc import Hashable
 import bson
 import pytest
 
-from proxy.config import AuthThrottleConfig
+from proxy.identity.config import AuthThrottleConfig
+from proxy.identity.preauth import preauth_decision, preauth_reply
 from proxy.identity.scram import ClientAuthenticator
 from proxy.identity.throttle import AuthThrottle
-from proxy.listener.limits import ConnectionLimit, MemoryBudget
-from proxy.listener.preauth import preauth_decision, preauth_reply
-from proxy.listener.stream import ClientStream
 from proxy.observe.redact import redact_reason
 from proxy.pool.outlier import OutlierDetector
+from proxy.server.limits import ConnectionLimit, MemoryBudget
+from proxy.server.stream import ClientStream
 from proxy.wire import encode_op_msg
 
 # --------------------------------------------------------------------------- outliers
@@ -220,7 +220,7 @@ async def test_preauth_messages_are_paced_to_the_configured_rate(
     """A token bucket of ``max_preauth_messages_per_s``: a burst of that many passes at
     once, each further message waits 1/rate (the clock and the sleeps are recorded)."""
     from proxy.config import ListenConfig
-    from proxy.listener import session_limits
+    from proxy.server import session_limits
 
     clock = Clock()
     slept: list[float] = []

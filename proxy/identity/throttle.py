@@ -23,8 +23,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from proxy.config import AuthThrottleConfig
 from proxy.errors import AUTHENTICATION_FAILED, error_document
+from proxy.identity.config import AuthThrottleConfig
 from proxy.identity.scram import FAILED, AuthenticatedUser, ClientAuthSession
 
 __all__ = ["AuthThrottle", "authenticate"]

@@ -27,9 +27,9 @@ import time
 from collections import deque
 from typing import Any
 
-from proxy.config import PoolConfig
 from proxy.errors import HOST_UNREACHABLE, NETWORK_TIMEOUT, ProxyError
 from proxy.pool.auth import Credentials
+from proxy.pool.config import PoolConfig
 from proxy.pool.connection import UpstreamConnection
 
 log = logging.getLogger("mongoproxy.pool")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from proxy.config import PoolConfig
+from proxy.address import Address
 from proxy.pool.auth import Credentials
+from proxy.pool.config import PoolConfig
 from proxy.pool.pool import UpstreamPool
 from proxy.tls.client import UpstreamTLS
-
-Address = tuple[str, int]
 
 
 class Pools:

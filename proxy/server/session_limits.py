@@ -21,7 +21,8 @@ import asyncio
 import time
 
 from proxy.config import ListenConfig
-from proxy.listener.stream import IdleTimeoutError, StalledMessageError
+from proxy.identity.preauth import message_limit
+from proxy.server.stream import IdleTimeoutError, StalledMessageError
 
 __all__ = ["LoginTimeoutError", "SessionLimits"]
 
@@ -49,7 +50,8 @@ class SessionLimits:
         self._login_deadline: float | None = None
         self._login_binding = False
         self._max = listen.max_message_size_bytes
-        self._preauth_max = min(listen.max_preauth_message_bytes, self._max)
+        self._preauth_max = message_limit(self._max, listen.max_preauth_message_bytes,
+                                          before_login=True)
         self._rate = float(listen.max_preauth_messages_per_s)
         self._tokens = self._rate
         self._tokens_at = _clock()

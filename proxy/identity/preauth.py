@@ -1,6 +1,6 @@
 """What a connection may do before it has authenticated, when users are configured.
 
-Only the handshake (answered by the listener), the authentication commands and a short
+Only the handshake (answered by the pipeline), the authentication commands and a short
 allowlist answered by the proxy itself: nothing that names a database or a collection
 is answered, and nothing is forwarded upstream (an unauthenticated client must not be
 able to reach, or upset, the servers: see docs/security.md). MongoDB itself answers
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-__all__ = ["PREAUTH_LOCAL", "preauth_decision", "preauth_reply", "refusal"]
+__all__ = ["PREAUTH_LOCAL", "message_limit", "preauth_decision", "preauth_reply", "refusal"]
 
 # Answered by the proxy before login (the handshake and authentication commands are
 # handled before this check).
@@ -30,6 +30,12 @@ def preauth_decision(name: str, *, users_configured: bool, authenticated: bool) 
     if authenticated or not users_configured:
         return "pass"
     return "local" if name in PREAUTH_LOCAL else "refuse"
+
+
+def message_limit(max_bytes: int, preauth_max_bytes: int, *, before_login: bool) -> int:
+    """The largest message (compressed or, once inflated, not) a connection may send:
+    ``listen.max_preauth_message_bytes`` before login, when users are configured."""
+    return min(preauth_max_bytes, max_bytes) if before_login else max_bytes
 
 
 def preauth_reply(name: str, max_wire_version: int) -> dict[str, Any]:

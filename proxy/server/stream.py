@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import cast
 
-from proxy.listener.limits import MemoryBudget
+from proxy.server.limits import MemoryBudget
 from proxy.wire import HEADER_SIZE, MAX_MESSAGE_SIZE, WireError, declared_length, parse_header
 
 __all__ = ["ClientStream", "IdleTimeoutError", "StalledMessageError"]

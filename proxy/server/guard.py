@@ -12,12 +12,12 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pymongo.uri_parser import parse_uri
 
+from proxy.address import Address
 from proxy.config import Config
 from proxy.identity.throttle import AuthThrottle
-from proxy.listener.limits import ConnectionLimit, MemoryBudget
 from proxy.pool.outlier import OutlierDetector, ping_probe
 from proxy.pool.pool import UpstreamPool
-from proxy.route.cursors import Address
+from proxy.server.limits import ConnectionLimit, MemoryBudget
 
 __all__ = ["Guard"]
 
@@ -37,7 +37,7 @@ class Guard:
         config: Config,
         registry: CollectorRegistry,
         pool_of: Callable[[Address], UpstreamPool],
-        mark_failed: Callable[[Address], None],
+        eject: Callable[[Address], None],
     ) -> None:
         listen = config.listen
         self.budget = MemoryBudget(listen.max_buffered_bytes)
@@ -60,7 +60,7 @@ class Guard:
                                  "Upstream servers marked down after a failed exchange "
                                  "was confirmed (outlier detection)", registry=registry)
         self._pool_of = pool_of
-        self._mark_failed = mark_failed
+        self._eject_server = eject
         outlier = config.upstream.outlier
         self.outliers = OutlierDetector(
             self._eject, self._probe,
@@ -81,8 +81,7 @@ class Guard:
     def _eject(self, server: object) -> None:
         address: Address = server  # type: ignore[assignment]
         self.ejections.inc()
-        self._mark_failed(address)
-        self._pool_of(address).clear()
+        self._eject_server(address)  # marked failed, its pool cleared
 
     async def _probe(self, server: object) -> bool:
         address: Address = server  # type: ignore[assignment]
