@@ -184,8 +184,10 @@ def _keep(value: Any) -> Any:
     """A structural value kept as written: numbers, booleans, null, and the strings
     that are names of types or ``$meta`` keywords; any other value (a string is
     customer data as often as not: ``{$exists: "secret"}``) becomes its type."""
-    if isinstance(value, str):
+    if type(value) is str:  # exactly: bson's Code is a str subclass, and unhashable
         return value if value in _KEPT_WORDS else "?str"
+    if isinstance(value, str):
+        return placeholder(value)
     if isinstance(value, _JSON_SCALARS):
         return value
     if isinstance(value, dict):
