@@ -9,7 +9,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bson import Int64
 
@@ -33,13 +33,17 @@ from proxy.route.router import Router
 from proxy.route.topology import make_topology
 from proxy.tenancy import TenantPolicy
 
+if TYPE_CHECKING:
+    from proxy.worker import WorkerSlot
+
 log = logging.getLogger("mongoproxy")
 PRIMARY_PREFERRED = read_preference("primaryPreferred")
 
 
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: WorkerSlot | None = None) -> None:
         self.config = config
+        self.worker = worker  # one of listen.workers processes (proxy/worker.py)
         self.topology = make_topology(config.upstream)
         self.pools = Pools(config.upstream.pool, Credentials.from_uri(config.upstream.uri))
         self.cursors = CursorTable()
@@ -53,6 +57,8 @@ class Proxy:
             pool_max_size=config.upstream.pool.max_size,
             topology=lambda: topology_facts(self.topology.description()),
         )
+        if worker is not None:
+            self.observer.slowlog.tag_worker(worker.index)
         # The result cache's metrics go on the proxy's registry; Redis is optional at
         # runtime, so a cache whose Redis is down is created all the same.
         self.cache = (
@@ -105,7 +111,10 @@ class Proxy:
 
     async def start(self) -> None:
         listen = self.config.listen
-        await self.admin.start(self.config.admin.host, self.config.admin.port)
+        if self.worker is None:
+            await self.admin.start(self.config.admin.host, self.config.admin.port)
+        else:
+            await self.admin.start_unix(self.worker.admin_socket)
         # Learn the upstream's limits before the first client handshake; an upstream that
         # is down now is not fatal (clients get errors until it is back).
         await self.topology.start()
@@ -118,12 +127,12 @@ class Proxy:
         if self.cache is not None:
             await self.cache.start()
         self.server = await asyncio.get_running_loop().create_server(
-            lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096
+            lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096,
+            reuse_port=self.worker is not None,  # the workers share the port
         )
         log.info(
-            "mongoproxy listening on %s:%d, upstream %s, admin http://%s:%d",
-            listen.host, self.port, self.topology.summary(), self.config.admin.host,
-            self.admin.port,
+            "mongoproxy listening on %s:%d, upstream %s, admin %s",
+            listen.host, self.port, self.topology.summary(), self.admin.address,
         )
 
     async def _fill_pool(self, address: tuple[str, int | None]) -> None:
@@ -188,10 +197,11 @@ class Proxy:
         })
 
 
-async def serve(config: Config, path: Path | None = None) -> None:
+async def serve(config: Config, path: Path | None = None,
+                worker: WorkerSlot | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP (or an edit of the
     file at ``path``) reloads the routing rules."""
-    proxy = Proxy(config)
+    proxy = Proxy(config, worker)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -199,7 +209,7 @@ async def serve(config: Config, path: Path | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     reloader = None
     if path is not None:
-        reloader = ConfigReloader(proxy, path)
+        reloader = ConfigReloader(proxy, path, None if worker is None else worker.adapt)
         reloader.start()
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
     await stop.wait()
@@ -209,10 +219,10 @@ async def serve(config: Config, path: Path | None = None) -> None:
     await proxy.shutdown()
 
 
-def run(config: Config, path: Path | None = None) -> None:
+def run(config: Config, path: Path | None = None, worker: WorkerSlot | None = None) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
-        asyncio.run(serve(config, path))
+        asyncio.run(serve(config, path, worker))
     else:
-        uvloop.run(serve(config, path))
+        uvloop.run(serve(config, path, worker))

@@ -7,8 +7,9 @@ file without reading code.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -49,6 +50,15 @@ class ListenConfig(_Strict):
     # Bounded time for anything the proxy waits on from a client: a message that has
     # started arriving must be complete within this time.
     read_timeout_ms: int = Field(default=60_000, gt=0)
+    # Serving processes sharing the port (SO_REUSEPORT) under a supervisor; "auto" is
+    # the number of CPUs this process may run on. 1: one process, no supervisor.
+    workers: Annotated[int, Field(ge=1, le=256, strict=True)] | Literal["auto"] = 1
+
+    def worker_count(self) -> int:
+        """``workers`` with ``auto`` resolved."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
 
 
 class AdminConfig(_Strict):
@@ -140,6 +150,20 @@ class Config(_Strict):
     tenancy: TenancyConfig = TenancyConfig()
     # The Redis result cache; absent: no cache.
     cache: CacheConfig | None = None
+
+    @model_validator(mode="after")
+    def _workers_fit(self) -> Config:
+        workers = self.listen.worker_count()
+        if workers > 1:
+            # Every worker binds the same port; port 0 would give each its own.
+            if self.listen.port == 0:
+                raise ValueError("listen.port: 0 cannot be shared by listen.workers > 1")
+            if self.upstream.pool.max_size < workers:
+                raise ValueError(
+                    f"upstream.pool.max_size ({self.upstream.pool.max_size}) is divided "
+                    f"among listen.workers ({workers}): it must be at least that many"
+                )
+        return self
 
 
 def _format_errors(exc: ValidationError) -> str:

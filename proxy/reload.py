@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from proxy.config import ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
     from proxy.app import Proxy
@@ -39,9 +40,12 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 class ConfigReloader:
-    def __init__(self, proxy: Proxy, path: Path) -> None:
+    def __init__(self, proxy: Proxy, path: Path,
+                 adapt: Callable[[Config], Config] | None = None) -> None:
         self.proxy = proxy
         self.path = path
+        # A worker of listen.workers compares the file as it would run it (its share).
+        self.adapt = adapt
         self._seen = _stamp(path)
         self._task: asyncio.Task[None] | None = None
 
@@ -59,6 +63,8 @@ class ConfigReloader:
         metrics = self.proxy.observer.metrics
         try:
             new = load_config(self.path)
+            if self.adapt is not None:
+                new = self.adapt(new)
         except ConfigError as exc:
             log.error("config reload refused, keeping the running configuration: %s", exc)
             metrics.config_reloaded(False)
