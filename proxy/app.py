@@ -113,8 +113,6 @@ class Proxy:
         listen = self.config.listen
         if self.worker is None:
             await self.admin.start(self.config.admin.host, self.config.admin.port)
-        else:
-            await self.admin.start_unix(self.worker.admin_socket)
         # Learn the upstream's limits before the first client handshake; an upstream that
         # is down now is not fatal (clients get errors until it is back).
         await self.topology.start()
@@ -130,6 +128,8 @@ class Proxy:
             lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096,
             reuse_port=self.worker is not None,  # the workers share the port
         )
+        if self.worker is not None:  # its supervisor sees it once it listens
+            await self.admin.start_unix(self.worker.admin_socket)
         log.info(
             "mongoproxy listening on %s:%d, upstream %s, admin %s",
             listen.host, self.port, self.topology.summary(), self.admin.address,

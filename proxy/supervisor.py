@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -69,14 +70,24 @@ def describe_exit(code: int) -> str:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Raise OSError if something listens on host:port already: workers bind it with
-    SO_REUSEPORT, which would share it silently with an older proxy still running."""
+    """Raise OSError if something accepts connections on host:port already: workers bind
+    it with SO_REUSEPORT, which would share it silently with an older proxy still
+    running. (A connect, not a bind: a bind without SO_REUSEPORT trips on the TIME_WAIT
+    connections an earlier proxy left.)"""
     for family, kind, proto, _name, address in socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     ):
+        target = address
+        if address[0] in ("0.0.0.0", "::"):
+            target = ("127.0.0.1" if family == socket.AF_INET else "::1", *address[1:])
         with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
+            probe.settimeout(1.0)
+            try:
+                probe.connect(target)
+            except OSError:
+                continue  # refused (free), or unreachable: the workers' bind will tell
+        raise OSError(errno.EADDRINUSE, f"{host}:{port} is in use: something accepts "
+                      f"connections there (another mongoproxy?)")
 
 
 class _View:
@@ -233,8 +244,8 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         limit = self.config.shutdown.drain_timeout_ms / 1000 + EXIT_GRACE_S
-        _done, late = await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs],
-                                         timeout=limit)
+        waits = [asyncio.ensure_future(p.wait()) for p in procs]
+        _done, late = await asyncio.wait(waits, timeout=limit) if waits else (set(), set())
         if late:
             log.error("%d workers still running %.1f s after SIGTERM: killing them",
                       len(late), limit)
