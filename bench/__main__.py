@@ -16,6 +16,8 @@ Subcommands:
   report Markdown, charts and the README table from run/storm JSON (bench/report.py)
   ab     the proxy at a git revision against this checkout, side by side: CPU and wall
          time per forwarded find and per cache hit (bench/ab.py)
+  workers  listen.workers 1 vs 2: throughput at saturation (cache hits, forwarded finds),
+           cores per process, RSS with idle clients (bench/workers.py)
 """
 
 from __future__ import annotations
@@ -24,7 +26,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import ab, cache, core, harness, observe_cost, pool, report, seed, storm, tenancy_cost
+from bench import (
+    ab,
+    cache,
+    core,
+    harness,
+    observe_cost,
+    pool,
+    report,
+    seed,
+    storm,
+    tenancy_cost,
+    workers,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     storm.add_parser(subparsers)
     report.add_parser(subparsers)
     ab.add_parser(subparsers)
+    workers.add_parser(subparsers)
     return parser
 
 
