@@ -178,15 +178,16 @@ def saturation(args: argparse.Namespace, stack: Stack, uris: dict[str, str],
     return out
 
 
-def _tree_rss_mb(pids: dict[str, int]) -> float:
-    return sum(rss_kb(pid) or 0 for pid in pids.values()) / 1024
+def _each_rss_mb(pids: dict[str, int]) -> dict[str, float]:
+    return {name: round((rss_kb(pid) or 0) / 1024, 1) for name, pid in pids.items()}
 
 
-async def _hold(host: str, port: int, n: int, pids: dict[str, int]) -> tuple[int, int, float]:
-    """Open ``n`` idle clients: (opened, errors, RSS in MB with them open)."""
+async def _hold(host: str, port: int, n: int,
+                pids: dict[str, int]) -> tuple[int, int, dict[str, float]]:
+    """Open ``n`` idle clients: (opened, errors, each process's RSS in MB with them open)."""
     clients, _lat, errors, _wall = await _open_many(host, port, n, 200, "bench-workers-idle")
     await asyncio.sleep(1.0)
-    rss = _tree_rss_mb(pids)
+    rss = _each_rss_mb(pids)
     for c in clients:
         c.close()
     return len(clients), errors.count, rss
@@ -197,11 +198,14 @@ def idle_rss(n: int, stack: Stack, uris: dict[str, str],
     out: dict[str, Any] = {}
     for target in TARGETS:
         pids = proxy_pids(stack, admins, target)
-        rest = _tree_rss_mb(pids)
+        rest_each = _each_rss_mb(pids)
+        rest = sum(rest_each.values())
         host, port = uris[target].split("//", 1)[1].rstrip("/").rsplit(":", 1)
 
-        opened, errors, loaded = asyncio.run(_hold(host, int(port), n, pids))
+        opened, errors, loaded_each = asyncio.run(_hold(host, int(port), n, pids))
+        loaded = sum(loaded_each.values())
         out[target] = {"rss_rest_mb": round(rest, 1), "rss_idle_mb": round(loaded, 1),
+                       "rss_rest_each_mb": rest_each, "rss_idle_each_mb": loaded_each,
                        "connections": opened, "errors": errors,
                        "kb_per_connection": round((loaded - rest) * 1024 / max(1, opened), 1),
                        "processes": len(pids)}
@@ -226,7 +230,8 @@ def format_report(data: dict[str, Any]) -> str:
                 f"cache {row['cache']}")
     for target, row in data.get("idle", {}).items():
         lines.append(f"idle {target}: {row['connections']} clients, RSS {row['rss_rest_mb']} -> "
-                     f"{row['rss_idle_mb']} MB ({row['processes']} processes)")
+                     f"{row['rss_idle_mb']} MB ({row['rss_rest_each_mb']} -> "
+                     f"{row['rss_idle_each_mb']})")
     return "\n".join(lines)
 
 
