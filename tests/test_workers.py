@@ -24,11 +24,13 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
+from proxy.identity.credentials import hash_password
 from proxy.worker import FAIL_AT_START_ENV
-from tests.support import REPO_ROOT, FerretDBProcess, ProxyFactory, ProxyProcess
+from tests.support import REPO_ROOT, FerretDBProcess, ProxyFactory, ProxyProcess, RedisProcess
 from tests.test_pinning import Routers, _statements_by_transaction, _transaction_statements
 from tests.test_shutdown import DelayRelay
 
@@ -429,3 +431,47 @@ def test_a_port_in_use_is_refused_before_any_worker_starts(
     assert "cannot start: [Errno 98] " in log and "is in use" in log, log
     assert "worker 0 started" not in log, log
 
+
+
+# --------------------------------------------------------------------------- cache + SCRAM
+
+
+def test_shared_cache_and_scram_tenants_across_workers(
+    ferretdb: FerretDBProcess, redis_server: RedisProcess, proxy_factory: ProxyFactory,
+    db_name: str
+) -> None:
+    """Each client authenticates (SCRAM-SHA-256 with a proxy user) on its one connection,
+    so in one worker; the result cache is Redis, so what one worker stored is a hit in
+    the other: one miss per tenant in all, whatever worker each client landed on."""
+    passwords = {"acme_app": "acme-secret", "globex_app": "globex-secret"}
+    users = [{"username": u, "password_sha256": hash_password(p, iterations=4096),
+              "tenant": u.split("_")[0]} for u, p in passwords.items()]
+    with direct(ferretdb) as mc:
+        mc[db_name].tasks.insert_many([{"_id": f"{t}-{i}", "tenant_id": t, "i": i}
+                                       for t in ("acme", "globex") for i in range(3)])
+    proxy = start(proxy_factory, ferretdb.uri, {
+        "tenancy": {"mode": "enforce", "users": users},
+        "cache": {"redis_url": redis_server.url, "timeout_ms": 200,
+                  "rules": [{"match": {"database": db_name}, "ttl_s": 300}]},
+    })
+    for n in range(12):
+        user = sorted(passwords)[n % 2]
+        tenant = user.split("_")[0]
+        with client(proxy, f"scram-{n}", username=user, password=passwords[user],
+                    authMechanism="SCRAM-SHA-256") as mc:
+            tasks = mc[db_name].tasks
+            found = tasks.find_one({"tenant_id": tenant, "i": 1})
+            assert found == {"_id": f"{tenant}-1", "tenant_id": tenant, "i": 1}
+            with pytest.raises(OperationFailure) as info:
+                tasks.find_one({"tenant_id": "globex" if tenant == "acme" else "acme"})
+            assert info.value.code == 13
+    served = workers_of(proxy, "find")
+    assert set().union(*served.values()) == {0, 1}, served  # 2**-11 to miss
+    text = get(proxy, "/metrics")[1].decode()
+    results: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "mongoproxy_cache_operations_total":
+                key = sample.labels["result"]
+                results[key] = results.get(key, 0.0) + sample.value
+    assert results.get("miss") == 2 and results.get("hit") == 10, results
