@@ -35,6 +35,7 @@ from proxy.tenancy import TenantPolicy
 
 if TYPE_CHECKING:
     from proxy.worker import WorkerSlot
+    from proxy.worker_cursors import SiblingCursors
 
 log = logging.getLogger("mongoproxy")
 PRIMARY_PREFERRED = read_preference("primaryPreferred")
@@ -69,6 +70,12 @@ class Proxy:
             "/healthz": self._healthz,
             **self.observer.routes(self._readiness),
         })
+        # A worker's cursors that clients continue in its siblings (and theirs here).
+        self.siblings: SiblingCursors | None = None
+        if worker is not None:
+            from proxy.worker_cursors import attach
+
+            self.siblings = attach(self, worker)
         self.server: asyncio.Server | None = None
         self.connections: dict[ClientConnection, asyncio.Task[None]] = {}
         self.shutting_down = False

@@ -475,3 +475,58 @@ def test_shared_cache_and_scram_tenants_across_workers(
                 key = sample.labels["result"]
                 results[key] = results.get(key, 0.0) + sample.value
     assert results.get("miss") == 2 and results.get("hit") == 10, results
+
+
+# --------------------------------------------------------------------------- cursor hops
+
+
+def test_a_cursor_continued_on_a_connection_of_the_other_worker(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory, db_name: str
+) -> None:
+    """Drivers send a getMore on any free pooled connection, which may live in the
+    worker that did not open the cursor: that worker learns the cursor's server and
+    tenant from its sibling, so the cursor goes on (and stays its tenant's)."""
+    passwords = {"acme_app": "acme-secret", "globex_app": "globex-secret"}
+    users = [{"username": u, "password_sha256": hash_password(p, iterations=4096),
+              "tenant": u.split("_")[0]} for u, p in passwords.items()]
+    with direct(ferretdb) as mc:
+        mc[db_name].tasks.insert_many([{"_id": f"{t}-{i:02d}", "tenant_id": t}
+                                       for t in ("acme", "globex") for i in range(10)])
+    proxy = start(proxy_factory, ferretdb.uri,
+                  {"tenancy": {"mode": "enforce", "users": users}})
+    opened: list[MongoClient[Doc]] = []
+
+    def in_worker(user: str, worker: int) -> MongoClient[Doc]:
+        for n in range(64):
+            app = f"hop-{user}-{worker}-{n}"
+            mc = client(proxy, app, username=user, password=passwords[user],
+                        authMechanism="SCRAM-SHA-256")
+            opened.append(mc)
+            mc[db_name].tasks.find_one({"tenant_id": user.split("_")[0]})
+            if workers_of(proxy).get(app) == {worker}:
+                return mc
+        raise AssertionError(f"no connection of {user} landed in worker {worker}")
+
+    try:
+        acme0, acme1 = in_worker("acme_app", 0), in_worker("acme_app", 1)
+        globex1 = in_worker("globex_app", 1)
+        first = acme0[db_name].command("find", "tasks", filter={"tenant_id": "acme"},
+                                       sort={"_id": 1}, batchSize=3)
+        cursor_id = first["cursor"]["id"]
+        ids = [d["_id"] for d in first["cursor"]["firstBatch"]]
+        for via in (acme1, acme0, acme1):  # the other worker, the owner, the other again
+            more = via[db_name].command("getMore", cursor_id, collection="tasks",
+                                        batchSize=2)
+            ids += [d["_id"] for d in more["cursor"]["nextBatch"]]
+        assert ids == [f"acme-{i:02d}" for i in range(9)]
+        with pytest.raises(OperationFailure) as info:  # another tenant, in worker 1
+            globex1[db_name].command("getMore", cursor_id, collection="tasks")
+        assert info.value.code == 13 and "another tenant" in str(info.value)
+        killed = acme1[db_name].command("killCursors", "tasks", cursors=[cursor_id])
+        assert killed["cursorsKilled"] == [cursor_id]
+        with pytest.raises(OperationFailure) as info:
+            acme0[db_name].command("getMore", cursor_id, collection="tasks")
+        assert info.value.code == 43  # CursorNotFound: it was killed through worker 1
+    finally:
+        for mc in opened:
+            mc.close()

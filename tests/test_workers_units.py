@@ -120,3 +120,20 @@ def test_digests_merge_by_shape_hash() -> None:
     assert (b["avg_ms"], b["p95_ms"], b["max_ms"]) == (2.0, 9.0, 9.0)
     assert b["cache_hit_ratio"] == 0.5 and b["reply_bytes"] == 230
     assert b["first_seen"] == 40.0 and b["last_example"] == {"app_name": "two"}
+
+
+def test_foreign_cursors_are_bounded_and_owned_by_no_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy.route import cursors as module
+
+    monkeypatch.setattr(module, "MAX_FOREIGN", 3)
+    table = module.CursorTable()
+    for cursor_id in (11, 12, 13, 14):
+        table.add_foreign(cursor_id, ("db", 27017), "d.c", tenant="acme")
+    assert table.get(11) is None  # the oldest was forgotten
+    assert table.tenant_of(14) == (True, "acme")
+    assert table.release_owner(1) == {}  # no client connection of this worker owns them
+    table.remove(12)
+    table.add_foreign(15, ("db", 27017), "d.c")
+    assert [i for i in (12, 13, 14, 15) if table.get(i)] == [13, 14, 15]

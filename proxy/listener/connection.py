@@ -71,6 +71,8 @@ from proxy.wire import (
 if TYPE_CHECKING:
     from proxy.app import Proxy
 
+# Commands naming cursors by id, which another worker may have opened.
+_CONTINUATIONS = frozenset({"getMore", "killCursors"})
 log = logging.getLogger("mongoproxy.connection")
 
 # Flags the upstream must not see: exhaust replies would stream several messages into a
@@ -214,6 +216,8 @@ class ClientConnection:
             self._record(timer, name, {name: 1, "$db": command.get("$db")}, msg,
                          error_code=reply.get("code"))
         else:
+            if self.proxy.siblings is not None and name in _CONTINUATIONS:
+                await self.proxy.siblings.resolve(name, command)  # listen.workers > 1
             admission = admit(
                 self.proxy.policy, name, command, msg.body, msg.sequences,
                 users_configured=len(self.proxy.authenticator) > 0,
