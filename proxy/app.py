@@ -35,7 +35,7 @@ from proxy.tenancy import TenantPolicy
 
 if TYPE_CHECKING:
     from proxy.worker import WorkerSlot
-    from proxy.worker_cursors import SiblingCursors
+    from proxy.worker_siblings import Siblings
 
 log = logging.getLogger("mongoproxy")
 PRIMARY_PREFERRED = read_preference("primaryPreferred")
@@ -71,9 +71,9 @@ class Proxy:
             **self.observer.routes(self._readiness),
         })
         # A worker's cursors that clients continue in its siblings (and theirs here).
-        self.siblings: SiblingCursors | None = None
+        self.siblings: Siblings | None = None
         if worker is not None:
-            from proxy.worker_cursors import attach
+            from proxy.worker_siblings import attach
 
             self.siblings = attach(self, worker)
         self.server: asyncio.Server | None = None

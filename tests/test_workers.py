@@ -19,9 +19,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+import bson
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,6 +31,7 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 from proxy.identity.credentials import hash_password
+from proxy.wire import HEADER_SIZE, decode_body, encode_op_msg, parse_op_msg
 from proxy.worker import FAIL_AT_START_ENV
 from tests.support import REPO_ROOT, FerretDBProcess, ProxyFactory, ProxyProcess, RedisProcess
 from tests.test_pinning import Routers, _statements_by_transaction, _transaction_statements
@@ -530,3 +533,82 @@ def test_a_cursor_continued_on_a_connection_of_the_other_worker(
     finally:
         for mc in opened:
             mc.close()
+
+
+class RawConnection:
+    """One client connection speaking OP_MSG, introduced by its ``appName``."""
+
+    def __init__(self, proxy: ProxyProcess, app: str) -> None:
+        self.sock = socket.create_connection((proxy.host, proxy.port), timeout=20)
+        self.ids = itertools.count(1)
+        self.command({"hello": 1, "client": {"application": {"name": app}}, "$db": "admin"})
+
+    def command(self, doc: Doc) -> Doc:
+        request_id = next(self.ids)
+        self.sock.sendall(encode_op_msg(request_id, 0, bson.encode(doc)))
+        header = self._exact(HEADER_SIZE)
+        body = self._exact(int.from_bytes(header[:4], "little") - HEADER_SIZE)
+        reply: Doc = decode_body(parse_op_msg(header + body))
+        return reply
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_transaction_spread_over_connections_in_both_workers(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """A driver may send one transaction's statements on several pooled connections.
+    Two mockupdb mongos routers stand in for the upstream (FerretDB has no transactions
+    and is one server): a statement that reaches the worker the transaction did not
+    start in must still go to the router that took the first statement."""
+    routers = Routers(open_cursors=False)
+    opened: list[RawConnection] = []
+    try:
+        proxy = start(proxy_factory, routers.uri, {"upstream": {
+            "heartbeat_ms": 500, "local_threshold_ms": 1000,
+            "server_selection_timeout_ms": 5000}})
+        eventually(lambda: all(m.hellos >= 4 for m in routers.all),
+                   "both workers' monitors checked both routers")
+        by_worker: dict[int, RawConnection] = {}
+        for n in itertools.count():
+            assert n < 64, "no connection landed in one of the workers"
+            conn = RawConnection(proxy, f"raw-{n}")
+            opened.append(conn)
+            assert conn.command({"ping": 1, "$db": "admin"})["ok"] == 1
+            worker = next(iter(workers_of(proxy).get(f"raw-{n}", {-1})))
+            by_worker.setdefault(worker, conn)
+            if 0 in by_worker and 1 in by_worker:
+                break
+        pair = (by_worker[0], by_worker[1])
+        for t in range(8):
+            first, other = pair if t % 2 == 0 else pair[::-1]
+            txn = {"lsid": {"id": bson.Binary(uuid.uuid4().bytes, 4)},
+                   "txnNumber": bson.Int64(1), "autocommit": False}
+            for conn, statement in [
+                (first, {"insert": "c", "documents": [{"_id": t}], "startTransaction": True,
+                         "$db": "db"}),
+                (other, {"find": "c", "filter": {"_id": t}, "$db": "db"}),
+                (first, {"update": "c", "updates": [{"q": {"_id": t}, "u": {"$set": {"x": 1}}}],
+                         "$db": "db"}),
+                (other, {"commitTransaction": 1, "$db": "admin"}),
+            ]:
+                assert conn.command({**statement, **txn})["ok"] == 1
+        where = _statements_by_transaction(routers)
+        assert len(where) == 8 and all(len(names) == 1 for names in where.values()), where
+        for key, names in where.items():
+            assert _transaction_statements(routers.by_name(next(iter(names))), key) == [
+                "insert", "find", "update", "commitTransaction"]
+    finally:
+        for conn in opened:
+            conn.close()
+        routers.stop()

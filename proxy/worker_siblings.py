@@ -1,4 +1,4 @@
-"""Cursors continued in another worker (``listen.workers`` > 1).
+"""Cursors and transactions continued in another worker (``listen.workers`` > 1).
 
 A driver sends a cursor's getMore on whichever of its pooled connections is free, and
 with several workers that connection can live in a worker that did not open the
@@ -10,6 +10,10 @@ answers with its server, namespace and tenant, and the worker remembers it as a
 *foreign* cursor (:meth:`~proxy.route.cursors.CursorTable.add_foreign`). Cost: one
 round of unix-socket requests the first time a cursor shows up in another worker,
 nothing on the ordinary path (a known cursor, or one worker).
+
+Transactions likewise: a statement of a transaction (not its ``startTransaction``) whose
+session this worker has not pinned asks ``GET /transaction?session=HEX&txn=N``, so it
+goes to the server (e.g. the mongos) the transaction started on.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from proxy.supervisor_admin import http_get
 
 if TYPE_CHECKING:
     from proxy.app import Proxy
+    from proxy.route.router import Router
     from proxy.worker import WorkerSlot
 
-__all__ = ["SiblingCursors", "attach"]
+__all__ = ["Siblings", "attach"]
 
 log = logging.getLogger("mongoproxy.worker")
 
@@ -39,7 +44,7 @@ LOOKUP_TIMEOUT_S = 1.0
 MAX_LOOKUPS = 16
 
 
-class SiblingCursors:
+class Siblings:
     def __init__(self, cursors: CursorTable, slot: WorkerSlot) -> None:
         self.cursors = cursors
         mine = Path(slot.admin_socket)
@@ -54,15 +59,23 @@ class SiblingCursors:
         unknown = [i for i in ids[:MAX_LOOKUPS]
                    if isinstance(i, int) and i and self.cursors.get(i) is None]
         for cursor_id in unknown:
-            found = await self._ask(cursor_id)
+            found = await self._ask(f"/cursor?id={cursor_id}")
             if found is not None:
                 host, port = found["server"]
                 self.cursors.add_foreign(cursor_id, (str(host), int(port)),
                                          str(found["namespace"]), found.get("tenant"))
 
-    async def _ask(self, cursor_id: int) -> dict[str, Any] | None:
+    async def transaction(self, session: bytes, number: int) -> tuple[str, int] | None:
+        """The server a sibling pinned this transaction to, if one did."""
+        found = await self._ask(f"/transaction?session={session.hex()}&txn={number}")
+        if found is None:
+            return None
+        host, port = found["server"]
+        return str(host), int(port)
+
+    async def _ask(self, target: str) -> dict[str, Any] | None:
         answers = await asyncio.gather(
-            *(http_get(s, f"/cursor?id={cursor_id}", LOOKUP_TIMEOUT_S) for s in self.siblings),
+            *(http_get(s, target, LOOKUP_TIMEOUT_S) for s in self.siblings),
             return_exceptions=True,
         )
         for answer in answers:
@@ -92,7 +105,26 @@ def cursor_handler(cursors: CursorTable) -> Handler:
     return handle
 
 
-def attach(proxy: Proxy, slot: WorkerSlot) -> SiblingCursors:
-    """Serve this worker's cursors to its siblings; the lookups of theirs."""
+def transaction_handler(router: Router) -> Handler:
+    """``GET /transaction?session=HEX&txn=N``: the server this worker pinned it to."""
+
+    def handle(query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        session, number = (query.get("session") or [""])[-1], (query.get("txn") or [""])[-1]
+        try:
+            server = router.transaction_server(bytes.fromhex(session), int(number))
+        except ValueError:
+            return json_response(400, {"error": "session must be hex and txn an integer"})
+        if server is None:
+            return json_response(404, {"error": "not a transaction of this worker"})
+        return json_response(200, {"server": list(server)})
+
+    return handle
+
+
+def attach(proxy: Proxy, slot: WorkerSlot) -> Siblings:
+    """Serve this worker's cursors and transactions to its siblings; ask them theirs."""
+    siblings = Siblings(proxy.cursors, slot)
     proxy.admin.routes["/cursor"] = cursor_handler(proxy.cursors)
-    return SiblingCursors(proxy.cursors, slot)
+    proxy.admin.routes["/transaction"] = transaction_handler(proxy.router)
+    proxy.router.sibling_transactions = siblings.transaction
+    return siblings
