@@ -24,6 +24,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from prometheus_client.metrics_core import Metric
 
@@ -90,6 +91,31 @@ def check_port_free(host: str, port: int) -> None:
                       f"connections there (another mongoproxy?)")
 
 
+class _LineStream:
+    """Standard output for the workers' slow-log lines: whole lines per ``os.write``, in
+    pieces of at most PIPE_BUF where the lines allow, so a worker's log line (stderr,
+    often the same file or pipe) never lands inside one."""
+
+    def write(self, text: str) -> int:
+        data = text.encode()
+        start = 0
+        while start < len(data):
+            end = start + select.PIPE_BUF
+            if end >= len(data):
+                end = len(data)
+            else:
+                cut = data.rfind(b"\n", start, end)
+                end = cut + 1 if cut >= start else (data.find(b"\n", end) + 1 or len(data))
+            piece = memoryview(data)[start:end]
+            while piece:
+                piece = piece[os.write(sys.stdout.fileno(), piece):]
+            start = end
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
 class _View:
     """The supervisor's view of the configuration, in the shape
     :class:`~proxy.reload.ConfigReloader` updates (``.config``, ``.observer.metrics``):
@@ -123,7 +149,7 @@ class Supervisor:
         self.count = config.listen.worker_count()
         self.runtime = Path(tempfile.mkdtemp(prefix="mongoproxy-workers-"))
         self.slots = [_Slot(i, str(self.runtime / f"worker-{i}.sock")) for i in range(self.count)]
-        self.slowlog = SlowLog(config.observability)
+        self.slowlog = SlowLog(config.observability, stream=cast("IO[str]", _LineStream()))
         self.restarts = 0
         self.stopping = False
         self.failure: str | None = None

@@ -137,3 +137,13 @@ def test_foreign_cursors_are_bounded_and_owned_by_no_connection(
     table.remove(12)
     table.add_foreign(15, ("db", 27017), "d.c")
     assert [i for i in (12, 13, 14, 15) if table.get(i)] == [13, 14, 15]
+
+
+def test_the_supervisors_slow_log_stream_writes_every_line_whole(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    from proxy.supervisor import _LineStream
+
+    text = "".join(f"{i:04d}{'x' * (i * 97 % 3000)}\n" for i in range(40)) + "y" * 9000 + "\n"
+    _LineStream().write(text)
+    assert capfd.readouterr().out == text
