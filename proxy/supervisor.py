@@ -155,8 +155,8 @@ class Supervisor:
         self.failure: str | None = None
         self.stop = asyncio.Event()
         self.reloader = ConfigReloader(cast("Proxy", self.view), path)
-        self.admin = AdminServer(endpoint_routes(self._running, self.count, self._facts,
-                                                 self._own_metrics))
+        self.admin = AdminServer(*endpoint_routes(self._running, self.count, self._facts,
+                                                  self._own_metrics))
         self._started = time.monotonic()
 
     @property

@@ -21,9 +21,10 @@ from zero, so a sum can go down after a worker died: ``rate()`` treats that as a
 counter reset, as it does for a restarted process.
 
 ``/digest`` merges the workers' JSON rows by ``shape_hash``: counts, times, documents
-and bytes add up; ``max_ms`` and the percentiles are the highest of the workers' (an
-upper bound: per-worker percentiles cannot be combined exactly from their summaries);
-the last example is the most recent one.
+and bytes add up; the percentiles come from the workers' latency sketches merged
+(``/digest?sketch=1``; :mod:`proxy.observe.sketch`, same relative error as one
+worker's), ``min_ms``/``max_ms`` are the lowest/highest; the last example is the most
+recent one.
 """
 
 from __future__ import annotations
@@ -33,16 +34,18 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from proxy.admin.http import AsyncHandler, json_response
+from proxy.admin.http import Handler, json_response
 from proxy.observe.digest import ORDERS
 from proxy.observe.endpoints import MAX_DIGEST_LIMIT
 from proxy.observe.metrics import CONTENT_TYPE
+from proxy.observe.sketch import LatencySketch
 
 __all__ = ["WorkerView", "endpoint_routes", "http_get", "merge_digests", "merge_metrics"]
 
@@ -65,14 +68,15 @@ class WorkerView:
     admin_socket: str
 
 
-async def http_get(socket_path: str, target: str,
-                   timeout: float = SCRAPE_TIMEOUT_S) -> tuple[int, bytes]:
-    """GET ``target`` from an :class:`~proxy.admin.http.AdminServer` on a unix socket:
-    (status, body). It answers and closes, so the reply is read to EOF."""
+async def http_get(socket_path: str, target: str, timeout: float = SCRAPE_TIMEOUT_S,
+                   method: str = "GET") -> tuple[int, bytes]:
+    """GET (or ``method``) ``target`` from an :class:`~proxy.admin.http.AdminServer` on a
+    unix socket: (status, body). It answers and closes, so the reply is read to EOF."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_unix_connection(socket_path)
         try:
-            writer.write(f"GET {target} HTTP/1.1\r\nHost: worker\r\n\r\n".encode())
+            writer.write(f"{method} {target} HTTP/1.1\r\nHost: worker\r\n"
+                         f"Content-Length: 0\r\n\r\n".encode())
             data = await reader.read()
         finally:
             writer.close()
@@ -124,7 +128,9 @@ def merge_metrics(texts: Iterable[str], own: Iterable[Metric] = ()) -> bytes:
 
 _SUMMED = ("count", "errors", "total_ms", "docs_returned", "reply_bytes", "cache_hits",
            "cache_misses", "cache_bypasses")
+# Without sketches (a worker of an older version): the highest, an upper bound.
 _HIGHEST = ("max_ms", "p50_ms", "p95_ms", "p99_ms")
+_QUANTILES = (("p50_ms", 0.50), ("p95_ms", 0.95), ("p99_ms", 0.99))
 
 
 def _merge_row(into: dict[str, Any], row: dict[str, Any]) -> None:
@@ -132,6 +138,13 @@ def _merge_row(into: dict[str, Any], row: dict[str, Any]) -> None:
         into[key] = into.get(key, 0) + row.get(key, 0)
     for key in _HIGHEST:
         into[key] = max(into.get(key, 0.0), row.get(key, 0.0))
+    if "min_ms" in row:
+        into["min_ms"] = min(into.get("min_ms", row["min_ms"]), row["min_ms"])
+    mine, theirs = into.get("sketch"), row.get("sketch")
+    if isinstance(mine, LatencySketch) and isinstance(theirs, dict):
+        mine.merge(LatencySketch.from_state(theirs))
+    else:
+        into.pop("sketch", None)
     into["first_seen"] = min(into["first_seen"], row["first_seen"])
     if row["last_seen"] > into["last_seen"]:
         into["last_seen"] = row["last_seen"]
@@ -146,10 +159,16 @@ def merge_digests(documents: Sequence[dict[str, Any]], limit: int,
         for row in document.get("top", []):
             mine = rows.get(row["shape_hash"])
             if mine is None:
-                rows[row["shape_hash"]] = dict(row)
+                mine = rows[row["shape_hash"]] = dict(row)
+                if isinstance(row.get("sketch"), dict):
+                    mine["sketch"] = LatencySketch.from_state(row["sketch"])
             else:
                 _merge_row(mine, row)
     for row in rows.values():
+        sketch = row.pop("sketch", None)
+        if isinstance(sketch, LatencySketch):  # exact to the sketch's accuracy
+            for key, q in _QUANTILES:
+                row[key] = round(sketch.quantile(q), 3)
         count = row["count"]
         row["total_ms"] = round(row["total_ms"], 3)
         row["avg_ms"] = round(row["total_ms"] / count, 3) if count else 0.0
@@ -179,11 +198,13 @@ class _Endpoints:
         self.facts = facts
         self.own_metrics = own_metrics
 
-    async def _ask(self, target: str) -> list[tuple[WorkerView, int | None, bytes]]:
+    async def _ask(self, target: str,
+                   method: str = "GET") -> list[tuple[WorkerView, int | None, bytes]]:
         """Every running worker's answer to ``target`` (status None: it did not answer)."""
         views = self.workers()
-        answers = await asyncio.gather(*(http_get(v.admin_socket, target) for v in views),
-                                       return_exceptions=True)
+        answers = await asyncio.gather(
+            *(http_get(v.admin_socket, target, method=method) for v in views),
+            return_exceptions=True)
         out: list[tuple[WorkerView, int | None, bytes]] = []
         for view, answer in zip(views, answers, strict=True):
             if isinstance(answer, BaseException):
@@ -208,10 +229,51 @@ class _Endpoints:
                                                 f"got {raw_limit!r}"})
         if order not in ORDERS:
             return json_response(400, {"error": f"order must be one of {', '.join(ORDERS)}"})
-        answers = await self._ask(f"/digest?limit={MAX_DIGEST_LIMIT}&order={order}")
+        answers = await self._ask(f"/digest?limit={MAX_DIGEST_LIMIT}&order={order}&sketch=1")
         documents = [json.loads(body) for _v, status, body in answers if status == 200]
         merged = merge_digests(documents, min(int(raw_limit), MAX_DIGEST_LIMIT), order)
         return json_response(200, merged)
+
+    async def _documents(self, target: str,
+                         method: str = "GET") -> list[tuple[WorkerView, dict[str, Any]]]:
+        return [(view, json.loads(body)) for view, status, body
+                in await self._ask(target, method) if status == 200]
+
+    async def rules(self, _query: dict[str, list[str]]) -> Reply:
+        """The rules (the first worker's) with every worker's hits added up."""
+        documents = [doc for _v, doc in await self._documents("/rules")]
+        if not documents:
+            return json_response(503, {"error": "no worker answered"})
+        merged = documents[0]
+        for document in documents[1:]:
+            for kind, rows in document.items():
+                mine = {row["rule"]: row for row in merged.get(kind, [])}
+                for row in rows:
+                    if row["rule"] in mine:
+                        mine[row["rule"]]["hits"] += row["hits"]
+        return json_response(200, merged)
+
+    async def connections(self, query: dict[str, list[str]]) -> Reply:
+        """Every worker's connections (each row with its ``worker``), busy ones first."""
+        documents = await self._documents(f"/connections?{urlencode(query, doseq=True)}")
+        if not documents:
+            return json_response(503, {"error": "no worker answered"})
+        rows = [{"worker": view.index, **row} for view, doc in documents
+                for row in doc["connections"]]
+        rows.sort(key=lambda row: row.get("command") is None)  # stable: each worker's order
+        limit = int(documents[0][1]["limit"])
+        return json_response(200, {
+            "total": sum(int(doc["total"]) for _v, doc in documents),
+            "in_flight": sum(int(doc["in_flight"]) for _v, doc in documents),
+            "limit": limit, "workers": len(documents), "connections": rows[:limit],
+        })
+
+    async def digest_reset(self, _query: dict[str, list[str]]) -> Reply:
+        """``POST /digest/reset`` on every worker; ``before`` is their summaries' sum."""
+        befores = [doc["before"] for _v, doc in await self._documents("/digest/reset", "POST")]
+        before = {key: sum(int(b.get(key, 0)) for b in befores)
+                  for key in ("shapes", "evicted", "operations")}
+        return json_response(200, {"reset": True, "workers": len(befores), "before": before})
 
     async def readyz(self, _query: dict[str, list[str]]) -> Reply:
         answers = await self._ask("/readyz")
@@ -233,11 +295,15 @@ class _Endpoints:
         return json_response(200, {"status": "ok", **self.facts()})
 
 
-def endpoint_routes(workers: Callable[[], list[WorkerView]], expected: int,
-                    facts: Callable[[], dict[str, Any]],
-                    own_metrics: Callable[[], list[Metric]]) -> dict[str, AsyncHandler]:
-    """``/healthz`` (live while the supervisor is), ``/readyz`` (every worker ready),
-    ``/metrics`` (summed) and ``/digest`` (merged)."""
+def endpoint_routes(
+    workers: Callable[[], list[WorkerView]], expected: int,
+    facts: Callable[[], dict[str, Any]], own_metrics: Callable[[], list[Metric]],
+) -> tuple[dict[str, Handler], dict[str, Handler]]:
+    """GET and POST routes: ``/healthz`` (live while the supervisor is), ``/readyz``
+    (every worker ready), ``/metrics`` (summed), ``/digest`` (merged), ``/rules`` (hits
+    summed), ``/connections`` (all workers'); ``POST /digest/reset`` (every worker)."""
     endpoints = _Endpoints(workers, expected, facts, own_metrics)
-    return {"/healthz": endpoints.healthz, "/readyz": endpoints.readyz,
-            "/metrics": endpoints.metrics, "/digest": endpoints.digest}
+    return ({"/healthz": endpoints.healthz, "/readyz": endpoints.readyz,
+             "/metrics": endpoints.metrics, "/digest": endpoints.digest,
+             "/rules": endpoints.rules, "/connections": endpoints.connections},
+            {"/digest/reset": endpoints.digest_reset})

@@ -337,10 +337,23 @@ def test_metrics_and_digest_sum_over_workers(
                if r["command"] == "find" and r["namespace"] == f"{db_name}.items")
     assert row["count"] == 30 and row["errors"] == 0
     assert document["workers"] == 2
+    assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["max_ms"]  # from the merged sketches
+    rules = json.loads(get(proxy, "/rules")[1])
+    default = next(r for r in rules["routing"] if r["rule"] == "(default)")
+    assert default["hits"] >= 30  # every worker's, added up
+    connections = json.loads(get(proxy, "/connections")[1])
+    assert connections["workers"] == 2 and connections["total"] >= 0
     top = subprocess.run(
         [*proxy.command()[:3], "top", "--once", "--admin", proxy.admin_url, "--order",
          "count"], capture_output=True, text=True, timeout=60, check=True)
     assert re.search(rf"^{row['shape_hash']} find .* 30 ", top.stdout, re.M), top.stdout
+    request = urllib.request.Request(f"{proxy.admin_url}/digest/reset", data=b"",
+                                     method="POST")
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        reset = json.loads(reply.read())
+    assert reset["workers"] == 2
+    assert reset["before"]["operations"] == document["operations"] >= 30
+    assert json.loads(get(proxy, "/digest")[1])["operations"] == 0
 
 
 # --------------------------------------------------------------------------- shutdown

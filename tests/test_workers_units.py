@@ -147,3 +147,26 @@ def test_the_supervisors_slow_log_stream_writes_every_line_whole(
     text = "".join(f"{i:04d}{'x' * (i * 97 % 3000)}\n" for i in range(40)) + "y" * 9000 + "\n"
     _LineStream().write(text)
     assert capfd.readouterr().out == text
+
+
+def test_digest_percentiles_come_from_the_merged_sketches() -> None:
+    from proxy.observe.sketch import LatencySketch
+
+    def row(values: list[float], last_seen: float) -> dict[str, Any]:
+        sketch = LatencySketch()
+        for v in values:
+            sketch.add(v)
+        base = _row("s", len(values), max(values), last_seen, "w")
+        return {**base, "total_ms": sum(values), "min_ms": min(values),
+                "p50_ms": sketch.quantile(0.5), "sketch": sketch.state()}
+
+    merged = merge_digests([{"top": [row([1.0] * 30, 10.0)]},
+                            {"top": [row([10.0] * 10 + [40.0] * 2, 20.0)]}], 5, "count")
+    [only] = merged["top"]
+    assert only["count"] == 42 and only["min_ms"] == 1.0 and only["max_ms"] == 40.0
+    # 30 values of 1 ms, 10 of 10 ms, 2 of 40 ms: p50 is 1 ms, p95 10 ms, p99 40 ms
+    # (within the sketch's 1 %), where the workers' own p50s were 1 and 10.
+    assert only["p50_ms"] == pytest.approx(1.0, rel=0.01)
+    assert only["p95_ms"] == pytest.approx(10.0, rel=0.01)
+    assert only["p99_ms"] == pytest.approx(40.0, rel=0.01)
+    assert "sketch" not in only

@@ -69,6 +69,9 @@ class UpstreamPool:
         # Connections that exist or are being opened; never above max_size.
         self.size = 0
         self.in_use = 0
+        # time.monotonic() of the last healthy checkin: a proof, for /readyz, that the
+        # data path works (proxy.observe.dataprobe); 0.0 before any.
+        self.last_reply = 0.0
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
         # Requests that may open a cursor hold at most this many connections; the rest
@@ -119,7 +122,7 @@ class UpstreamPool:
         if not reusable or self._closed:
             self._discard(conn)
             return
-        conn.last_used = time.monotonic()
+        conn.last_used = self.last_reply = time.monotonic()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
