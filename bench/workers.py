@@ -171,10 +171,12 @@ def saturation(args: argparse.Namespace, stack: Stack, uris: dict[str, str],
                 "cache": {k: after[target].get(k, 0.0) - before[target].get(k, 0.0)
                           for k in ("hit", "miss", "bypass")},
             }
-        ratios = [b.ops_per_s / a.ops_per_s for a, b in zip(phases["w1"], phases["w2"],
-                                                               strict=True)]
-        out[mode] = {"targets": rows, "ratio_w2_w1": mean(ratios),
-                     "ratio_per_round": [round(r, 3) for r in ratios]}
+        # A round where w1 completed nothing (an overloaded machine) has no ratio.
+        ratios = [b.ops_per_s / a.ops_per_s if a.ops_per_s else None
+                  for a, b in zip(phases["w1"], phases["w2"], strict=True)]
+        known = [r for r in ratios if r is not None]
+        out[mode] = {"targets": rows, "ratio_w2_w1": mean(known) if known else None,
+                     "ratio_per_round": [None if r is None else round(r, 3) for r in ratios]}
     return out
 
 
@@ -221,7 +223,9 @@ def format_report(data: dict[str, Any]) -> str:
              f"{data['machine'].get('loadavg_at_start')}"]
     for mode, result in data["saturation"].items():
         spread = result["ratio_per_round"]
-        lines.append(f"{mode}: w2/w1 = {result['ratio_w2_w1']:.2f} (rounds {spread})")
+        ratio = result["ratio_w2_w1"]
+        lines.append(f"{mode}: w2/w1 = {'-' if ratio is None else f'{ratio:.2f}'} "
+                     f"(rounds {spread})")
         for target, row in result["targets"].items():
             lines.append(
                 f"  {target}: {row['ops_per_s']:8.0f} ops/s {row['per_round_ops_per_s']}  "
