@@ -40,7 +40,7 @@ from proxy.admin.http import AdminServer
 from proxy.config import Config
 from proxy.observe.slowlog import SlowLog
 from proxy.reload import ConfigReloader
-from proxy.supervisor_admin import WorkerView, endpoint_routes
+from proxy.supervisor_admin import WorkerView, endpoint_routes, http_get
 from proxy.worker import snapshot_text
 
 if TYPE_CHECKING:
@@ -131,6 +131,19 @@ class _View:
         self.reloads[ok] += 1
 
 
+class _ViewReloader(ConfigReloader):
+    """Counts the supervisor's successful reloads (SIGHUP or its file watch), so a
+    worker that started before one can be told to catch up."""
+
+    generation = 0
+
+    def reload(self) -> bool:
+        ok = super().reload()
+        if ok:
+            self.generation += 1
+        return ok
+
+
 class _Slot:
     def __init__(self, index: int, admin_socket: str) -> None:
         self.index = index
@@ -138,6 +151,7 @@ class _Slot:
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
         self.crashes = 0  # in a row, each within STABLE_S of its start
+        self.generation = 0  # the supervisor's reload generation its snapshot has
         self.tasks: set[asyncio.Task[None]] = set()
 
 
@@ -154,7 +168,7 @@ class Supervisor:
         self.stopping = False
         self.failure: str | None = None
         self.stop = asyncio.Event()
-        self.reloader = ConfigReloader(cast("Proxy", self.view), path)
+        self.reloader = _ViewReloader(cast("Proxy", self.view), path)
         self.admin = AdminServer(*endpoint_routes(self._running, self.count, self._facts,
                                                   self._own_metrics))
         self._started = time.monotonic()
@@ -196,7 +210,7 @@ class Supervisor:
         await self.admin.start(self.config.admin.host, self.config.admin.port)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
+            loop.add_signal_handler(sig, self._request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.reloader.start()
         for slot in self.slots:
@@ -205,6 +219,7 @@ class Supervisor:
                  self.count, listen.host, listen.port, self.admin.address)
 
     async def _spawn(self, slot: _Slot) -> None:
+        generation = self.reloader.generation  # before the snapshot: never newer than it
         snapshot = self.runtime / f"worker-{slot.index}.json"
         snapshot.write_text(snapshot_text(self.config), encoding="utf-8")
         with contextlib.suppress(FileNotFoundError):
@@ -220,8 +235,12 @@ class Supervisor:
             preexec_fn=_ignore_sighup,
         )
         slot.started = time.monotonic()
+        slot.generation = generation
+        if self.stopping:  # a stop came while it was being started
+            slot.proc.send_signal(signal.SIGTERM)
         log.info("worker %d started (pid %d)", slot.index, slot.proc.pid)
-        for job in (self._pump(slot.proc), self._watch(slot, slot.proc)):
+        for job in (self._pump(slot.proc), self._watch(slot, slot.proc),
+                    self._catch_up(slot, slot.proc)):
             task = asyncio.create_task(job)
             slot.tasks.add(task)
             task.add_done_callback(slot.tasks.discard)
@@ -243,7 +262,7 @@ class Supervisor:
             self.failure = (f"worker {slot.index} exited {slot.crashes} times in a row, each "
                             f"within {STABLE_S:.0f} s of its start (last: {how}); giving up")
             log.error("%s", self.failure)
-            self.stop.set()
+            self._request_stop()
             return
         delay = 0.0 if slot.crashes == 1 else min(BACKOFF_MAX_S,
                                                     BACKOFF_S * 2 ** (slot.crashes - 2))
@@ -253,6 +272,28 @@ class Supervisor:
         if not self.stopping:
             self.restarts += 1
             await self._spawn(slot)
+
+    def _request_stop(self) -> None:
+        self.stopping = True  # from now on nothing is (re)started
+        self.stop.set()
+
+    async def _catch_up(self, slot: _Slot, proc: asyncio.subprocess.Process) -> None:
+        """Once the worker serves, SIGHUP it if the supervisor reloaded since its
+        snapshot was written: a reload while it started (SIGHUP was ignored, and its
+        file watch took the edited file as its starting point) would be missed."""
+        while proc.returncode is None and not self.stopping:
+            try:
+                status, _body = await http_get(slot.admin_socket, "/healthz", 1.0)
+            except (OSError, TimeoutError, ConnectionError):
+                status = 0
+            if status == 200:
+                if slot.generation != self.reloader.generation:
+                    log.info("worker %d started before the last reload: reloading it",
+                             slot.index)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGHUP)
+                return
+            await asyncio.sleep(0.1)
 
     def reload(self) -> None:
         """SIGHUP: the supervisor's view, then every worker."""

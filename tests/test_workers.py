@@ -307,6 +307,19 @@ def test_reload_reaches_both_workers_and_a_replacement(
     eventually(lambda: worker_pids(proxy).get(1, old) != old and readyz(proxy)["ready"],
                "replacement ready")
     assert probe_all("replaced", 16).get(1) == {"13"}
+    # A reload while a worker is starting (it ignores SIGHUP until it can reload): once
+    # it serves, it runs the reloaded rules too (its snapshot has them, or the
+    # supervisor makes it catch up).
+    old = worker_pids(proxy)[0]
+    subprocess.run(["kill", "-KILL", str(old)], check=True)
+    del config["routing"]
+    proxy.config_path.write_text(yaml.safe_dump(config))
+    proxy.send_signal(signal.SIGHUP)
+    eventually(lambda: worker_pids(proxy).get(0, old) != old and readyz(proxy)["ready"],
+               "replacement ready")
+    rounds = itertools.count()
+    eventually(lambda: probe_all(f"caught-up-{next(rounds)}") == {0: {"ok"}, 1: {"ok"}},
+               "both workers run the rules of the last reload")
 
 
 # --------------------------------------------------------------------------- metrics
