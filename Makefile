@@ -42,6 +42,7 @@ node: $(NODE_STAMP)
 
 lint: deps
 	$(VENV)/bin/ruff check proxy tests bench scripts
+	$(VENV)/bin/lint-imports
 
 # `mypy` alone checks the packages listed in pyproject ([tool.mypy] files);
 # the second run covers the dev scripts and the test helpers.

@@ -1,5 +1,5 @@
-"""The running proxy: owns the listener, the upstream pool and the admin endpoint,
-and shuts them down in order."""
+"""The running proxy: wires the parts (upstream, pipeline, server, admin endpoint),
+starts them, and shuts them down in order. No request logic lives here."""
 
 from __future__ import annotations
 
@@ -11,33 +11,33 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bson import Int64
-
 from proxy.admin.connections import connections_handler
 from proxy.admin.http import AdminServer, json_response
 from proxy.advice.advisor import Advisor
 from proxy.advice.endpoint import advice_routes
-from proxy.advice.upstream import pooled_runner
 from proxy.cache.layer import ResultCache
+from proxy.cache.upstream import CachedUpstream
 from proxy.config import Config
 from proxy.errors import ProxyError
-from proxy.identity.handshake import UpstreamLimits
 from proxy.identity.scram import ClientAuthenticator
-from proxy.listener.connection import ClientConnection
-from proxy.listener.stream import ClientStream
 from proxy.observe.dataprobe import DataPathProbe
 from proxy.observe.endpoints import ReadinessFacts, has_usable_primary
 from proxy.observe.hub import Observer
 from proxy.observe.metrics import topology_facts
-from proxy.observe.rulehits import RuleHits, rules_handler
+from proxy.pipeline import Pipeline
 from proxy.pool.auth import Credentials
 from proxy.pool.registry import Pools
 from proxy.reload import ConfigReloader
 from proxy.route.cursors import CursorTable
 from proxy.route.readpref import PRIMARY, read_preference
-from proxy.route.router import Router
+from proxy.route.rulehits import RuleHits, rules_handler
 from proxy.route.topology import make_topology
+from proxy.server.session import ClientSession
+from proxy.server.stream import ClientStream
 from proxy.tenancy import TenantPolicy
+from proxy.tls.client import UpstreamTLS
+from proxy.tls.server import ServerTLS, TLSListener, TLSMetrics
+from proxy.upstream.roundtrip import Roundtrip
 
 if TYPE_CHECKING:
     from proxy.worker import WorkerSlot
@@ -52,12 +52,14 @@ class Proxy:
         self.config = config
         self.worker = worker  # one of listen.workers processes (proxy/worker.py)
         self.topology = make_topology(config.upstream)
-        self.pools = Pools(config.upstream.pool, Credentials.from_uri(config.upstream.uri))
+        self.pools = Pools(config.upstream.pool, Credentials.from_uri(config.upstream.uri),
+                           UpstreamTLS(config.upstream))
+        self.listen_tls = None if config.listen.tls is None else ServerTLS(config.listen.tls)
         self.cursors = CursorTable()
-        self.router = Router(self.topology, self.cursors)
+        self.roundtrip = Roundtrip(self.topology, self.pools, self.cursors,
+                                   config.upstream.socket_timeout_ms)
         self.policy = TenantPolicy(config.tenancy)
         self.authenticator = ClientAuthenticator(config.tenancy.users)
-        self._background: set[asyncio.Task[None]] = set()
         self.observer = Observer(
             config.observability,
             pool_stats=lambda: {p.label: p.stats() for p in self.pools.all()},
@@ -72,6 +74,13 @@ class Proxy:
             None if config.cache is None
             else ResultCache(config.cache, self.observer.metrics.registry)
         )
+        self.pipeline = Pipeline(
+            roundtrip=self.roundtrip,
+            cached=None if self.cache is None else CachedUpstream(self.cache, self.roundtrip),
+            policy=self.policy,
+            authenticator=self.authenticator,
+            observer=self.observer,
+        )
         RuleHits(lambda: self.config, self.observer.metrics.registry)
         self.data_probe = DataPathProbe(
             lambda: self.topology.select(PRIMARY),
@@ -82,7 +91,7 @@ class Proxy:
         )
         self.advisor = Advisor(
             config.advice, self.observer.digest,
-            pooled_runner(self.topology, self.pools, config.advice.command_timeout_ms / 1000),
+            self.roundtrip.runner(config.advice.command_timeout_ms / 1000),
             tenant_field=config.tenancy.field,
         )
         if config.advice.enabled:
@@ -100,45 +109,12 @@ class Proxy:
             from proxy.worker_siblings import attach
 
             self.siblings = attach(self, worker)
-        self.server: asyncio.Server | None = None
-        self.connections: dict[ClientConnection, asyncio.Task[None]] = {}
+            self.pipeline.siblings = self.siblings
+        self.server: asyncio.Server | TLSListener | None = None
+        self.connections: dict[ClientSession, asyncio.Task[None]] = {}
         self.shutting_down = False
         self._connection_ids = itertools.count(1)
         self._started = time.monotonic()
-
-    def upstream_limits(self) -> UpstreamLimits:
-        """The limits the upstream servers report (pymongo's view of the topology)."""
-        return UpstreamLimits.from_description(self.topology.description())
-
-    def release_cursors(self, owner: int) -> None:
-        """Kill, on their servers, the cursors a departed client connection left open."""
-        for (server, namespace), ids in self.cursors.release_owner(owner).items():
-            database, _, collection = namespace.partition(".")
-            # Cursor ids are longs on the wire; a small id encoded as int32 is refused.
-            command = {"killCursors": collection, "cursors": [Int64(i) for i in ids],
-                       "$db": database}
-            task = asyncio.create_task(self._run_on(server, command))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _run_on(self, server: tuple[str, int], command: dict[str, Any]) -> None:
-        pool = self.pools.get(server)
-        try:
-            conn = await pool.checkout()
-        except ProxyError as exc:
-            log.info("could not run %s on %s: %s", next(iter(command)), pool.label, exc.errmsg)
-            return
-        ok = False
-        try:
-            reply = await conn.command(command, self.config.upstream.socket_timeout_ms / 1000)
-            ok = True
-            if not reply.get("ok"):
-                log.warning("%s on %s failed: %s", next(iter(command)), pool.label,
-                            reply.get("errmsg"))
-        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            log.info("could not run %s on %s: %r", next(iter(command)), pool.label, exc)
-        finally:
-            pool.checkin(conn, ok)
 
     async def start(self) -> None:
         listen = self.config.listen
@@ -157,10 +133,18 @@ class Proxy:
             await self.cache.start()
         if self.config.advice.enabled:
             self.advisor.start()
-        self.server = await asyncio.get_running_loop().create_server(
-            lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096,
-            reuse_port=self.worker is not None,  # the workers share the port
-        )
+        reuse_port = self.worker is not None  # the workers share the port
+        if self.listen_tls is None:
+            self.server = await asyncio.get_running_loop().create_server(
+                lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096,
+                reuse_port=reuse_port,
+            )
+        else:
+            self.listen_tls.start_watching()  # certificate files reloaded when they change
+            self.server = await TLSListener.start(
+                lambda: ClientStream(self._accept), self.listen_tls, listen.host, listen.port,
+                reuse_port=reuse_port)
+            self.observer.metrics.registry.register(TLSMetrics(self.listen_tls, self.server))
         if self.worker is not None:  # its supervisor sees it once it listens
             await self.admin.start_unix(self.worker.admin_socket)
         log.info(
@@ -180,11 +164,11 @@ class Proxy:
         return int(self.server.sockets[0].getsockname()[1])
 
     def _accept(self, stream: ClientStream) -> None:
-        conn = ClientConnection(self, stream, next(self._connection_ids))
+        conn = ClientSession(self, self.pipeline, stream, next(self._connection_ids))
         self.connections[conn] = asyncio.get_running_loop().create_task(self._serve(conn))
         self.observer.metrics.client_connected()
 
-    async def _serve(self, conn: ClientConnection) -> None:
+    async def _serve(self, conn: ClientSession) -> None:
         try:
             await conn.serve()
         finally:
@@ -207,6 +191,8 @@ class Proxy:
         if self.connections:
             await asyncio.wait(list(self.connections.values()), timeout=1)
         await self.advisor.close()
+        if self.listen_tls is not None:
+            await self.listen_tls.close()
         await self.pools.close()
         if self.cache is not None:
             await self.cache.close()
@@ -261,11 +247,20 @@ async def serve(config: Config, path: Path | None = None,
         reloader = ConfigReloader(proxy, path, None if worker is None else worker.adapt)
         reloader.start()
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    if proxy.listen_tls is not None:
+        # SIGHUP also reloads the listener's certificate (after the config, if any).
+        loop.add_signal_handler(signal.SIGHUP, _reload_all, reloader, proxy.listen_tls)
     await stop.wait()
     log.info("signal received: draining")
     if reloader is not None:
         await reloader.close()
     await proxy.shutdown()
+
+
+def _reload_all(reloader: ConfigReloader | None, tls: ServerTLS) -> None:
+    if reloader is not None:
+        reloader.reload()
+    tls.reload()
 
 
 def run(config: Config, path: Path | None = None, worker: WorkerSlot | None = None) -> None:

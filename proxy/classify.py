@@ -53,6 +53,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.commands import (
+    ADMIN_COMMANDS,
+    ALIASES,
+    COLLECTION_COMMANDS,
+    CONTINUATIONS,
+    READ_COMMANDS,
+    WRITE_COMMANDS,
+)
+
 # Documents are tested with isinstance(x, dict), here and in the other per-request
 # modules (tenancy, cache, route): bson decodes every document to a dict, and the
 # Mapping ABC's isinstance costs ~0.3 µs per call, about a tenth of classify's time.
@@ -67,64 +76,8 @@ __all__ = [
     "classify",
 ]
 
-# Commands that only read, so a read preference may send them to a secondary
-# (aggregate and mapReduce only when they have no output stage / inline output).
-READ_COMMANDS = frozenset({
-    "find", "aggregate", "count", "distinct", "mapReduce", "listCollections",
-    "listIndexes", "listDatabases", "dbStats", "collStats", "dataSize", "geoSearch",
-})  # explain: classified as the explained command
-
-# Commands that always modify data or metadata (aggregate and mapReduce depend on
-# their arguments and are decided separately).
-WRITE_COMMANDS = frozenset({
-    # CRUD
-    "insert", "update", "delete", "findAndModify", "bulkWrite",
-    # collections, views, indexes
-    "create", "drop", "dropDatabase", "createIndexes", "dropIndexes", "renameCollection",
-    "collMod", "convertToCapped", "cloneCollectionAsCapped", "compact", "reIndex",
-    "emptycapped", "createSearchIndexes", "updateSearchIndex", "dropSearchIndex",
-    "cleanupOrphaned",
-    # users and roles
-    "createUser", "updateUser", "dropUser", "dropAllUsersFromDatabase",
-    "grantRolesToUser", "revokeRolesFromUser", "createRole", "updateRole", "dropRole",
-    "dropAllRolesFromDatabase", "grantPrivilegesToRole", "revokePrivilegesFromRole",
-    "grantRolesToRole", "revokeRolesFromRole",
-})
-
-# Handshake, authentication, sessions and server administration.
-ADMIN_COMMANDS = frozenset({
-    "hello", "isMaster", "saslStart", "saslContinue", "authenticate", "getnonce",
-    "logout", "ping", "buildInfo", "connectionStatus", "whatsmyuri", "listCommands",
-    "startSession", "endSessions", "refreshSessions", "killSessions", "killAllSessions",
-    "killAllSessionsByPattern", "serverStatus", "hostInfo", "getCmdLineOpts", "getLog",
-    "getParameter", "setParameter", "currentOp", "killOp", "fsync", "fsyncUnlock",
-    "logRotate", "shutdown", "replSetGetStatus", "replSetGetConfig", "replSetStepDown",
-    "getDefaultRWConcern", "setDefaultRWConcern", "setFeatureCompatibilityVersion",
-    "usersInfo", "rolesInfo", "lockInfo", "top", "features", "profile",
-    "createUser", "updateUser", "dropUser", "dropAllUsersFromDatabase",
-    "grantRolesToUser", "revokeRolesFromUser", "createRole", "updateRole", "dropRole",
-    "dropAllRolesFromDatabase", "grantPrivilegesToRole", "revokePrivilegesFromRole",
-    "grantRolesToRole", "revokeRolesFromRole",
-})
-
-# Commands whose value (a string) names a collection of the command's database.
-COLLECTION_COMMANDS = frozenset({
-    "find", "aggregate", "count", "distinct", "mapReduce", "listIndexes", "collStats",
-    "geoSearch", "insert", "update", "delete", "findAndModify", "create", "drop",
-    "createIndexes", "dropIndexes", "collMod", "convertToCapped",
-    "cloneCollectionAsCapped", "compact", "reIndex", "emptycapped", "validate",
-    "killCursors", "createSearchIndexes", "updateSearchIndex", "dropSearchIndex",
-})
-
-_ALIASES = {
-    "findandmodify": "findAndModify",
-    "mapreduce": "mapReduce",
-    "deleteIndexes": "dropIndexes",
-    "ismaster": "isMaster",
-    "buildinfo": "buildInfo",
-    "dbstats": "dbStats",
-}
-_CONTINUATIONS = frozenset({"getMore", "killCursors"})
+_ALIASES = ALIASES
+_CONTINUATIONS = CONTINUATIONS
 _WRITE_STAGES = ("$out", "$merge")
 _SEARCH_STAGES = ("$search", "$searchMeta")
 _QUERY_FIELD = {"find": "filter", "count": "query", "distinct": "query"}
@@ -192,10 +145,10 @@ def classify(command: Mapping[str, Any], context: ClientContext = NO_CONTEXT) ->
     value = command.get(raw_name)
     collection: str | None = None
     if name in COLLECTION_COMMANDS:
-        collection = value if isinstance(value, str) else None
+        collection = value if type(value) is str else None
     elif name == "getMore":
         collection = _str_or_none(command.get("collection"))
-    elif name == "renameCollection" and isinstance(value, str):
+    elif name == "renameCollection" and type(value) is str:
         database, collection = _split_namespace(value, database)
     elif name == "bulkWrite":
         database, collection = _bulk_write_namespace(command, database)
@@ -238,7 +191,8 @@ def classify(command: Mapping[str, Any], context: ClientContext = NO_CONTEXT) ->
 
 
 def _str_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    # Exactly str: bson's Code is a str subclass (and unhashable).
+    return value if type(value) is str else None
 
 
 def _max_time(value: Any) -> int | None:
@@ -272,11 +226,11 @@ def _bulk_write_namespace(
     ns_info = command.get("nsInfo")
     if not isinstance(ns_info, list):
         return default_db, None
-    namespaces = {e.get("ns") for e in ns_info if isinstance(e, dict)}
+    namespaces = {_str_or_none(e.get("ns")) for e in ns_info if isinstance(e, dict)}
     if len(namespaces) != 1:
         return default_db, None
     (namespace,) = namespaces
-    return _split_namespace(namespace, default_db) if isinstance(namespace, str) else (
+    return _split_namespace(namespace, default_db) if namespace is not None else (
         default_db, None)
 
 

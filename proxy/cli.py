@@ -105,7 +105,7 @@ def _explain_route(config: Config, command_json: str, app_name: str | None,
                    offline: bool, user: str | None = None) -> int:
     import asyncio
 
-    from proxy.route.explain import ExplainError, explain_route
+    from proxy.explain.route import ExplainError, explain_route
 
     logging.basicConfig(level=logging.ERROR)  # the monitor's member-state lines are noise here
     description = None if offline else asyncio.run(_current_topology(config))

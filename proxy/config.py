@@ -13,8 +13,6 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -25,10 +23,14 @@ from pymongo.uri_parser import parse_uri
 
 from proxy.advice.config import AdviceConfig
 from proxy.cache.config import CacheConfig
+from proxy.configbase import Strict as _Strict
 from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
+from proxy.pool.config import PoolConfig
 from proxy.route.rules import RoutingConfig
 from proxy.tenancy import TenancyConfig
+from proxy.tls.client import check_uri_options, context_from_options
+from proxy.tls.config import ListenTLSConfig, MemberTLSConfig
 from proxy.wire import SUPPORTED_COMPRESSORS
 from proxy.yamlload import load_yaml_file
 
@@ -37,8 +39,18 @@ class ConfigError(Exception):
     """The configuration file is unreadable or invalid; the message names the key path."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = [
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "ListenConfig",
+    "MemberConfig",
+    "PoolConfig",
+    "ShutdownConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
 
 
 class ListenConfig(_Strict):
@@ -56,6 +68,8 @@ class ListenConfig(_Strict):
     # Bounded time for anything the proxy waits on from a client: a message that has
     # started arriving must be complete within this time.
     read_timeout_ms: int = Field(default=60_000, gt=0)
+    # TLS for applications (docs/production.md); absent: plaintext only.
+    tls: ListenTLSConfig | None = None
     # Serving processes sharing the port (SO_REUSEPORT) under a supervisor; "auto" is
     # the number of CPUs this process may run on. 1: one process, no supervisor.
     workers: Annotated[int, Field(ge=1, le=256, strict=True)] | Literal["auto"] = 1
@@ -80,26 +94,14 @@ class AdminConfig(_Strict):
     ready_probe_timeout_ms: int = Field(default=800, gt=0)
 
 
-class PoolConfig(_Strict):
-    # Upstream connections per server at most, shared by all clients (a tenth of them,
-    # at least one, is kept for getMore/killCursors).
-    max_size: int = Field(default=100, gt=0)
-    min_size: int = Field(default=0, ge=0)  # connections opened at start
-    # Connect + hello handshake + authentication of a new upstream connection.
-    connect_timeout_ms: int = Field(default=5_000, gt=0)
-    # A request waits this long for a free pooled connection, then fails 89 NetworkTimeout.
-    wait_queue_timeout_ms: int = Field(default=10_000, gt=0)
-    # Idle connections are closed after this long unused (0 = never, the drivers'
-    # maxIdleTimeMS default); never one that owns open cursors, never below min_size.
-    max_idle_ms: int = Field(default=0, ge=0)
-
-
 class MemberConfig(_Strict):
     """A server whose role is declared rather than discovered."""
 
     host: str  # HOST:PORT
     role: Literal["primary", "secondary"]  # at most one primary
     tags: dict[str, str] = {}  # tag set matched by read preferences' tags
+    # This member's TLS; absent: the tls* options of upstream.uri (none without a uri).
+    tls: MemberTLSConfig | None = None
 
     @field_validator("host")
     @classmethod
@@ -140,11 +142,19 @@ class UpstreamConfig(_Strict):
         if value is None:
             return value
         try:
-            parse_uri(value)
-        except (InvalidURI, ValueError) as exc:
+            options = parse_uri(value)["options"]
+        except (InvalidURI, ValueError, OSError) as exc:  # OSError: an unreadable tls file
             raise ValueError(f"not a valid MongoDB connection string: {exc}") from None
+        # Options the proxy's own pools would ignore are refused, never silently dropped;
+        # TLS files are loaded now, so a missing CA file fails here rather than at start.
+        check_uri_options(options)
+        context_from_options(options)
         # The proxy authenticates its own upstream connections as the uri's user.
-        Credentials.from_uri(value)  # ValueError: unsupported authMechanism, no password
+        credentials = Credentials.from_uri(value)  # ValueError: unsupported mechanism...
+        if (credentials is not None and credentials.mechanism == "MONGODB-X509"
+                and not options.get("tlsCertificateKeyFile")):
+            raise ValueError("authMechanism=MONGODB-X509 needs tls=true and "
+                             "tlsCertificateKeyFile (the client certificate is the identity)")
         return value
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""MongoDB-style error replies built by the proxy itself.
+"""MongoDB-style error replies built by the proxy itself: the one error family
+(:class:`ProxyError`; the codec's ``WireError`` is one too) and the one code table.
 
 Codes and names are the server's own (src/mongo/base/error_codes.yml), so drivers apply
 their usual retry rules: HostUnreachable and NetworkTimeout are retryable reads, and the
@@ -12,7 +13,10 @@ from typing import Any
 
 import bson
 
+INTERNAL_ERROR = (1, "InternalError")
 BAD_VALUE = (2, "BadValue")
+FAILED_TO_PARSE = (9, "FailedToParse")
+TYPE_MISMATCH = (14, "TypeMismatch")
 HOST_UNREACHABLE = (6, "HostUnreachable")
 AUTHENTICATION_FAILED = (18, "AuthenticationFailed")
 UNAUTHORIZED = (13, "Unauthorized")
@@ -24,7 +28,7 @@ SHUTDOWN_IN_PROGRESS = (91, "ShutdownInProgress")
 UNSUPPORTED_OP_QUERY = (352, "UnsupportedOpQueryCommand")
 FAILED_TO_SATISFY_READ_PREFERENCE = (133, "FailedToSatisfyReadPreference")
 MAX_STALENESS_OUT_OF_RANGE = (215, "MaxStalenessOutOfRange")
-INTERNAL_ERROR = (1, "InternalError")
+INVALID_NAMESPACE = (73, "InvalidNamespace")
 # Replies meaning "this server is no longer (or not) the primary": SDAM marks it
 # Unknown so the next request selects again instead of waiting for a heartbeat.
 NOT_PRIMARY_CODES = frozenset({10107, 13435, 13436, 189, 91, 11600, 11602})

@@ -17,12 +17,10 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from proxy.config import Config, ConfigError, load_config
-
-if TYPE_CHECKING:
-    from proxy.app import Proxy
+from proxy.observe.hub import Observer
 
 log = logging.getLogger("mongoproxy.reload")
 
@@ -39,8 +37,15 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+class Reloadable(Protocol):
+    """What a reload swaps (``config``) and reports to (``observer.metrics``)."""
+
+    config: Config
+    observer: Observer
+
+
 class ConfigReloader:
-    def __init__(self, proxy: Proxy, path: Path,
+    def __init__(self, proxy: Reloadable, path: Path,
                  adapt: Callable[[Config], Config] | None = None) -> None:
         self.proxy = proxy
         self.path = path

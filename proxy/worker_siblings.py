@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,13 +51,9 @@ class Siblings:
         self.siblings = [str(mine.with_name(f"worker-{i}.sock"))
                          for i in range(slot.count) if i != slot.index]
 
-    async def resolve(self, name: str, command: Mapping[str, Any]) -> None:
+    async def resolve(self, cursor_ids: Sequence[int]) -> None:
         """Learn from the siblings the cursors of a getMore/killCursors not known here."""
-        ids = [command.get("getMore")] if name == "getMore" else command.get("cursors")
-        if not isinstance(ids, list):
-            return
-        unknown = [i for i in ids[:MAX_LOOKUPS]
-                   if isinstance(i, int) and i and self.cursors.get(i) is None]
+        unknown = [i for i in cursor_ids[:MAX_LOOKUPS] if i and self.cursors.get(i) is None]
         for cursor_id in unknown:
             found = await self._ask(f"/cursor?id={cursor_id}")
             if found is not None:
@@ -125,6 +121,7 @@ def attach(proxy: Proxy, slot: WorkerSlot) -> Siblings:
     """Serve this worker's cursors and transactions to its siblings; ask them theirs."""
     siblings = Siblings(proxy.cursors, slot)
     proxy.admin.routes["/cursor"] = cursor_handler(proxy.cursors)
-    proxy.admin.routes["/transaction"] = transaction_handler(proxy.router)
-    proxy.router.sibling_transactions = siblings.transaction
+    router = proxy.roundtrip.router
+    proxy.admin.routes["/transaction"] = transaction_handler(router)
+    router.sibling_transactions = siblings.transaction
     return siblings

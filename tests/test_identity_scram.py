@@ -28,13 +28,14 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 from scramp import ScramClient
 
+from proxy.commands import HELLO_COMMANDS
 from proxy.identity.credentials import (
     CredentialError,
     StoredCredential,
     hash_password,
     parse,
 )
-from proxy.identity.handshake import HELLO_COMMANDS, UpstreamLimits, hello_reply
+from proxy.identity.handshake import UpstreamLimits, hello_reply
 from proxy.identity.hash_cli import hash_password_main
 from proxy.identity.scram import (
     FAILED,

@@ -1,4 +1,4 @@
-"""Command-class routing (``proxy.route.rules``, ``proxy.route.explain``): the shipped
+"""Command-class routing (``proxy.route.rules``, ``proxy.explain.route``): the shipped
 example config, decisions as tables, name-matching syntax, validation errors naming key
 paths, deny, maxTimeMS caps, and explain-route output against a hand-built topology.
 All pure: no servers."""
@@ -31,7 +31,7 @@ from pymongo.topology_description import TOPOLOGY_TYPE, TopologyDescription
 
 from proxy.classify import ClientContext, classify
 from proxy.config import Config, _format_errors, parse_config
-from proxy.route.explain import ExplainError, explain_route
+from proxy.explain.route import ExplainError, explain_route
 from proxy.route.readpref import from_command
 from proxy.route.rules import (
     CURSOR_CLASS,

@@ -48,23 +48,22 @@ def _peer(peer: Any) -> str | None:
 
 
 def view_of(conn: Any) -> ConnectionView:
-    """The fields of a client connection: ``proxy.listener.connection.ClientConnection``
-    (everything on the object), or a session-loop object that keeps them on its
+    """The fields of a client connection: the session loop's object keeps them on its
     ``.session`` (``busy`` stays on the outer object). ``connected_at``, ``in_flight``
     (the command's name) and ``in_flight_since`` (perf_counter ns) are set by the
-    request path; a layout without them shows age 0 and no command."""
-    state = getattr(conn, "session", conn)
+    request path."""
+    state = conn.session
     identity = state.identity
-    command = getattr(state, "in_flight", None) if conn.busy else None
+    command = state.in_flight if conn.busy else None
     return ConnectionView(
         connection_id=state.connection_id,
         peer=_peer(state.peer),
         app_name=state.app_name,
         user=None if identity is None else identity.username,
         tenant=None if identity is None else identity.tenant,
-        connected_at=getattr(state, "connected_at", time.monotonic()),
+        connected_at=state.connected_at,
         command=command,
-        command_since_ns=getattr(state, "in_flight_since", 0) if command is not None else 0,
+        command_since_ns=state.in_flight_since if command is not None else 0,
     )
 
 

@@ -32,9 +32,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from proxy.classify import Classification
+from proxy.configbase import Strict
 from proxy.route.rules import (
     MatchConfig,
     Matcher,
@@ -47,7 +48,9 @@ from proxy.route.rules import (
 __all__ = ["CacheConfig", "CacheMatchConfig", "CacheRuleConfig", "CacheRules"]
 
 
-class _Strict(BaseModel):
+class _Strict(Strict):
+    """The cache's sections also accept field names where they have an alias."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
@@ -145,7 +148,7 @@ class CacheRules:
     """Compiled cache rules: ``ttl_for(classification, route_class)``.
 
     ``hits[i]`` counts the reads rule ``i`` matched (looked up or bypassed), read at
-    scrape time by :mod:`proxy.observe.rulehits`."""
+    scrape time by :mod:`proxy.route.rulehits`."""
 
     __slots__ = ("hits", "rules")
 

@@ -39,6 +39,7 @@ from typing import Any
 
 from proxy.cache.key import ENVELOPE
 from proxy.classify import Classification
+from proxy.commands import FILTERED_READS
 from proxy.wire import reply_cursor
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
     "written_namespaces",
 ]
 
-CACHEABLE = frozenset({"find", "count", "distinct", "aggregate"})
+CACHEABLE = FILTERED_READS
 # Stages whose output depends only on the input documents of the collection.
 PURE_STAGES = frozenset({
     "$match", "$project", "$addFields", "$set", "$unset", "$sort", "$limit", "$skip",
@@ -128,13 +129,13 @@ def _nondeterministic(value: Any) -> bool:
                     return True
                 if isinstance(sub, dict | list):
                     stack.append(sub)
-                elif isinstance(sub, str) and sub in _NONDETERMINISTIC_VALUES:
+                elif type(sub) is str and sub in _NONDETERMINISTIC_VALUES:  # not Code
                     return True
         elif isinstance(item, list):
             for sub in item:
                 if isinstance(sub, dict | list):
                     stack.append(sub)
-                elif isinstance(sub, str) and sub in _NONDETERMINISTIC_VALUES:
+                elif type(sub) is str and sub in _NONDETERMINISTIC_VALUES:  # not Code
                     return True
     return False
 
@@ -276,11 +277,12 @@ def written_namespaces(command: Mapping[str, Any], c: Classification) -> WriteTa
     if name == "renameCollection":
         source = command.get("renameCollection")
         target = command.get("to")
-        namespaces.update(ns for ns in (source, target) if isinstance(ns, str) and "." in ns)
+        namespaces.update(ns for ns in (source, target) if type(ns) is str and "." in ns)
     elif name == "bulkWrite":
-        for entry in command.get("nsInfo") or ():
+        ns_info = command.get("nsInfo")
+        for entry in ns_info if isinstance(ns_info, list) else ():
             ns = entry.get("ns") if isinstance(entry, dict) else None
-            if isinstance(ns, str) and "." in ns:
+            if type(ns) is str and "." in ns:
                 namespaces.add(ns)
     elif name == "aggregate":
         for stage in command.get("pipeline") or ():

@@ -16,8 +16,6 @@ from pymongo.topology_description import TopologyDescription
 
 from proxy.wire import negotiate
 
-HELLO_COMMANDS = frozenset({"hello", "isMaster", "ismaster"})
-
 
 @dataclass(frozen=True, slots=True)
 class UpstreamLimits:

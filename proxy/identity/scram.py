@@ -84,7 +84,6 @@ SCRAM_SHA_256 = MECHANISM
 SUPPORTED_MECHANISMS: tuple[str, ...] = (SCRAM_SHA_256,)
 DEFAULT_SOURCE = "admin"
 #: The commands :meth:`ClientAuthSession.handle` answers.
-AUTH_COMMANDS = frozenset({"saslStart", "saslContinue", "authenticate", "logout"})
 ILLEGAL_OPERATION = (20, "IllegalOperation")
 #: The one message every credential failure gets.
 FAILED = "Authentication failed."

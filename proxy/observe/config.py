@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from proxy.configbase import Strict
 
 __all__ = ["ObservabilityConfig"]
 
 
-class ObservabilityConfig(BaseModel):
+class ObservabilityConfig(Strict):
     """The slow-query log, the query digest and the Prometheus labels."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # Operations at least this slow are written to the slow log; 0 logs every operation.
     slow_query_ms: float = Field(default=100, ge=0)

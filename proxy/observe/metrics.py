@@ -63,6 +63,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.commands import KNOWN_COMMANDS
 from proxy.observe.config import ObservabilityConfig
 from proxy.observe.families import LoopCounter, LoopHistogram
 from proxy.observe.record import OperationRecord
@@ -87,20 +88,6 @@ LATENCY_BUCKETS = (
     1.0, 2.5, 5.0, 10.0,
 )
 
-KNOWN_COMMANDS = frozenset({
-    "abortTransaction", "aggregate", "authenticate", "buildInfo", "bulkWrite", "collMod",
-    "collStats", "commitTransaction", "connectionStatus", "count", "create",
-    "createIndexes", "createUser", "currentOp", "dbStats", "delete", "distinct", "drop",
-    "dropDatabase", "dropIndexes", "endSessions", "explain", "find", "findAndModify",
-    "findandmodify", "getCmdLineOpts", "getLog", "getMore", "getParameter", "hello",
-    "hostInfo", "insert", "isMaster", "ismaster", "killAllSessions", "killCursors",
-    "killOp", "killSessions", "listCollections", "listDatabases", "listIndexes",
-    "listSearchIndexes", "logout", "mapReduce", "ping", "refreshSessions",
-    "renameCollection", "saslContinue", "saslStart", "serverStatus", "setParameter",
-    "startSession", "update", "validate", "whatsmyuri", "shardCollection",
-    "createSearchIndexes", "dropSearchIndexes", "updateSearchIndex", "usersInfo",
-    "rolesInfo", "dropUser", "updateUser", "getLastError", "replSetGetStatus",
-})
 
 OTHER = "other"
 

@@ -22,13 +22,14 @@ import asyncio
 import contextlib
 import logging
 import platform
+import ssl
 import time
 from collections import deque
 from typing import Any
 
-from proxy.config import PoolConfig
 from proxy.errors import HOST_UNREACHABLE, NETWORK_TIMEOUT, ProxyError
 from proxy.pool.auth import Credentials
+from proxy.pool.config import PoolConfig
 from proxy.pool.connection import UpstreamConnection
 
 log = logging.getLogger("mongoproxy.pool")
@@ -57,10 +58,12 @@ class UpstreamPool:
         address: tuple[str, int],
         config: PoolConfig,
         credentials: Credentials | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
         self.config = config
         self.credentials = credentials
+        self.tls = tls
         self.label = f"{address[0]}:{address[1]}"
         # Most recently returned last: checkout takes from the end, so the connections
         # at the front are the ones that have been idle longest.
@@ -217,7 +220,7 @@ class UpstreamPool:
         timeout_s = self.config.connect_timeout_ms / 1000
         try:
             conn = await UpstreamConnection.open(
-                self.address, timeout_s, HANDSHAKE, self.credentials
+                self.address, timeout_s, HANDSHAKE, self.credentials, self.tls
             )
         except TimeoutError:
             self._release_slot()

@@ -11,15 +11,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from proxy.address import Address
+
 if TYPE_CHECKING:
     from proxy.pool.connection import UpstreamConnection
-
-Address = tuple[str, int]
-
-# Commands whose reply may open a cursor (reply ``cursor.id`` != 0).
-CURSOR_COMMANDS = frozenset(
-    {"find", "aggregate", "listCollections", "listIndexes", "getMore"}
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,12 +11,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from proxy.address import Address
+from proxy.request import Request
 from proxy.route.cursors import CursorTable
 from proxy.route.readpref import PRIMARY
 from proxy.route.rules import RouteDecision
 from proxy.route.topology import Topology
-
-Address = tuple[str, int]
 
 # A session's transaction pin is forgotten after this long unused (the server's own
 # transactionLifetimeLimitSeconds default).
@@ -46,33 +46,19 @@ class Router:
         self._transactions: dict[bytes, tuple[int, Address, float]] = {}
         self.sibling_transactions: TransactionLookup | None = None
 
-    async def server_for(
-        self, name: str, command: Mapping[str, Any], decision: RouteDecision
-    ) -> Address:
-        """The server for a command the routing rules have decided on."""
+    async def server_for(self, request: Request, decision: RouteDecision) -> Address:
+        """The server for a request the routing rules have decided on."""
         if decision.pinned == "cursor":
-            pinned = self._cursor_server(name, command)
-            if pinned is not None:
-                return pinned
+            for cursor_id in request.cursor_ids:
+                entry = self.cursors.get(cursor_id)
+                if entry is not None:
+                    return entry.server
+            # unknown cursor: the primary will answer CursorNotFound
         elif decision.pinned == "transaction":
-            txn = transaction_key(command)
+            txn = request.transaction_key
             if txn is not None:
-                return await self._transaction_server(
-                    txn, command.get("startTransaction") is True)
+                return await self._transaction_server(txn, request.start_transaction is True)
         return await self.topology.select(decision.read_preference)
-
-    def _cursor_server(self, name: str, command: Mapping[str, Any]) -> Address | None:
-        if name == "getMore":
-            ids: Any = [command.get("getMore")]
-        elif name == "killCursors":
-            ids = command.get("cursors")
-        else:
-            return None
-        for cursor_id in ids if isinstance(ids, list) else ():
-            entry = self.cursors.get(cursor_id) if isinstance(cursor_id, int) else None
-            if entry is not None:
-                return entry.server
-        return None  # unknown cursor: the primary will answer CursorNotFound
 
     def transaction_server(self, session: bytes, number: int) -> Address | None:
         """The server this router pinned a session's transaction ``number`` to."""

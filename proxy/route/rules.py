@@ -81,8 +81,6 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -91,7 +89,9 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from pymongo.read_preferences import _ServerMode
 
-from proxy.classify import WRITE_COMMANDS, Classification
+from proxy.classify import Classification
+from proxy.commands import NEVER_DENIED, WRITE_COMMANDS
+from proxy.configbase import Strict
 from proxy.errors import UNAUTHORIZED, ProxyError
 from proxy.route.readpref import PRIMARY, ReadPreferenceError, read_preference
 
@@ -117,10 +117,6 @@ __all__ = [
 MIN_MAX_STALENESS_S = 90
 DEFAULT_CLASS = "default"
 CURSOR_CLASS = "(cursor)"
-NEVER_DENIED = frozenset({
-    "hello", "isMaster", "saslStart", "saslContinue", "authenticate", "getnonce",
-    "logout", "ping", "endSessions", "buildInfo", "commitTransaction", "abortTransaction",
-})
 ReadMode = Literal["primary", "primaryPreferred", "secondary", "secondaryPreferred", "nearest"]
 _CLASS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 _GLOB_CHARS = frozenset("*?[")
@@ -194,14 +190,10 @@ class NamePattern:
 
 # --- configuration models ------------------------------------------------------------
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 NameField = str | list[str] | None
 
 
-class MatchConfig(_Strict):
+class MatchConfig(Strict):
     """What a rule matches; every key given must fit (name patterns: docs/routing.md)."""
 
     command: NameField = None  # command name (an explain is matched as what it explains)
@@ -226,7 +218,7 @@ class MatchConfig(_Strict):
         return value
 
 
-class RuleConfig(_Strict):
+class RuleConfig(Strict):
     match: MatchConfig
     class_: str = Field(alias="class")  # a name under routing.classes
     # Optional label for /rules and mongoproxy_rule_hits_total (else the rule's index).
@@ -246,7 +238,7 @@ class RuleConfig(_Strict):
         )).strip()
 
 
-class ClassConfig(_Strict):
+class ClassConfig(Strict):
     # Where reads of the class go (writes always go to the primary).
     read_preference: ReadMode | None = None
     tags: list[dict[str, str]] | None = None  # tag sets, tried in order
@@ -315,7 +307,7 @@ class ClassConfig(_Strict):
         )
 
 
-class RoutingConfig(_Strict):
+class RoutingConfig(Strict):
     """Command classes and the ordered rules that pick them (reloaded live)."""
 
     default: ClassConfig = ClassConfig()  # the class of a command no rule matches
@@ -539,7 +531,7 @@ class _Compiled:
     ``hits[i]`` counts the commands rule ``i`` decided, ``hits[-1]`` those no rule
     matched (the default class); cursor continuations are not counted. A plain list of
     ints (one increment per decision), read at scrape time by
-    :mod:`proxy.observe.rulehits`; a reload compiles new rules, with new counters."""
+    :mod:`proxy.route.rulehits`; a reload compiles new rules, with new counters."""
 
     __slots__ = ("by_command", "cursor", "default", "hits", "other_commands")
 

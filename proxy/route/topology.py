@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.settings import TopologySettings
@@ -32,7 +32,7 @@ from pymongo.server_description import ServerDescription
 from pymongo.server_type import SERVER_TYPE
 from pymongo.topology_description import TOPOLOGY_TYPE, TopologyDescription
 
-from proxy.config import MemberConfig, UpstreamConfig
+from proxy.address import Address
 from proxy.errors import (
     FAILED_TO_SATISFY_READ_PREFERENCE,
     MAX_STALENESS_OUT_OF_RANGE,
@@ -40,10 +40,13 @@ from proxy.errors import (
 )
 from proxy.pool.connection import UpstreamConnection
 from proxy.pool.pool import HANDSHAKE
+from proxy.tls.client import UpstreamTLS
+
+if TYPE_CHECKING:  # a type only: the configuration is above the layers it configures
+    from proxy.config import MemberConfig, UpstreamConfig
 
 log = logging.getLogger("mongoproxy.topology")
 
-Address = tuple[str, int]
 # Read preference objects whose cache key is remembered per description: the routing
 # rules' (long-lived); one-off client $readPreference objects beyond this are not kept.
 _MAX_SELECTOR_KEYS = 256
@@ -145,22 +148,29 @@ class Topology(ABC):
     def _adapt(self, selector: _ServerMode) -> _ServerMode:
         return selector
 
+    def select_now(self, selector: _ServerMode) -> Address | None:
+        """A server for ``selector`` if one is suitable now (no await: the common case)."""
+        servers = self.candidates(selector)
+        if not servers:
+            return None
+        host, port = random.choice(servers).address
+        return host, port or 27017
+
     async def select(self, selector: _ServerMode) -> Address:
         """A server for ``selector``, waiting up to server_selection_timeout_ms for one."""
         timeout_ms = self.config.server_selection_timeout_ms
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
-            servers = self.candidates(selector)
-            if servers:
-                host, port = random.choice(servers).address
-                return host, port or 27017
+            address = self.select_now(selector)
+            if address is not None:
+                return address
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ProxyError(
                     FAILED_TO_SATISFY_READ_PREFERENCE,
                     f"no upstream server available for read preference "
                     f"{_describe(selector)} after {timeout_ms} ms; topology: "
-                    f"{_summary(self.description())}",
+                    f"{_summary(self.description())}{_errors(self.description())}",
                 )
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -228,6 +238,7 @@ class DeclaredTopology(Topology):
         )
         self._description = self._build()
         self._tasks: list[asyncio.Task[None]] = []
+        self._tls = UpstreamTLS(config)
 
     async def start(self) -> None:
         first_checks = [asyncio.Event() for _ in self.members]
@@ -298,7 +309,8 @@ class DeclaredTopology(Topology):
         while True:
             try:
                 if conn is None:
-                    conn = await UpstreamConnection.open(address, timeout_s, HANDSHAKE)
+                    conn = await UpstreamConnection.open(
+                        address, timeout_s, HANDSHAKE, None, self._tls.context_for(address))
                 start = time.monotonic()
                 reply = await conn.command({"hello": 1, "$db": "admin"}, timeout_s)
                 self._rtt[address].add_sample(time.monotonic() - start)
@@ -334,6 +346,15 @@ def _describe(selector: _ServerMode) -> str:
     if selector.max_staleness != -1:
         parts.append(f"maxStalenessSeconds: {selector.max_staleness}")
     return "{" + ", ".join(parts) + "}"
+
+
+def _errors(description: TopologyDescription) -> str:
+    """Why the unreachable servers are (a TLS or authentication failure, a refusal)."""
+    errors = [
+        f"{sd.address[0]}:{sd.address[1]}: {sd.error}"
+        for sd in description.server_descriptions().values() if sd.error is not None
+    ]
+    return "; last errors: " + "; ".join(errors) if errors else ""
 
 
 def _summary(description: TopologyDescription) -> str:

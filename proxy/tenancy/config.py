@@ -39,7 +39,9 @@ import fnmatch
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from proxy.configbase import Strict
 
 __all__ = [
     "SCRAM_SHA256_STORED",
@@ -63,15 +65,11 @@ _MIN_ITERATIONS = 4096
 _FIELD = re.compile(r"[^.$\x00][^.\x00]*\Z")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _b64(value: str) -> bytes:
     return base64.b64decode(value, validate=True)
 
 
-class UserConfig(_Strict):
+class UserConfig(Strict):
     """A proxy-side identity: SCRAM-SHA-256 stored credential and the tenant it is bound to."""
 
     username: str = Field(min_length=1)  # the name clients authenticate with
@@ -133,7 +131,7 @@ class NamespacePatterns:
         return m is not None and (m(coll) is not None or m(ns) is not None)
 
 
-class TenancyConfig(_Strict):
+class TenancyConfig(Strict):
     """Tenant isolation: every command on a scoped collection confined to one tenant."""
 
     field: str = "tenant_id"  # the top-level field that names a document's tenant

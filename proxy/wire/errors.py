@@ -1,14 +1,17 @@
-"""Errors raised by the wire-protocol codec."""
+"""Errors raised by the wire-protocol codec: a :class:`~proxy.errors.ProxyError` that
+also says whether the byte stream can go on.
+
+The codes come from the one table in :mod:`proxy.errors`.
+"""
 
 from __future__ import annotations
 
+from proxy.errors import INVALID_BSON, PROTOCOL_ERROR, ProxyError
+
 __all__ = ["INVALID_BSON", "PROTOCOL_ERROR", "WireError"]
 
-PROTOCOL_ERROR = (17, "ProtocolError")
-INVALID_BSON = (22, "InvalidBSON")
 
-
-class WireError(Exception):
+class WireError(ProxyError):
     """A message that cannot be decoded.
 
     ``fatal=True`` means the byte stream cannot be resynchronised: the caller should
@@ -16,9 +19,6 @@ class WireError(Exception):
     MongoDB server error code and name to put in an error reply.
     """
 
-    errmsg: str
-    code: int
-    code_name: str
     fatal: bool
     request_id: int | None
 
@@ -26,15 +26,12 @@ class WireError(Exception):
         self,
         errmsg: str,
         *,
-        code: int = 17,
-        code_name: str = "ProtocolError",
+        code: int = PROTOCOL_ERROR[0],
+        code_name: str = PROTOCOL_ERROR[1],
         fatal: bool = False,
         request_id: int | None = None,
     ) -> None:
-        super().__init__(errmsg)
-        self.errmsg = errmsg
-        self.code = code
-        self.code_name = code_name
+        super().__init__((code, code_name), errmsg)
         self.fatal = fatal
         self.request_id = request_id
 

@@ -63,7 +63,7 @@ def explain_route(
         client = from_command(command) if command.get("$readPreference") is not None else None
     except ReadPreferenceError as exc:
         raise ExplainError(f"$readPreference: {exc}") from None
-    from proxy.route.verdicts import cache_line, tenancy_outcome
+    from proxy.explain.verdicts import cache_line, tenancy_outcome
 
     tenant_line: str | None = None
     bound: Any = None

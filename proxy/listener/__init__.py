@@ -1,1 +1,0 @@
-"""Client-facing I/O: the listening socket and one handler per client connection."""

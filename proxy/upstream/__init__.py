@@ -1,0 +1,1 @@
+"""The one way to a server: :class:`~proxy.upstream.roundtrip.Roundtrip`."""

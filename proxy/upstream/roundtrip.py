@@ -1,0 +1,257 @@
+"""The only upstream path: select a server, check out a pooled connection, exchange one
+message, decide what a failure means, and keep the cursor table that later requests
+are routed by.
+
+Requests from clients (:meth:`Roundtrip.exchange`) and the proxy's own commands (the
+``killCursors`` of a departed client's cursors, :meth:`Roundtrip.release_cursors`) take
+the same path, so a failure is handled the same way whoever caused it: the server is
+marked failed (SDAM would mark it Unknown) and, on a network error, its pool cleared.
+Those two reactions are :meth:`Roundtrip._server_failed`, the one place an outlier
+policy hooks in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import bson
+from bson import Int64
+
+from proxy.address import Address
+from proxy.commands import CURSOR_COMMANDS
+from proxy.errors import (
+    HOST_UNREACHABLE,
+    NETWORK_TIMEOUT,
+    NOT_PRIMARY_CODES,
+    ProxyError,
+)
+from proxy.identity.handshake import UpstreamLimits
+from proxy.pool.connection import UpstreamConnection, UpstreamProtocolError, next_request_id
+from proxy.pool.pool import ConnectFailed, UpstreamPool
+from proxy.pool.registry import Pools
+from proxy.request import Request
+from proxy.route.cursors import CursorTable
+from proxy.route.readpref import read_preference
+from proxy.route.router import Router
+from proxy.route.rules import RouteDecision
+from proxy.route.topology import Topology
+from proxy.wire import decode_body, encode_op_msg, parse_op_msg, reply_cursor, reply_error_code
+
+__all__ = ["Exchanged", "Roundtrip"]
+
+log = logging.getLogger("mongoproxy.upstream")
+_PRIMARY_PREFERRED = read_preference("primaryPreferred")
+
+
+class Exchanged:
+    """One upstream reply: where it came from and its raw bytes (never decoded here)."""
+
+    __slots__ = ("address", "body", "conn", "error_code", "header")
+
+    def __init__(self, address: Address | None, conn: UpstreamConnection | None,
+                 header: bytes, body: bytes) -> None:
+        self.address = address
+        self.conn = conn  # None for a reply served from the cache
+        self.header = header
+        self.body = body
+        self.error_code: int | None = None
+
+
+class Roundtrip:
+    """Select, check out, exchange, handle failures; track cursors and their owners."""
+
+    def __init__(self, topology: Topology, pools: Pools, cursors: CursorTable,
+                 socket_timeout_ms: int) -> None:
+        self.topology = topology
+        self.pools = pools
+        self.cursors = cursors
+        self.router = Router(topology, cursors)
+        self.timeout_ms = socket_timeout_ms
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- what other layers ask of the upstream --------------------------------------------
+
+    def limits(self) -> UpstreamLimits:
+        """The limits the upstream servers report (pymongo's view of the topology)."""
+        return UpstreamLimits.from_description(self.topology.description())
+
+    def role_of(self, address: Address) -> str:
+        return self.topology.role_of(address)
+
+    # -- one client request -----------------------------------------------------------------
+
+    async def exchange(self, request: Request, message: bytes, decision: RouteDecision,
+                       timer: Any) -> Exchanged:
+        """Send ``message`` (the request as forwarded) to the server the decision points
+        to and return its reply. Raises ProxyError for a failure the client is told of.
+
+        Always reads a reply: the moreToCome flag was cleared before forwarding, because
+        a pooled connection must never be left with an unread reply.
+        """
+        address = (
+            self.topology.select_now(decision.read_preference) if decision.pinned is None
+            else None)
+        if address is None:  # pinned, or nothing suitable now: wait for a server
+            address = await self.router.server_for(request, decision)
+        timer.mark("select")
+        pool = self.pools.get(address)
+        slots = None if decision.pinned == "cursor" else pool.ordinary_slots
+        if slots is not None:
+            await _acquire(slots, pool)
+        try:
+            conn, header, body = await self._on(pool, address, request.raw_name, message,
+                                                request.request_id, timer)
+        finally:
+            if slots is not None:
+                slots.release()
+        done = Exchanged(address, conn, header, body)
+        code = done.error_code = reply_error_code(body)
+        if code in NOT_PRIMARY_CODES:
+            # SDAM marks such a server Unknown: select again instead of waiting for the
+            # next heartbeat.
+            self.topology.mark_failed(address)
+        return done
+
+    async def _on(self, pool: UpstreamPool, address: Address, name: str, message: bytes,
+                  request_id: int, timer: Any
+                  ) -> tuple[UpstreamConnection, bytes, bytes]:
+        try:
+            conn = await pool.checkout()
+        except ConnectFailed:
+            # Between heartbeats, a refused connect is the first sign the server is down.
+            self._server_failed(address, pool, clear=True)
+            raise
+        timer.mark("checkout_wait")
+        reusable = False
+        try:
+            header, body = await conn.exchange(message, request_id, self.timeout_ms / 1000)
+            reusable = True
+        except TimeoutError:
+            self._server_failed(address, pool, clear=False)
+            raise ProxyError(
+                NETWORK_TIMEOUT,
+                f"no reply from upstream {pool.label} to {name} within {self.timeout_ms} ms",
+            ) from None
+        except (OSError, asyncio.IncompleteReadError, UpstreamProtocolError) as exc:
+            # The server (or the path to it) failed: its other idle connections are
+            # suspect too, as SDAM clears a pool on a network error.
+            self._server_failed(address, pool, clear=True)
+            raise ProxyError(
+                HOST_UNREACHABLE,
+                f"connection to upstream {pool.label} failed during {name}: {_describe(exc)}",
+            ) from None
+        finally:
+            pool.checkin(conn, reusable)
+        timer.mark("upstream")
+        return conn, header, body
+
+    def _server_failed(self, address: Address, pool: UpstreamPool, *, clear: bool) -> None:
+        """A failure of ``address`` seen by an exchange (the outlier policy's input)."""
+        self.topology.mark_failed(address)
+        if clear:
+            pool.clear()
+
+    # -- cursors ------------------------------------------------------------------------------
+
+    def bookkeeping(self, request: Request, done: Exchanged, owner: int, tenant: Any
+                    ) -> int | None:
+        """Cursor state that later requests are routed by; returns the batch length."""
+        name = request.name
+        if name not in CURSOR_COMMANDS:
+            if name == "killCursors":
+                for killed in request.cursor_ids:
+                    self.cursors.remove(killed)
+            return None
+        cursor_id, docs = reply_cursor(done.body)
+        if name == "getMore":
+            # Exhausted (id 0), or gone on the server (an error reply has no cursor).
+            if cursor_id is None or cursor_id == 0:
+                self.cursors.remove(request.cursor_ids[0])
+        elif cursor_id and done.address is not None and done.conn is not None:
+            self.cursors.add(cursor_id, done.address, request.namespace, owner, done.conn,
+                             tenant)
+        return docs
+
+    def release_cursors(self, owner: int) -> None:
+        """Kill, on their servers, the cursors a departed client connection left open."""
+        for (server, namespace), ids in self.cursors.release_owner(owner).items():
+            database, _, collection = namespace.partition(".")
+            # Cursor ids are longs on the wire; a small id encoded as int32 is refused.
+            command = {"killCursors": collection, "cursors": [Int64(i) for i in ids]}
+            task = asyncio.create_task(self._kill_cursors(server, database, command))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _kill_cursors(self, server: Address, database: str,
+                            command: dict[str, Any]) -> None:
+        label = self.pools.get(server).label
+        try:
+            reply = await self.command(database, command, server=server)
+        except ProxyError as exc:
+            log.info("could not run killCursors on %s: %s", label, exc.errmsg)
+            return
+        if not reply.get("ok"):
+            log.warning("killCursors on %s failed: %s", label, reply.get("errmsg"))
+
+    # -- the proxy's own commands -------------------------------------------------------------
+
+    async def command(self, database: str, command: dict[str, Any], *,
+                      server: Address | None = None) -> dict[str, Any]:
+        """One command of the proxy's own (killCursors of departed clients, the index
+        catalog's listIndexes) through the same exchange and failure handling as a
+        client's request, on ``server`` or the primary (else any member). Raises
+        ProxyError."""
+        if server is None:
+            server = await self.topology.select(_PRIMARY_PREFERRED)
+        pool = self.pools.get(server)
+        request_id = next_request_id()
+        message = encode_op_msg(request_id, 0, bson.encode({**command, "$db": database}))
+        _, header, body = await self._on(pool, server, next(iter(command)), message,
+                                         request_id, _NO_TIMER)
+        return decode_body(parse_op_msg(header + body))
+
+    def runner(self, timeout_s: float) -> Callable[
+            [str, dict[str, Any]], Awaitable[Mapping[str, Any]]]:
+        """:meth:`command` bounded by ``timeout_s``, as a plain callable."""
+        async def run(database: str, command: dict[str, Any]) -> Mapping[str, Any]:
+            async with asyncio.timeout(timeout_s):
+                return await self.command(database, command)
+        return run
+
+
+class _NoTimer:
+    """The phase timer of the proxy's own commands: nothing is recorded."""
+
+    __slots__ = ()
+
+    def mark(self, phase: str) -> None:
+        pass
+
+
+_NO_TIMER = _NoTimer()
+
+
+async def _acquire(slots: asyncio.Semaphore, pool: UpstreamPool) -> None:
+    """Take one of the pool's slots for cursor-opening requests, within the wait limit."""
+    if not slots.locked():
+        await slots.acquire()  # a free slot: taken at once, no timeout scope needed
+        return
+    timeout_ms = pool.config.wait_queue_timeout_ms
+    try:
+        async with asyncio.timeout(timeout_ms / 1000):
+            await slots.acquire()
+    except TimeoutError:
+        raise ProxyError(
+            NETWORK_TIMEOUT,
+            f"timed out after {timeout_ms} ms waiting for a connection to upstream "
+            f"{pool.label} (pool max_size {pool.config.max_size}, all in use)",
+        ) from None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection closed by the server"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
