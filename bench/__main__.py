@@ -19,6 +19,8 @@ Subcommands:
          (bench/attack.py)
   ab     the proxy at a git revision against this checkout, side by side: CPU and wall
          time per forwarded find and per cache hit (bench/ab.py)
+  workers  listen.workers 1 vs 2: throughput at saturation (cache hits, forwarded finds),
+           cores per process, RSS with idle clients (bench/workers.py)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bench import (
     seed,
     storm,
     tenancy_cost,
+    workers,
 )
 
 
@@ -57,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_parser(subparsers)
     ab.add_parser(subparsers)
     attack.add_parser(subparsers)
+    workers.add_parser(subparsers)
     return parser
 
 

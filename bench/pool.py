@@ -862,6 +862,8 @@ class PhaseResult:
     upstream_max: int | None
     upstream_samples: list[int] = field(repr=False)
     hist: Any = field(repr=False, default=None)
+    # Cores of every watched pid (``pids`` of run_phase), by its name there.
+    stack_cpu_cores: dict[str, float | None] = field(default_factory=dict)
 
 
 def run_phase(
@@ -984,6 +986,7 @@ def run_phase(
         upstream_max=max(samples) if samples else None,
         upstream_samples=samples,
         hist=hist,
+        stack_cpu_cores={name: cores(name) for name in pids},
     )
 
 

@@ -9,7 +9,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.admin.connections import connections_handler
 from proxy.admin.http import AdminServer, json_response
@@ -40,13 +40,18 @@ from proxy.tls.client import UpstreamTLS
 from proxy.tls.server import ServerTLS, TLSListener, TLSMetrics
 from proxy.upstream.roundtrip import Roundtrip
 
+if TYPE_CHECKING:
+    from proxy.worker import WorkerSlot
+    from proxy.worker_siblings import Siblings
+
 log = logging.getLogger("mongoproxy")
 PRIMARY_PREFERRED = read_preference("primaryPreferred")
 
 
 class Proxy:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: WorkerSlot | None = None) -> None:
         self.config = config
+        self.worker = worker  # one of listen.workers processes (proxy/worker.py)
         self.topology = make_topology(config.upstream)
         self.pools = Pools(config.upstream.pool, Credentials.from_uri(config.upstream.uri),
                            UpstreamTLS(config.upstream))
@@ -62,6 +67,8 @@ class Proxy:
             pool_max_size=config.upstream.pool.max_size,
             topology=lambda: topology_facts(self.topology.description()),
         )
+        if worker is not None:
+            self.observer.slowlog.tag_worker(worker.index)
         # The result cache's metrics go on the proxy's registry; Redis is optional at
         # runtime, so a cache whose Redis is down is created all the same.
         self.cache = (
@@ -102,6 +109,13 @@ class Proxy:
             "/connections": connections_handler(lambda: self.connections),
             **(advice_routes(self.advisor) if config.advice.enabled else {}),
         }, self.observer.post_routes(), token=config.admin.token)
+        # A worker's cursors that clients continue in its siblings (and theirs here).
+        self.siblings: Siblings | None = None
+        if worker is not None:
+            from proxy.worker_siblings import attach
+
+            self.siblings = attach(self, worker)
+            self.pipeline.siblings = self.siblings
         self.server: asyncio.Server | TLSListener | None = None
         self.connections: dict[ClientSession, asyncio.Task[None]] = {}
         self.shutting_down = False
@@ -110,7 +124,8 @@ class Proxy:
 
     async def start(self) -> None:
         listen = self.config.listen
-        await self.admin.start(self.config.admin.host, self.config.admin.port)
+        if self.worker is None:
+            await self.admin.start(self.config.admin.host, self.config.admin.port)
         # Learn the upstream's limits before the first client handshake; an upstream that
         # is down now is not fatal (clients get errors until it is back).
         await self.topology.start()
@@ -124,21 +139,23 @@ class Proxy:
             await self.cache.start()
         if self.config.advice.enabled:
             self.advisor.start()
+        reuse_port = self.worker is not None  # the workers share the port
         if self.listen_tls is None:
             self.server = await asyncio.get_running_loop().create_server(
                 lambda: ClientStream(self._accept, self.guard.budget), listen.host,
-                listen.port, backlog=4096
+                listen.port, backlog=4096, reuse_port=reuse_port,
             )
         else:
             self.listen_tls.start_watching()  # certificate files reloaded when they change
             self.server = await TLSListener.start(
                 lambda: ClientStream(self._accept, self.guard.budget), self.listen_tls,
-                listen.host, listen.port)
+                listen.host, listen.port, reuse_port=reuse_port)
             self.observer.metrics.registry.register(TLSMetrics(self.listen_tls, self.server))
+        if self.worker is not None:  # its supervisor sees it once it listens
+            await self.admin.start_unix(self.worker.admin_socket)
         log.info(
-            "mongoproxy listening on %s:%d, upstream %s, admin http://%s:%d",
-            listen.host, self.port, self.topology.summary(), self.config.admin.host,
-            self.admin.port,
+            "mongoproxy listening on %s:%d, upstream %s, admin %s",
+            listen.host, self.port, self.topology.summary(), self.admin.address,
         )
 
     async def _fill_pool(self, address: tuple[str, int | None]) -> None:
@@ -225,10 +242,11 @@ class Proxy:
         })
 
 
-async def serve(config: Config, path: Path | None = None) -> None:
+async def serve(config: Config, path: Path | None = None,
+                worker: WorkerSlot | None = None) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP (or an edit of the
     file at ``path``) reloads the routing rules."""
-    proxy = Proxy(config)
+    proxy = Proxy(config, worker)
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -236,7 +254,7 @@ async def serve(config: Config, path: Path | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     reloader = None
     if path is not None:
-        reloader = ConfigReloader(proxy, path)
+        reloader = ConfigReloader(proxy, path, None if worker is None else worker.adapt)
         reloader.start()
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
     if proxy.listen_tls is not None:
@@ -255,10 +273,10 @@ def _reload_all(reloader: ConfigReloader | None, tls: ServerTLS) -> None:
     tls.reload()
 
 
-def run(config: Config, path: Path | None = None) -> None:
+def run(config: Config, path: Path | None = None, worker: WorkerSlot | None = None) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
-        asyncio.run(serve(config, path))
+        asyncio.run(serve(config, path, worker))
     else:
-        uvloop.run(serve(config, path))
+        uvloop.run(serve(config, path, worker))

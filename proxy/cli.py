@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", required=True, help="YAML configuration file")
     run.add_argument("--log-level", default="INFO")
+    # Started by the supervisor of listen.workers > 1 (proxy/supervisor.py), not by hand.
+    from proxy.worker import add_arguments as add_worker_arguments
+
+    add_worker_arguments(sub.add_parser("worker", help="(internal) one of listen.workers"))
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file")
     sub.add_parser("top", help="the query digest of a running proxy, refreshing",
@@ -64,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
         return run_hash_password(args)
+    if args.command == "worker":
+        from proxy.worker import main as worker_main
+
+        return worker_main(args)
     path = args.file if args.command == "check-config" else args.config
     try:
         config = load_config(path)
@@ -76,11 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "explain-route":
         return _explain_route(config, args.command_json, args.app_name, args.offline,
                               args.user)
+    workers = config.listen.worker_count()
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s "
+               + ("[supervisor] " if workers > 1 else "") + "%(message)s",
         stream=sys.stderr,
     )
+    if workers > 1:
+        from proxy.supervisor import run as run_supervisor
+
+        return run_supervisor(config, Path(path), args.log_level)
     from proxy.app import run as run_proxy  # deferred: check-config needs no event loop
 
     run_proxy(config, Path(path))

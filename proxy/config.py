@@ -7,8 +7,9 @@ file without reading code.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -90,6 +91,15 @@ class ListenConfig(_Strict):
     max_buffered_bytes: int = Field(default=512 * 1024 * 1024, ge=48_000_000)
     # TLS for applications (docs/production.md); absent: plaintext only.
     tls: ListenTLSConfig | None = None
+    # Serving processes sharing the port (SO_REUSEPORT) under a supervisor; "auto" is
+    # the number of CPUs this process may run on. 1: one process, no supervisor.
+    workers: Annotated[int, Field(ge=1, le=256, strict=True)] | Literal["auto"] = 1
+
+    def worker_count(self) -> int:
+        """``workers`` with ``auto`` resolved."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
 
 
 class AdminConfig(_Strict):
@@ -213,6 +223,20 @@ class Config(_Strict):
     advice: AdviceConfig = AdviceConfig()  # index advice (GET /advice, mongoproxy advise)
     # The Redis result cache; absent: no cache.
     cache: CacheConfig | None = None
+
+    @model_validator(mode="after")
+    def _workers_fit(self) -> Config:
+        workers = self.listen.worker_count()
+        if workers > 1:
+            # Every worker binds the same port; port 0 would give each its own.
+            if self.listen.port == 0:
+                raise ValueError("listen.port: 0 cannot be shared by listen.workers > 1")
+            if self.upstream.pool.max_size < workers:
+                raise ValueError(
+                    f"upstream.pool.max_size ({self.upstream.pool.max_size}) is divided "
+                    f"among listen.workers ({workers}): it must be at least that many"
+                )
+        return self
 
 
 def _format_errors(exc: ValidationError) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -44,9 +45,12 @@ class Reloadable(Protocol):
 
 
 class ConfigReloader:
-    def __init__(self, proxy: Reloadable, path: Path) -> None:
+    def __init__(self, proxy: Reloadable, path: Path,
+                 adapt: Callable[[Config], Config] | None = None) -> None:
         self.proxy = proxy
         self.path = path
+        # A worker of listen.workers compares the file as it would run it (its share).
+        self.adapt = adapt
         self._seen = _stamp(path)
         self._task: asyncio.Task[None] | None = None
 
@@ -64,6 +68,8 @@ class ConfigReloader:
         metrics = self.proxy.observer.metrics
         try:
             new = load_config(self.path)
+            if self.adapt is not None:
+                new = self.adapt(new)
         except ConfigError as exc:
             log.error("config reload refused, keeping the running configuration: %s", exc)
             metrics.config_reloaded(False)

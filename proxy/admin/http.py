@@ -71,6 +71,17 @@ class AdminServer:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
+    async def start_unix(self, path: str) -> None:
+        """Serve on a unix socket (a worker's private endpoint, read by its supervisor)."""
+        self.server = await asyncio.start_unix_server(self._serve, path)
+
+    @property
+    def address(self) -> str:
+        """Where it serves, for the log: ``http://HOST:PORT`` or ``unix:PATH``."""
+        assert self.server is not None
+        name = self.server.sockets[0].getsockname()
+        return f"unix:{name}" if isinstance(name, str) else f"http://{name[0]}:{name[1]}"
+
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()

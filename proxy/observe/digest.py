@@ -179,15 +179,22 @@ class QueryDigest:
             "last_example": example,
         }
 
-    def top(self, limit: int = 20, order: str = "total_time") -> list[dict[str, Any]]:
-        """The ``limit`` rows with the highest ``order`` (a key of :data:`ORDERS`)."""
+    def top(self, limit: int = 20, order: str = "total_time",
+            sketches: bool = False) -> list[dict[str, Any]]:
+        """The ``limit`` rows with the highest ``order`` (a key of :data:`ORDERS`);
+        with ``sketches``, each row carries its latency sketch's state (``"sketch"``),
+        which the supervisor of ``listen.workers`` merges across workers."""
         if order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}")
         field = ORDERS[order]
         rows = [self._describe(k, r) for k, r in self.rows.items()]
         # Ties: more frequent first, then the hash, so the order is deterministic.
         rows.sort(key=lambda d: (-d[field], -d["count"], d["shape_hash"]))
-        return rows[:max(0, limit)]
+        rows = rows[:max(0, limit)]
+        if sketches:
+            for row in rows:
+                row["sketch"] = self.rows[row["shape_hash"]].latency.state()
+        return rows
 
     def reset(self) -> dict[str, Any]:
         """Forget every row (``POST /digest/reset``); returns the summary before it."""

@@ -66,7 +66,8 @@ def _one(query: dict[str, list[str]], name: str) -> str | None:
 
 
 def digest_handler(digest: QueryDigest, default_limit: int = 50) -> Handler:
-    """``GET /digest?limit=N&order=total_time|count|avg_time|p95|max_time|errors|docs|bytes``"""
+    """``GET /digest?limit=N&order=total_time|count|avg_time|p95|max_time|errors|docs|bytes``
+    (``&sketch=1``: each row with its latency sketch, for merging across workers)"""
 
     def handle(query: dict[str, list[str]]) -> Reply:
         raw_limit = _one(query, "limit")
@@ -82,7 +83,8 @@ def digest_handler(digest: QueryDigest, default_limit: int = 50) -> Handler:
             return json_response(400, {"error": f"order must be one of {', '.join(ORDERS)}"})
         body = digest.summary()
         body["order"] = order
-        body["top"] = digest.top(min(limit, MAX_DIGEST_LIMIT), order)
+        body["top"] = digest.top(min(limit, MAX_DIGEST_LIMIT), order,
+                                 sketches=_one(query, "sketch") == "1")
         return json_response(200, body)
 
     return handle

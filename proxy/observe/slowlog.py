@@ -127,6 +127,7 @@ class SlowLog:
         self.log_values = config.log_values
         self._rng = rng
         self._pending: list[str] = []
+        self._worker_prefix = ""
         self._file: logging.handlers.RotatingFileHandler | None = None
         self._max_bytes = 0
         self._position = 0
@@ -152,13 +153,25 @@ class SlowLog:
             slow = False
         else:
             return False
-        self._pending.append(format_line(op, slow, self.log_values))
+        line = format_line(op, slow, self.log_values)
+        if self._worker_prefix:
+            line = self._worker_prefix + line[1:]
+        self.append(line)
+        return True
+
+    def tag_worker(self, index: int) -> None:
+        """Lines of a worker process (``listen.workers`` > 1) start ``{"worker":N,``."""
+        self._worker_prefix = f'{{"worker":{index},'
+
+    def append(self, line: str) -> None:
+        """Write a finished line (no newline) with the next flush (the supervisor
+        passes its workers' lines through here: one stream, one rotation)."""
+        self._pending.append(line)
         if len(self._pending) == 1:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no event loop (tools, tests): write now
                 self.flush()
-        return True
 
     def flush(self) -> None:
         """Write the collected lines (rotating the file as they cross its size limit)."""

@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import bson
 
@@ -87,6 +87,12 @@ _REMOVED_OPCODES = {
 _SHAPE_SAMPLE = 8
 
 
+class CursorLookup(Protocol):
+    """Cursors opened in another process (proxy.worker_siblings)."""
+
+    async def resolve(self, cursor_ids: Sequence[int]) -> None: ...
+
+
 class Pipeline:
     """The stages of a request, wired once to the proxy's shared parts."""
 
@@ -109,6 +115,8 @@ class Pipeline:
         # With users configured, a connection must log in before anything else.
         self.users_configured = len(authenticator) > 0
         self._cursor_tenant = roundtrip.cursors.tenant_of  # bound once, not per request
+        # listen.workers > 1: learns the cursors another worker opened (worker_siblings).
+        self.siblings: CursorLookup | None = None
 
     def session(self, connection_id: int, peer: object) -> Session:
         return Session(connection_id, peer, self.authenticator.session())
@@ -197,6 +205,8 @@ class Pipeline:
             return await self._authenticate(request, session, timer)
         if session.identity is None and self.users_configured:
             return self._before_login(request, session, timer)
+        if self.siblings is not None and request.cursor_ids:
+            await self.siblings.resolve(request.cursor_ids)  # before tenancy reads them
         admission = admit(
             self.policy, name, command, request.msg.body, request.sequences,
             bound_tenant=session.tenant,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from proxy.address import Address
 
@@ -29,10 +29,29 @@ class CursorEntry:
     tenant: Any = None
 
 
+# The owner of cursors another worker of listen.workers opened (client ids start at 1):
+# no connection of this worker owns them, so none's departure kills them.
+FOREIGN_OWNER = 0
+# Foreign cursors remembered at most (the oldest are forgotten first): a client that
+# abandons cursors it continued here must not grow the table without bound.
+MAX_FOREIGN = 10_000
+
+
+class _NoConnection:
+    """Stands for the upstream connection of a foreign cursor: it is another worker's."""
+
+    def cursor_opened(self) -> None:
+        pass
+
+    def cursor_closed(self) -> None:
+        pass
+
+
 class CursorTable:
     def __init__(self) -> None:
         self._cursors: dict[int, CursorEntry] = {}
         self._by_owner: dict[int, set[int]] = defaultdict(set)
+        self._foreign: dict[int, None] = {}  # insertion-ordered: the oldest first
 
     def __len__(self) -> int:
         return len(self._cursors)
@@ -51,6 +70,16 @@ class CursorTable:
         self._by_owner[owner].add(cursor_id)
         conn.cursor_opened()
 
+    def add_foreign(self, cursor_id: int, server: Address, namespace: str,
+                    tenant: Any = None) -> None:
+        """A cursor another worker opened, continued by a client connection of this one
+        (a driver may send a getMore on any of its pooled connections)."""
+        if len(self._foreign) >= MAX_FOREIGN:
+            self.remove(next(iter(self._foreign)))
+        self.add(cursor_id, server, namespace, FOREIGN_OWNER,
+                 cast("UpstreamConnection", _NoConnection()), tenant)
+        self._foreign[cursor_id] = None
+
     def get(self, cursor_id: int) -> CursorEntry | None:
         return self._cursors.get(cursor_id)
 
@@ -61,6 +90,7 @@ class CursorTable:
 
     def remove(self, cursor_id: int) -> None:
         entry = self._cursors.pop(cursor_id, None)
+        self._foreign.pop(cursor_id, None)
         if entry is not None:
             entry.conn.cursor_closed()
             owned = self._by_owner.get(entry.owner)

@@ -8,7 +8,7 @@ preference (always primary for writes: see ``proxy.route.rules``).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from proxy.address import Address
@@ -21,6 +21,9 @@ from proxy.route.topology import Topology
 # A session's transaction pin is forgotten after this long unused (the server's own
 # transactionLifetimeLimitSeconds default).
 TRANSACTION_PIN_TTL_S = 60.0
+# listen.workers > 1: the server a sibling worker pinned a transaction to, for a
+# statement of it that reaches this worker (proxy/worker_siblings.py).
+TransactionLookup = Callable[[bytes, int], Awaitable[Address | None]]
 
 
 def transaction_key(command: Mapping[str, Any]) -> tuple[bytes, int] | None:
@@ -41,6 +44,7 @@ class Router:
         self.cursors = cursors
         # session id -> (txnNumber, server, last used)
         self._transactions: dict[bytes, tuple[int, Address, float]] = {}
+        self.sibling_transactions: TransactionLookup | None = None
 
     async def server_for(self, request: Request, decision: RouteDecision) -> Address:
         """The server for a request the routing rules have decided on."""
@@ -53,10 +57,15 @@ class Router:
         elif decision.pinned == "transaction":
             txn = request.transaction_key
             if txn is not None:
-                return await self._transaction_server(txn)
+                return await self._transaction_server(txn, request.start_transaction is True)
         return await self.topology.select(decision.read_preference)
 
-    async def _transaction_server(self, txn: tuple[bytes, int]) -> Address:
+    def transaction_server(self, session: bytes, number: int) -> Address | None:
+        """The server this router pinned a session's transaction ``number`` to."""
+        pinned = self._transactions.get(session)
+        return pinned[1] if pinned is not None and pinned[0] == number else None
+
+    async def _transaction_server(self, txn: tuple[bytes, int], starts: bool = False) -> Address:
         """The server of a session's transaction, pinned from its first statement.
 
         The pin outlives commit and abort: a driver may send commitTransaction again
@@ -69,7 +78,12 @@ class Router:
         if pinned is not None and pinned[0] == number:
             self._transactions[session] = (number, pinned[1], now)
             return pinned[1]
-        address = await self.topology.select(PRIMARY)
+        address = None
+        if not starts and self.sibling_transactions is not None:
+            # A statement of a transaction that started in another worker.
+            address = await self.sibling_transactions(session, number)
+        if address is None:
+            address = await self.topology.select(PRIMARY)
         self._expire(now)
         self._transactions[session] = (number, address, now)
         return address

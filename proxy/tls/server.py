@@ -179,10 +179,11 @@ class TLSListener:
     @classmethod
     async def start(
         cls, protocol_factory: Callable[[], asyncio.Protocol], tls: ServerTLS,
-        host: str, port: int, backlog: int = 4096,
+        host: str, port: int, backlog: int = 4096, reuse_port: bool = False,
     ) -> TLSListener:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::" and the like
-        sock = socket.create_server((host, port), family=family, backlog=backlog)
+        sock = socket.create_server((host, port), family=family, backlog=backlog,
+                                    reuse_port=reuse_port)
         sock.setblocking(False)
         listener = cls(protocol_factory, tls, sock)
         listener._accepting = asyncio.create_task(listener._accept_loop(), name="tls accept")
