@@ -108,7 +108,10 @@ class Proxy:
             "/rules": rules_handler(lambda: self.config),
             "/connections": connections_handler(lambda: self.connections),
             **(advice_routes(self.advisor) if config.advice.enabled else {}),
-        }, self.observer.post_routes(), token=config.admin.token)
+        }, self.observer.post_routes(),
+            # A worker's admin server is its supervisor's private unix socket (the
+            # supervisor's own port checks the token).
+            token=None if worker is not None else config.admin.token)
         # A worker's cursors that clients continue in its siblings (and theirs here).
         self.siblings: Siblings | None = None
         if worker is not None:
