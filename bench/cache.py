@@ -125,14 +125,30 @@ def start_cache_stack(timeout_ms: float) -> tuple[Stack, dict[str, str], str]:
 
 
 def _cache_counts(admin_url: str) -> dict[str, float]:
+    """``hit``, ``miss``, ``bypass`` and ``bypass:<reason>`` operation counts, plus the
+    breaker's ``circuit_opened`` and ``invalidations_pending``."""
     with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as response:
         text = response.read().decode()
     counts: dict[str, float] = {}
     for line in text.splitlines():
+        value = line.rsplit(" ", 1)[-1]
         if line.startswith("mongoproxy_cache_operations_total{"):
             result = line.split('result="', 1)[1].split('"', 1)[0]
-            counts[result] = counts.get(result, 0.0) + float(line.rsplit(" ", 1)[1])
+            counts[result] = counts.get(result, 0.0) + float(value)
+            if result == "bypass":
+                reason = line.split('reason="', 1)[1].split('"', 1)[0]
+                counts[f"bypass:{reason}"] = float(value)
+        elif line.startswith('mongoproxy_redis_circuit_changes_total{state="open"}'):
+            counts["circuit_opened"] = float(value)
+        elif line.startswith('mongoproxy_cache_invalidations_total{result="pending"}'):
+            counts["invalidations_pending"] = float(value)
     return counts
+
+
+def _counts_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    keys = {"hit", "miss", "bypass", "circuit_opened", "invalidations_pending"}
+    keys.update(k for k in after if k.startswith("bypass:"))
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in sorted(keys)}
 
 
 # ---------------------------------------------------------------- load
@@ -269,7 +285,8 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
         "machine": machine,
         "results": [asdict(r) for r in rows],
         "cache_during_measurement": {"hits": hits, "lookups": lookups, "bypasses": bypasses,
-                                     "hit_ratio": hits / lookups if lookups else None},
+                                     "hit_ratio": hits / lookups if lookups else None,
+                                     "counts": _counts_delta(counts_before, counts_after)},
         "closed_loop": {"min_ratio": min((r.ratio_vs_direct or 0) for r in cached)},
         "saturation": saturation,
         "goal": {"ratio": GOAL, "basis": "saturation throughput, proxy-cache / direct",
@@ -325,7 +342,7 @@ def _saturation(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
         "clients": cfg.saturation_clients, "workers": cfg.workers,
         "seconds_per_round": cfg.saturation_s, "rounds": cfg.saturation_rounds,
         "results": rows, "ratio": rows["proxy-cache"]["ratio_vs_direct"],
-        "cache": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("hit", "miss", "bypass")},
+        "cache": _counts_delta(before, after),
     }
 
 
@@ -391,7 +408,8 @@ def main(args: argparse.Namespace) -> int:
         print(format_saturation(saturation))
         counts = saturation["cache"]
         print(f"cache at saturation: {counts['hit']:.0f} hits, {counts['miss']:.0f} misses, "
-              f"{counts['bypass']:.0f} bypasses")
+              f"{counts['bypass']:.0f} bypasses, {counts['circuit_opened']:.0f} circuit "
+              f"openings ({counts})")
         print(f"goal proxy-cache >= {GOAL}x direct at saturation: "
               f"{'met' if goal['met'] else 'NOT met'} ({goal['measured']:.2f}x)")
     print(f"results: {cfg.json_path}")

@@ -23,6 +23,7 @@ opens a new one.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from itertools import repeat
 from typing import Any, cast
@@ -62,7 +63,7 @@ class _Pipeline(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        now = self.loop.time()
+        now = time.monotonic()
         budget = self.budget
         while True:
             try:
@@ -123,9 +124,11 @@ class _Pipeline(asyncio.Protocol):
         assert self.transport is not None
         batch, self.outgoing = self.outgoing, []
         self.transport.write(b"".join(batch))
-        self.sent.extend(repeat(self.loop.time(), len(batch)))
+        now = time.monotonic()  # not the loop's clock: uvloop's has a 1 ms resolution
+        self.sent.extend(repeat(now, len(batch)))
         if self._watchdog is None:
-            self._watchdog = self.loop.call_at(self.sent[0] + self.budget.value, self._due)
+            self._watchdog = self.loop.call_later(self.sent[0] + self.budget.value - now,
+                                                  self._due)
 
     # One watchdog per connection instead of a timer per lookup. Like
     # proxy.cache.deadline.PolledTimeout, it lets a deadline pass only after the loop
@@ -133,7 +136,7 @@ class _Pipeline(asyncio.Protocol):
     # proxy is not taken for a slow Redis.
 
     def _due(self) -> None:
-        self._cutoff = self.loop.time()
+        self._cutoff = time.monotonic()
         self._watchdog = self.loop.call_later(GRACE_S, self._polled)
 
     def _polled(self) -> None:
@@ -146,7 +149,7 @@ class _Pipeline(asyncio.Protocol):
         for waiter, sent in zip(self.waiters, self.sent, strict=False):
             deadline = sent + budget
             if deadline > self._cutoff:
-                self._watchdog = self.loop.call_at(deadline, self._due)
+                self._watchdog = self.loop.call_later(deadline - time.monotonic(), self._due)
                 return
             if not waiter.done():
                 # It keeps its place: its late reply is dropped when it comes.

@@ -298,20 +298,19 @@ class RedisStore:
         command in flight)."""
         if self._open:
             raise CircuitOpen("circuit open")
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.monotonic()
         try:
             async with _UNSCOPED if bounded else PolledTimeout(self.budget.value):
                 result = await call()
         except (TimeoutError, RedisTimeoutError) as exc:
             self.metrics.error(op, "timeout")
-            self._silent(started, loop.time())
+            self._silent(started, time.monotonic())
             raise StoreTimeout(str(exc) or "no reply within the lookup budget") from None
         except Exception as exc:  # any failure, see the docstring
             self.metrics.error(op, _kind(exc))
             self.failed(f"{op}: {type(exc).__name__}: {exc}")
             raise StoreUnavailable(str(exc)) from None
-        now = loop.time()
+        now = time.monotonic()
         self.metrics.observe_latency(op, now - started)
         if not bounded:  # the lane feeds the budget itself, with every reply
             self.budget.add(now - started)
