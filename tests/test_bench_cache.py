@@ -15,7 +15,8 @@ def test_bench_cache_runs_and_writes_consistent_json(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "cache", "--ops", "40", "--rounds", "2",
          "--concurrency", "1,2", "--docs", "100", "--hot", "10", "--json", str(out),
-         "--saturation-clients", "4", "--saturation-s", "1", "--saturation-rounds", "2"],
+         "--saturation-clients", "4", "--saturation-s", "1", "--saturation-rounds", "2",
+         "--write-shares", "0.25"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
@@ -42,6 +43,17 @@ def test_bench_cache_runs_and_writes_consistent_json(tmp_path: Path) -> None:
     assert saturation["cache"]["hit"] > 0
     assert saturation["cache"]["miss"] == saturation["cache"]["bypass"] == 0
     assert saturation["results"]["proxy-cache"]["ferretdb_cores"] < 0.25
+    assert saturation["cache"]["circuit_opened"] == 0
+    # one of the 4 clients writes; the readers found no stale read, the breaker held
+    mixed = data["writer_shares"]["0.25"]
+    for target in ("direct", "proxy-cache"):
+        row = mixed["results"][target]
+        assert row["writes_per_s"] > 0 and row["reads_per_s"] > 0, target
+        assert row["checked_reads"] > 0 and row["stale_reads"] == 0 and row["errors"] == 0
+        assert len(row["per_round_reads_per_s"]) == 2
+    assert mixed["cache"]["hit"] > 0 and mixed["cache"]["circuit_opened"] == 0
+    assert mixed["cache"]["invalidations_pending"] == 0
+    assert mixed["ratio"] > 0
     assert data["goal"]["ratio"] == 2.0
     assert data["goal"]["measured"] == saturation["ratio"]
     assert "goal proxy-cache >= 2.0x direct at saturation" in proc.stdout

@@ -135,7 +135,20 @@ class Invalidator:
             self._landed(targets, started_at)
 
     async def close(self) -> None:
+        """Stop retrying, after one last attempt: pending marks live in this process's
+        memory, and once it is gone only the entries' TTL bounds what others serve."""
         self._closed = True
         if self._retry is not None:
             self._retry.cancel()
             await asyncio.gather(self._retry, return_exceptions=True)
+        if self:
+            targets = WriteTargets(tuple(sorted(self.namespaces)), tuple(sorted(self.databases)))
+            try:
+                async with PolledTimeout(self._budget_s):
+                    await self._bump(targets)
+            except Exception as exc:
+                log.warning("result cache: shutting down with invalidations pending for %s "
+                            "(%s: %s); other instances may serve their older entries until "
+                            "the entries' ttl_s runs out", ", ".join(
+                                (*targets.namespaces, *targets.databases)),
+                            type(exc).__name__, exc)
