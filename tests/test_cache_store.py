@@ -29,12 +29,14 @@ from tests.support import RedisFactory, RedisProcess
 
 Doc = dict[str, Any]
 PROBE_MS = 100
-INVALIDATE_MS = 100  # the default invalidate_timeout_ms
+INVALIDATE_MS = 1000  # 10 x the default: an invalidation that must land, lands
 
 
 def _config(server: RedisProcess, **extra: Any) -> CacheConfig:
     return CacheConfig.model_validate({
+        # generous connect timeout: the start's PING must not fail on a loaded host
         "redis_url": server.url, "timeout_ms": 200, "key_prefix": "t:",
+        "connect_timeout_ms": 2000, "invalidate_timeout_ms": INVALIDATE_MS,
         "breaker": {"failures": 2, "probe_interval_ms": PROBE_MS},
         "rules": [{"match": {"collection": "users|orders"}, "ttl_s": 60}], **extra,
     })
@@ -266,17 +268,31 @@ async def test_a_failed_invalidation_is_pending_and_not_served_here(
         await cache.close()
 
 
+async def _answered_lookup(store: Any, ns: str) -> bytes:
+    """A lookup Redis answered: with a 5 ms budget on a loaded host, one may time out
+    (a bypass); try again for up to 10 s."""
+    for _ in range(1000):
+        try:
+            token, _ = await store.lookup(ns, "d")
+            return bytes(token)
+        except StoreUnavailable as exc:
+            assert exc.reason == "redis_timeout", exc
+            await asyncio.sleep(0.01)
+    raise AssertionError("Redis never answered a lookup within 10 s")
+
+
 async def test_an_invalidation_lands_while_the_lookup_circuit_is_open(
     server: RedisProcess,
 ) -> None:
     """Slow or failed lookups never stop a write's invalidation: Redis stalled until the
     lookup circuit opened, then answers again before the (slow) probe closed it."""
-    cache = ResultCache(_config(server, timeout_ms=5, breaker={
+    cache = ResultCache(_config(server, timeout_ms=5, invalidate_timeout_ms=2000, breaker={
         "failures": 3, "stall_ms": 200, "probe_interval_ms": 60_000}))
     store = cache.store
     await cache.start()
     try:
-        token, _ = await store.lookup("app.users", "d")
+        assert store.available
+        token = await _answered_lookup(store, "app.users")
         assert server.proc is not None
         server.proc.send_signal(signal.SIGSTOP)
         try:
@@ -306,7 +322,7 @@ async def test_lookup_timeouts_alone_do_not_open_the_circuit(server: RedisProces
     store = cache.store
     await cache.start()
     try:
-        await store.lookup("app.users", "d")
+        await _answered_lookup(store, "app.users")
         assert server.proc is not None
         timeouts = 0
         for _ in range(3):
@@ -318,7 +334,7 @@ async def test_lookup_timeouts_alone_do_not_open_the_circuit(server: RedisProces
                     timeouts += caught.value.reason == "redis_timeout"
             finally:
                 server.proc.send_signal(signal.SIGCONT)
-            await store.lookup("app.users", "d")  # answered again
+            await _answered_lookup(store, "app.users")  # answered again
         assert timeouts == 15 and store.available and cache.state == "ok"
     finally:
         await cache.close()
