@@ -314,7 +314,11 @@ class RedisStore:
         self.metrics.observe_latency(op, now - started)
         if not bounded:  # the lane feeds the budget itself, with every reply
             self.budget.add(now - started)
-            self.budget.answered_at = now
+            if self._lane is None:
+                # With a lane, only its replies prove lookups can be answered: a lane
+                # connection gone silent must end in the stall rule (a new connection)
+                # even while other connections still get answers.
+                self.budget.answered_at = now
         self._failures = 0
         if self.state != "ok" and not self._open:
             self._set_state("ok")
