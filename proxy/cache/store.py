@@ -97,6 +97,7 @@ __all__ = ["CircuitOpen", "InvalidationPending", "RedisStore", "StoreGarbage",
 log = logging.getLogger("mongoproxy.cache")
 
 T = TypeVar("T")
+WARM_CONNECTIONS = 4
 State = Literal["connecting", "ok", "down"]
 
 
@@ -159,6 +160,9 @@ class RedisStore:
             "socket_connect_timeout": config.connect_timeout_ms / 1000,
             # The breaker decides about retrying, not the client.
             "retry": Retry(NoBackoff(), 0),
+            # No CLIENT SETINFO on connect: a round trip less before a new connection's
+            # first command (a write's invalidation may be that command).
+            "driver_info": None,
         }
         self.client: Redis | RedisCluster
         self._lane: LookupLane | None = None
@@ -194,8 +198,11 @@ class RedisStore:
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """One PING to learn the state; Redis down at start is not an error."""
-        if await self._ping():
+        """PINGs to learn the state (Redis down at start is not an error), on
+        ``WARM_CONNECTIONS`` connections at once: the first burst of writes then finds
+        connections in the pool instead of opening them within its invalidation
+        budget."""
+        if all(await asyncio.gather(*(self._ping() for _ in range(WARM_CONNECTIONS)))):
             self._set_state("ok")
         else:
             self._trip("Redis not reachable at start")
