@@ -189,6 +189,14 @@ class LookupLane:
             pipeline = await self._connected()
         return await pipeline.send("MGET", *keys)
 
+    async def ping(self) -> Any:
+        """A PING behind whatever the connection is waiting for (its reply, like every
+        reply, sets ``budget.answered_at``)."""
+        pipeline = self._pipeline
+        if pipeline is None or pipeline.lost is not None:
+            pipeline = await self._connected()
+        return await pipeline.send("PING")
+
     async def _connected(self) -> _Pipeline:
         # Concurrent lookups share one connection attempt.
         if self._connecting is None:

@@ -98,6 +98,8 @@ log = logging.getLogger("mongoproxy.cache")
 
 T = TypeVar("T")
 WARM_CONNECTIONS = 4
+CONFIRM_STEPS = 20  # a silence is confirmed over this many loop passes ...
+CONFIRM_STEP_S = 0.01  # ... this far apart at least
 State = Literal["connecting", "ok", "down"]
 
 
@@ -178,6 +180,7 @@ class RedisStore:
         self._open = False
         # Start of the oldest timed-out operation Redis has not answered anything since.
         self._quiet_since: float | None = None
+        self._confirming: asyncio.Task[None] | None = None
         self.invalidations = Invalidator(
             self._bump, metrics, budget_s=self.invalidate_timeout_s,
             retry_interval_s=config.breaker.probe_interval_ms / 1000, kind=_kind)
@@ -209,6 +212,8 @@ class RedisStore:
 
     async def close(self) -> None:
         self._closed = True
+        if self._confirming is not None:
+            self._confirming.cancel()
         await self.invalidations.close()
         if self._probe is not None:
             self._probe.cancel()
@@ -334,13 +339,38 @@ class RedisStore:
     def _silent(self, started: float, now: float) -> None:
         """A timed-out operation: the circuit opens only when Redis has answered
         nothing at all for ``stall_ms`` (a loaded host delays a healthy Redis; it does
-        not silence it). Replies that came after their lookup gave up count as answers."""
+        not silence it). Replies that came after their lookup gave up count as answers.
+        The silence is then confirmed over ``CONFIRM_STEPS`` loop passes with a PING
+        in flight: a proxy that was off the CPU for a second read no socket meanwhile,
+        which does not make Redis silent (seen: a 1.1 s freeze of a proxy process on a
+        host at load 12 opened the circuit at once)."""
         quiet = self._quiet_since
         if quiet is None or self.budget.answered_at >= quiet:
             self._quiet_since = started
-        elif now - quiet >= self.stall_s:
-            self._trip(f"no reply from Redis for {(now - quiet) * 1000:.0f} ms "
+        elif now - quiet >= self.stall_s and self._confirming is None and not self._open:
+            self._confirming = asyncio.get_running_loop().create_task(
+                self._confirm_silence(quiet), name="redis silence")
+
+    async def _confirm_silence(self, quiet: float) -> None:
+        ping = asyncio.ensure_future(self._ping_for_answer())
+        try:
+            for _ in range(CONFIRM_STEPS):  # loop passes, each one polls the sockets
+                await asyncio.sleep(CONFIRM_STEP_S)
+                if self.budget.answered_at >= quiet:
+                    return
+            self._trip(f"no reply from Redis for {(time.monotonic() - quiet) * 1000:.0f} ms "
                        f"(breaker.stall_ms {self.stall_s * 1000:g})")
+        finally:
+            ping.cancel()
+            self._confirming = None
+
+    async def _ping_for_answer(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._lane is not None:
+                await self._lane.ping()
+            else:
+                await self.client.ping()
+                self.budget.answered_at = time.monotonic()
 
     def failed(self, why: str) -> None:
         """Count a failure (also for garbage returned by Redis)."""
