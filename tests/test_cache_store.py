@@ -6,6 +6,7 @@ layer, and a transaction's writes invalidated at its commit."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import struct
@@ -336,6 +337,46 @@ async def test_lookup_timeouts_alone_do_not_open_the_circuit(server: RedisProces
                 server.proc.send_signal(signal.SIGCONT)
             await _answered_lookup(store, "app.users")  # answered again
         assert timeouts == 15 and store.available and cache.state == "ok"
+    finally:
+        await cache.close()
+
+
+async def test_a_slow_invalidation_waits_while_redis_answers(
+    server: RedisProcess, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past its budget, a write's invalidation keeps waiting while Redis answers other
+    commands (here: lookups every 10 ms): Redis is reachable, the slowness is the
+    proxy's (stood in for by a SET that takes 250 ms to send). Acknowledging with a
+    pending invalidation would break read-your-writes across instances."""
+    cache = ResultCache(_config(server, invalidate_timeout_ms=100))
+    store = cache.store
+    await cache.start()
+    try:
+        await _answered_lookup(store, "app.users")
+        real_set = store.client.set
+
+        async def slow_set(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.25)
+            return await real_set(*args, **kwargs)
+
+        monkeypatch.setattr(store.client, "set", slow_set)
+        stop = asyncio.Event()
+
+        async def reads() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(StoreUnavailable):
+                    await store.lookup("app.orders", "d")
+                await asyncio.sleep(0.01)
+
+        reader = asyncio.create_task(reads())
+        try:
+            started = asyncio.get_running_loop().time()
+            assert await store.invalidate(WriteTargets(("app.users",)))
+            assert asyncio.get_running_loop().time() - started >= 0.25
+            assert not store.invalidations
+        finally:
+            stop.set()
+            await reader
     finally:
         await cache.close()
 

@@ -183,7 +183,8 @@ class RedisStore:
         self._confirming: asyncio.Task[None] | None = None
         self.invalidations = Invalidator(
             self._bump, metrics, budget_s=self.invalidate_timeout_s,
-            retry_interval_s=config.breaker.probe_interval_ms / 1000, kind=_kind)
+            retry_interval_s=config.breaker.probe_interval_ms / 1000, kind=_kind,
+            answered=lambda since: self.budget.answered_at >= since)
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
 
