@@ -13,7 +13,8 @@ Subcommands:
   run    the multi-tenant workload: direct vs tcp vs proxy vs proxy-cache, closed and open
          loop, interleaved (bench/harness.py)
   storm  N connections opened at once, each running a few operations (bench/storm.py)
-  report Markdown, charts and the README table from run/storm JSON (bench/report.py)
+  report Markdown and charts from run/storm JSON, the tables of docs/performance.md
+         (bench/report.py)
   ab     the proxy at a git revision against this checkout, side by side: CPU and wall
          time per forwarded find and per cache hit (bench/ab.py)
 """

@@ -64,10 +64,13 @@ from hdrh.histogram import HdrHistogram
 from pymongo import MongoClient
 from pymongo.collection import Collection
 
+from bench import tls as bench_tls
 from bench.stack import Stack, external_stack, process_cpu_seconds, start_stack
 
-TARGETS = ("direct", "tcp", "relay", "proxy")  # tcp and relay: when the bench starts them
-SERVED_BY = {"tcp": "haproxy", "relay": "relay"}  # whose CPU a target's rows report
+# tcp, relay and the -tls targets: when the bench starts them (bench.stack, bench.tls).
+TARGETS = ("direct", "direct-tls", "tcp", "relay", "proxy", "proxy-tls")
+# Whose CPU a target's rows report.
+SERVED_BY = {"tcp": "haproxy", "relay": "relay", "proxy-tls": "proxy-tls"}
 OPS = ("find", "insert")
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "core.json"
 
@@ -170,6 +173,7 @@ def add_parser(subparsers: Any) -> None:
         metavar="PATH",
         help="where to write the results (default: bench/results/core.json)",
     )
+    bench_tls.add_arguments(p)
     p.set_defaults(func=main)
 
 
@@ -406,7 +410,7 @@ def aggregate(
 
 def format_table(rows: list[Row]) -> str:
     header = (
-        f"{'target':<7} {'op':<7} {'conc':>4} {'ops/s':>9} {'p50 µs':>8} {'p99 µs':>8} "
+        f"{'target':<10} {'op':<7} {'conc':>4} {'ops/s':>9} {'p50 µs':>8} {'p99 µs':>8} "
         f"{'lg cpu':>7} {'ratio':>6} {'+p50 µs':>8} {'+p99 µs':>8}"
     )
     lines = [header, "-" * len(header)]
@@ -415,7 +419,7 @@ def format_table(rows: list[Row]) -> str:
         add50 = "" if r.added_p50_us is None else f"{r.added_p50_us:+d}"
         add99 = "" if r.added_p99_us is None else f"{r.added_p99_us:+d}"
         lines.append(
-            f"{r.target:<7} {r.op:<7} {r.concurrency:>4} {r.ops_per_s:>9.1f} "
+            f"{r.target:<10} {r.op:<7} {r.concurrency:>4} {r.ops_per_s:>9.1f} "
             f"{r.p50_us:>8d} {r.p99_us:>8d} {r.loadgen_cores:>6.0%} "
             f"{ratio:>6} {add50:>8} {add99:>8}"
         )
@@ -609,13 +613,15 @@ def main(args: argparse.Namespace) -> int:
     if cfg.direct_uri is not None and cfg.proxy_uri is not None:
         stack = external_stack(cfg.direct_uri, cfg.proxy_uri)
     else:
-        _log("bench core: starting FerretDB + proxy + HAProxy (tcp) + bench.relay (relay)")
-        stack = start_stack(tcp=True, relay=True)
+        _log("bench core: starting FerretDB + proxy + HAProxy (tcp) + bench.relay (relay) "
+             "+ TLS on both sides (direct-tls, proxy-tls)")
+        stack = start_stack(tcp=True, relay=True, tls=True)
         for target, reason in stack.unavailable.items():
             _log(f"bench core: without the {target} target: {reason}")
     with stack:
         _log(f"bench core: direct {stack.direct_uri}  proxy {stack.proxy_uri}")
         data = run(cfg, stack)
+        data["tls"] = bench_tls.run_phases(stack, args, cfg.rounds, _log)
     data["total_wall_s"] = time.perf_counter() - t0
     # Other work on the machine shows here (the rounds interleave targets against it).
     data["machine"]["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -629,6 +635,7 @@ def main(args: argparse.Namespace) -> int:
         f"{lc['measure_wall_s']:.1f} s measured ({lc['run_wall_s']:.1f} s incl. warm-up); "
         f"total {data['total_wall_s']:.1f} s"
     )
+    print(bench_tls.format_phases(data["tls"]))
     for w in data["warnings"]:
         print(f"WARNING: {w}")
     print(f"results: {cfg.json_path}")

@@ -96,6 +96,7 @@ from bench.core import (
 )
 from bench.pool import _cpu_self, raise_nofile
 from bench.seed import add_dataset_args, read_dataset, seed_database
+from bench.spread import ROUND_PERCENTILES, with_spread
 from bench.stack import (
     REPO_ROOT,
     Stack,
@@ -784,14 +785,18 @@ def _versions(stack: Stack | None) -> Doc:
 
 
 def _strip(phase: Doc) -> Doc:
-    """A phase for the JSON: per-op counts and percentiles instead of histograms."""
+    """A phase for the JSON: per-op counts and percentiles instead of histograms, and
+    the percentiles of all its operations (the report's per-round spread)."""
     ops = {}
+    merged = new_histogram()
     for name, o in phase["ops"].items():
+        merged.add(o["lat"])
         ops[name] = {
             **{k: o[k] for k in ("issued", "ok", "errors", "unfinished")},
-            **{k: v for k, v in summarize(o["lat"]).items() if k in ("p50_us", "p99_us")},
+            **{k: v for k, v in summarize(o["lat"]).items() if k in ROUND_PERCENTILES},
         }
-    return {**phase, "ops": ops}
+    latency = {k: v for k, v in summarize(merged).items() if k in ROUND_PERCENTILES}
+    return {**phase, "ops": ops, "latency": latency}
 
 
 def run(cfg: RunConfig, stack: Stack | None) -> Doc:
@@ -852,6 +857,7 @@ def run(cfg: RunConfig, stack: Stack | None) -> Doc:
         client.close()
     total_s = time.perf_counter() - t0
     rows = aggregate(cfg, phases, targets)
+    stripped = [_strip(p) for p in phases]
 
     warnings: list[str] = []
     for mode in cfg.modes:
@@ -911,9 +917,9 @@ def run(cfg: RunConfig, stack: Stack | None) -> Doc:
         "seeded": seeded,
         "unavailable": unavailable,
         "total_s": total_s,
-        "phases": [_strip(p) for p in phases],
+        "phases": stripped,
         "results": rows,
-        "ratios": ratios(rows),
+        "ratios": with_spread(ratios(rows), stripped),
         "round_ratios": round_ratios(phases),
         "warnings": warnings,
     }

@@ -308,6 +308,7 @@ def start_stack(
     relay: bool = False,
     cache: dict[str, Any] | None = None,
     proxy_extra: dict[str, Any] | None = None,
+    tls: bool = False,
 ) -> Stack:
     """Start FerretDB and the proxy in a fresh temporary directory.
 
@@ -318,6 +319,9 @@ def start_stack(
 
     ``tcp``: also HAProxy in TCP mode in front of FerretDB (target "tcp").
     ``relay``: also ``python -m bench.relay`` in front of FerretDB (target "relay").
+    ``tls``: FerretDB also listens with TLS (target "direct-tls"), and a second proxy,
+    "proxy-tls", serves TLS to clients and uses TLS to FerretDB (both sides); the
+    certificates are made by ``bench.tls.make_certs`` (trustme) in the stack's directory.
     ``cache``: also redis-server and a second proxy, "proxy-cache", whose config is the
     proxy's plus ``cache: <this dict>`` with ``redis_url`` filled in.  A target that
     cannot be had (no haproxy binary; a cache config the proxy rejects; a child that
@@ -330,6 +334,7 @@ def start_stack(
     state_dir.mkdir()
     fdb_port, proxy_port, admin_port = free_port(), free_port(), free_port()
     direct_uri = f"mongodb://{HOST}:{fdb_port}/"
+    tls_setup = _tls_setup(workdir) if tls else None
 
     ferretdb = _Child(
         "ferretdb",
@@ -342,6 +347,7 @@ def start_stack(
             "--debug-addr=127.0.0.1:0",
             "--telemetry=disable",
             "--log-level=WARN",
+            *(tls_setup.ferretdb_args if isinstance(tls_setup, _TLSSetup) else []),
         ],
         workdir / "ferretdb.log",
     )
@@ -370,6 +376,8 @@ def start_stack(
         ferretdb.spawn()
         assert ferretdb.proc is not None
         _wait_for_port(fdb_port, ferretdb.proc, deadline)
+        if isinstance(tls_setup, _TLSSetup):
+            _wait_for_port(tls_setup.fdb_port, ferretdb.proc, deadline)
 
         current = proxy
         proxy.spawn(cwd=REPO_ROOT, env=env)
@@ -390,6 +398,11 @@ def start_stack(
             _start_haproxy(stack, workdir, fdb_port, timeout)
         if relay:
             _start_relay(stack, workdir, fdb_port, env, timeout)
+        if isinstance(tls_setup, _TLSSetup):
+            _start_tls_proxy(stack, workdir, tls_setup, pool_max_size, proxy_extra, env,
+                             timeout)
+        elif isinstance(tls_setup, str):
+            stack.unavailable["direct-tls"] = stack.unavailable["proxy-tls"] = tls_setup
         if cache is not None:
             _start_cached_proxy(
                 stack, workdir, direct_uri, cache, pool_max_size, proxy_extra, env, timeout
@@ -398,6 +411,61 @@ def start_stack(
         stack.stop()
         raise
     return stack
+
+
+@dataclass(frozen=True)
+class _TLSSetup:
+    fdb_port: int
+    ca: Path
+    cert: Path
+    key: Path
+
+    @property
+    def ferretdb_args(self) -> list[str]:
+        return [f"--listen-tls={HOST}:{self.fdb_port}", f"--listen-tls-cert-file={self.cert}",
+                f"--listen-tls-key-file={self.key}"]
+
+    def uri(self, port: int) -> str:
+        return f"mongodb://{HOST}:{port}/?tls=true&tlsCAFile={self.ca}"
+
+
+def _tls_setup(workdir: Path) -> _TLSSetup | str:
+    """Certificates for the TLS targets, or why there are none."""
+    try:
+        from bench.tls import make_certs
+
+        certs = make_certs(workdir)
+    except ImportError as e:
+        return f"no certificates: {e} (pip install trustme, a dev dependency)"
+    return _TLSSetup(free_port(), certs.ca, certs.cert, certs.key)
+
+
+def _start_tls_proxy(
+    stack: Stack, workdir: Path, tls: _TLSSetup, pool_max_size: int | None,
+    proxy_extra: dict[str, Any] | None, env: dict[str, str], timeout: float,
+) -> None:
+    name = "proxy-tls"
+    stack.targets["direct-tls"] = tls.uri(tls.fdb_port)
+    port, admin_port = free_port(), free_port()
+    listen_tls = {"listen": {"host": HOST, "port": port,
+                             "tls": {"cert_file": str(tls.cert), "key_file": str(tls.key)}}}
+    config_path = workdir / f"{name}.yaml"
+    config_path.write_text(proxy_config_text(
+        port, admin_port, tls.uri(tls.fdb_port), pool_max_size,
+        {**(proxy_extra or {}), **listen_tls}))
+    child = _Child(
+        name, [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
+        workdir / f"{name}.log",
+    )
+
+    def ready(deadline: float) -> None:
+        assert child.proc is not None
+        _wait_for_http_ok(f"http://{HOST}:{admin_port}/healthz", child.proc, deadline)
+        _wait_for_port(port, child.proc, deadline)
+
+    if _start_optional(stack, child, ready, timeout, cwd=REPO_ROOT, env=env):
+        stack.targets[name] = tls.uri(port)
+        stack.admin_urls[name] = f"http://{HOST}:{admin_port}"
 
 
 def _start_optional(stack: Stack, child: _Child, ready: Callable[[float], None],

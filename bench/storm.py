@@ -17,6 +17,13 @@ percentiles (HdrHistogram, µs), errors by kind, and, for the process behind the
 the storm (sampled every 50 ms), with every connection open, and after they closed; the
 most upstream connections it held to FerretDB at once (from /proc), and at rest.
 
+**Verdict.** The storm passes when at most ``--max-error-rate`` of the connections fail
+(default 0: none); the report says PASSED or FAILED first, with the errors by code, and
+the command exits 1 on a failure (after writing its JSON and Markdown). Each connection's
+operations queue for the pool's connections: when the backend serves fewer than about
+``connections x ops / wait_queue_timeout_ms`` operations a second, the last ones are
+answered 89 (a slower machine, or a busier one, fails a storm a faster one passes).
+
 Without ``--uri`` a private stack is started and seeded (bench/stack.py, bench/seed.py).
 RLIMIT_NOFILE is raised to the hard limit first (the proxy and the workers inherit it).
 """
@@ -312,6 +319,9 @@ def add_parser(subparsers: Any) -> None:
                    "proxy's default, 100)")
     p.add_argument("--op-seed", type=int, default=1, dest="op_seed")
     add_dataset_args(p)
+    p.add_argument("--max-error-rate", type=float, default=0.0, metavar="FRACTION",
+                   help="fail (exit 1) when more than this fraction of a target's "
+                   "connections fail (default: %(default)s)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
                    help="default: bench/results/storm.json")
     p.add_argument("--quiet", action="store_true")
@@ -321,7 +331,8 @@ def add_parser(subparsers: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     bad = [t for t in targets if t not in TARGETS]
-    if bad or args.connections < 1 or args.ops < 0 or args.workers < 1:
+    if (bad or args.connections < 1 or args.ops < 0 or args.workers < 1
+            or not 0 <= args.max_error_rate <= 1):
         raise SystemExit(f"bench storm: bad arguments (targets {bad})")
     uris: dict[str, str] = {}
     for item in args.uri:
@@ -366,6 +377,7 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if stack is not None:
             stack.stop()
+    verdict = report.storm_verdict(results, args.max_error_rate)
     data = {
         "benchmark": "storm",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime()),
@@ -383,6 +395,7 @@ def main(args: argparse.Namespace) -> int:
             "stack": "started by bench" if stack is not None else "external",
         },
         "results": results,
+        "verdict": verdict,
         "warnings": warnings,
     }
     write_json(args.json, data)
@@ -390,4 +403,7 @@ def main(args: argparse.Namespace) -> int:
     md.write_text(report.storm_markdown(data) + "\n")
     print(report.storm_markdown(data))
     print(f"results: {args.json}, {md}")
+    if not verdict["passed"]:
+        print(f"bench storm: {report.storm_verdict_text(data)}", file=sys.stderr)
+        return 1
     return 0

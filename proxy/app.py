@@ -13,7 +13,11 @@ from typing import Any
 
 from bson import Int64
 
+from proxy.admin.connections import connections_handler
 from proxy.admin.http import AdminServer, json_response
+from proxy.advice.advisor import Advisor
+from proxy.advice.endpoint import advice_routes
+from proxy.advice.upstream import pooled_runner
 from proxy.cache.layer import ResultCache
 from proxy.config import Config
 from proxy.errors import ProxyError
@@ -21,17 +25,21 @@ from proxy.identity.handshake import UpstreamLimits
 from proxy.identity.scram import ClientAuthenticator
 from proxy.listener.connection import ClientConnection
 from proxy.listener.stream import ClientStream
+from proxy.observe.dataprobe import DataPathProbe
 from proxy.observe.endpoints import ReadinessFacts, has_usable_primary
 from proxy.observe.hub import Observer
 from proxy.observe.metrics import topology_facts
+from proxy.observe.rulehits import RuleHits, rules_handler
 from proxy.pool.auth import Credentials
 from proxy.pool.registry import Pools
 from proxy.reload import ConfigReloader
 from proxy.route.cursors import CursorTable
-from proxy.route.readpref import read_preference
+from proxy.route.readpref import PRIMARY, read_preference
 from proxy.route.router import Router
 from proxy.route.topology import make_topology
 from proxy.tenancy import TenantPolicy
+from proxy.tls.client import UpstreamTLS
+from proxy.tls.server import ServerTLS, TLSListener, TLSMetrics
 
 log = logging.getLogger("mongoproxy")
 PRIMARY_PREFERRED = read_preference("primaryPreferred")
@@ -41,7 +49,9 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.topology = make_topology(config.upstream)
-        self.pools = Pools(config.upstream.pool, Credentials.from_uri(config.upstream.uri))
+        self.pools = Pools(config.upstream.pool, Credentials.from_uri(config.upstream.uri),
+                           UpstreamTLS(config.upstream))
+        self.listen_tls = None if config.listen.tls is None else ServerTLS(config.listen.tls)
         self.cursors = CursorTable()
         self.router = Router(self.topology, self.cursors)
         self.policy = TenantPolicy(config.tenancy)
@@ -59,11 +69,29 @@ class Proxy:
             None if config.cache is None
             else ResultCache(config.cache, self.observer.metrics.registry)
         )
+        RuleHits(lambda: self.config, self.observer.metrics.registry)
+        self.data_probe = DataPathProbe(
+            lambda: self.topology.select(PRIMARY),
+            self.pools.get,
+            self._primary_address,
+            interval_s=config.admin.ready_probe_interval_ms / 1000,
+            timeout_s=config.admin.ready_probe_timeout_ms / 1000,
+        )
+        self.advisor = Advisor(
+            config.advice, self.observer.digest,
+            pooled_runner(self.topology, self.pools, config.advice.command_timeout_ms / 1000),
+            tenant_field=config.tenancy.field,
+        )
+        if config.advice.enabled:
+            self.observer.index_changed = self.advisor.index_changed
         self.admin = AdminServer({
             "/healthz": self._healthz,
             **self.observer.routes(self._readiness),
-        })
-        self.server: asyncio.Server | None = None
+            "/rules": rules_handler(lambda: self.config),
+            "/connections": connections_handler(lambda: self.connections),
+            **(advice_routes(self.advisor) if config.advice.enabled else {}),
+        }, self.observer.post_routes())
+        self.server: asyncio.Server | TLSListener | None = None
         self.connections: dict[ClientConnection, asyncio.Task[None]] = {}
         self.shutting_down = False
         self._connection_ids = itertools.count(1)
@@ -117,9 +145,17 @@ class Proxy:
             await self._fill_pool(sd.address)
         if self.cache is not None:
             await self.cache.start()
-        self.server = await asyncio.get_running_loop().create_server(
-            lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096
-        )
+        if self.config.advice.enabled:
+            self.advisor.start()
+        if self.listen_tls is None:
+            self.server = await asyncio.get_running_loop().create_server(
+                lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096
+            )
+        else:
+            self.listen_tls.start_watching()  # certificate files reloaded when they change
+            self.server = await TLSListener.start(
+                lambda: ClientStream(self._accept), self.listen_tls, listen.host, listen.port)
+            self.observer.metrics.registry.register(TLSMetrics(self.listen_tls, self.server))
         log.info(
             "mongoproxy listening on %s:%d, upstream %s, admin http://%s:%d",
             listen.host, self.port, self.topology.summary(), self.config.admin.host,
@@ -164,6 +200,9 @@ class Proxy:
                 conn.close()
         if self.connections:
             await asyncio.wait(list(self.connections.values()), timeout=1)
+        await self.advisor.close()
+        if self.listen_tls is not None:
+            await self.listen_tls.close()
         await self.pools.close()
         if self.cache is not None:
             await self.cache.close()
@@ -172,12 +211,27 @@ class Proxy:
         self.observer.close()
         log.info("mongoproxy stopped")
 
-    def _readiness(self) -> ReadinessFacts:
+    async def _readiness(self) -> ReadinessFacts:
+        primary = has_usable_primary(self.topology.description())
+        data_path = None
+        detail: dict[str, Any] = {}
+        if primary and not self.shutting_down:
+            state = await self.data_probe.check()
+            data_path = state.ok
+            detail["data_path"] = state.describe(time.monotonic())
         return ReadinessFacts(
-            primary=has_usable_primary(self.topology.description()),
+            primary=primary,
             redis=None if self.cache is None else self.cache.state,
             shutting_down=self.shutting_down,
+            data_path=data_path,
+            detail=detail,
         )
+
+    def _primary_address(self) -> tuple[str, int] | None:
+        for sd in self.topology.description().known_servers:
+            if sd.is_writable:
+                return sd.address[0], sd.address[1] or 27017
+        return None
 
     def _healthz(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         return json_response(200, {
@@ -202,11 +256,20 @@ async def serve(config: Config, path: Path | None = None) -> None:
         reloader = ConfigReloader(proxy, path)
         reloader.start()
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    if proxy.listen_tls is not None:
+        # SIGHUP also reloads the listener's certificate (after the config, if any).
+        loop.add_signal_handler(signal.SIGHUP, _reload_all, reloader, proxy.listen_tls)
     await stop.wait()
     log.info("signal received: draining")
     if reloader is not None:
         await reloader.close()
     await proxy.shutdown()
+
+
+def _reload_all(reloader: ConfigReloader | None, tls: ServerTLS) -> None:
+    if reloader is not None:
+        reloader.reload()
+    tls.reload()
 
 
 def run(config: Config, path: Path | None = None) -> None:

@@ -1,5 +1,5 @@
 """Command line: ``mongoproxy run --config FILE``, ``check-config FILE``, ``top``,
-``explain-route`` and ``hash-password``."""
+``advise``, ``explain-route`` and ``hash-password``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pymongo.topology_description import TopologyDescription
 
+from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
 from proxy.identity.hash_cli import add_arguments as add_hash_arguments
 from proxy.identity.hash_cli import run as run_hash_password
@@ -18,6 +19,7 @@ from proxy.identity.hash_cli import run as run_hash_password
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mongoproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mongoproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", required=True, help="YAML configuration file")
@@ -26,17 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     sub.add_parser("top", help="the query digest of a running proxy, refreshing",
                    add_help=False)
+    sub.add_parser("advise", help="index advice from a running proxy's query shapes",
+                   add_help=False)
     hash_password = sub.add_parser(
         "hash-password", help="print the stored SCRAM-SHA-256 credential for a proxy user",
     )
     add_hash_arguments(hash_password)
     explain = sub.add_parser(
         "explain-route",
-        help="show the class, rule, read preference and member a command would get",
+        help="show the tenancy verdict, class, rule, read preference, member and cache "
+             "decision a command would get",
     )
     explain.add_argument("--config", required=True, help="YAML configuration file")
     explain.add_argument("command_json", help="the command as (Extended) JSON")
     explain.add_argument("--app-name", default=None, help="the client's appName")
+    explain.add_argument("--user", default=None,
+                         help="a configured proxy user (tenancy.users) the command runs as")
     explain.add_argument(
         "--offline", action="store_true",
         help="do not contact the upstream: no member is chosen",
@@ -50,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.observe.top import main as top_main
 
         return top_main(argv[1:])
+    if argv[:1] == ["advise"]:
+        from proxy.advice.cli import main as advise_main
+
+        return advise_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
         return run_hash_password(args)
@@ -63,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{path}: OK")
         return 0
     if args.command == "explain-route":
-        return _explain_route(config, args.command_json, args.app_name, args.offline)
+        return _explain_route(config, args.command_json, args.app_name, args.offline,
+                              args.user)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -76,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _explain_route(config: Config, command_json: str, app_name: str | None,
-                   offline: bool) -> int:
+                   offline: bool, user: str | None = None) -> int:
     import asyncio
 
     from proxy.route.explain import ExplainError, explain_route
@@ -84,7 +96,9 @@ def _explain_route(config: Config, command_json: str, app_name: str | None,
     logging.basicConfig(level=logging.ERROR)  # the monitor's member-state lines are noise here
     description = None if offline else asyncio.run(_current_topology(config))
     try:
-        print(explain_route(config.routing, command_json, app_name, description))
+        print(explain_route(config.routing, command_json, app_name, description,
+                            tenancy=config.tenancy, cache=config.cache, explain_cache=True,
+                            user=user))
     except ExplainError as exc:
         print(f"mongoproxy explain-route: {exc}", file=sys.stderr)
         return 2

@@ -22,12 +22,16 @@ from pydantic import (
 from pymongo.errors import InvalidURI
 from pymongo.uri_parser import parse_uri
 
+from proxy.advice.config import AdviceConfig
 from proxy.cache.config import CacheConfig
 from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
 from proxy.route.rules import RoutingConfig
 from proxy.tenancy import TenancyConfig
+from proxy.tls.client import check_uri_options, context_from_options
+from proxy.tls.config import ListenTLSConfig, MemberTLSConfig
 from proxy.wire import SUPPORTED_COMPRESSORS
+from proxy.yamlload import load_yaml_file
 
 
 class ConfigError(Exception):
@@ -39,27 +43,45 @@ class _Strict(BaseModel):
 
 
 class ListenConfig(_Strict):
+    """Where applications connect, and what the proxy accepts from them."""
+
+    # Address applications connect to (0.0.0.0 inside a container).
     host: str = "127.0.0.1"
-    port: int = Field(default=27016, ge=0, le=65535)
+    port: int = Field(default=27016, ge=0, le=65535)  # MongoDB wire protocol port
     # Offered to clients in the handshake, in this order of preference of ours; the
     # client's own order decides among those both sides support.
     compressors: tuple[Literal["zstd", "snappy", "zlib"], ...] = SUPPORTED_COMPRESSORS  # type: ignore[assignment]
-    zlib_compression_level: int = Field(default=-1, ge=-1, le=9)
+    zlib_compression_level: int = Field(default=-1, ge=-1, le=9)  # -1: zlib's default
+    # A larger message is answered 17 ProtocolError and its connection closed.
     max_message_size_bytes: int = Field(default=48_000_000, ge=1024, le=48_000_000)
     # Bounded time for anything the proxy waits on from a client: a message that has
     # started arriving must be complete within this time.
     read_timeout_ms: int = Field(default=60_000, gt=0)
+    # TLS for applications (docs/production.md); absent: plaintext only.
+    tls: ListenTLSConfig | None = None
 
 
 class AdminConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(default=9216, ge=0, le=65535)
+    """The operator HTTP endpoints (/, /healthz, /readyz, /metrics, /digest, ...)."""
+
+    host: str = "127.0.0.1"  # keep it on a private interface: the endpoints have no auth
+    port: int = Field(default=9216, ge=0, le=65535)  # HTTP port of the admin endpoints
+    # /readyz proves the data path with a ping to the primary on a pooled connection
+    # (or recent client traffic), reused for this long, and failing past this timeout
+    # (below Kubernetes' default probe timeout of 1 s).
+    ready_probe_interval_ms: int = Field(default=1_000, ge=0)
+    # a data-path proof that takes longer than this fails (/readyz answers 503)
+    ready_probe_timeout_ms: int = Field(default=800, gt=0)
 
 
 class PoolConfig(_Strict):
+    # Upstream connections per server at most, shared by all clients (a tenth of them,
+    # at least one, is kept for getMore/killCursors).
     max_size: int = Field(default=100, gt=0)
-    min_size: int = Field(default=0, ge=0)
+    min_size: int = Field(default=0, ge=0)  # connections opened at start
+    # Connect + hello handshake + authentication of a new upstream connection.
     connect_timeout_ms: int = Field(default=5_000, gt=0)
+    # A request waits this long for a free pooled connection, then fails 89 NetworkTimeout.
     wait_queue_timeout_ms: int = Field(default=10_000, gt=0)
     # Idle connections are closed after this long unused (0 = never, the drivers'
     # maxIdleTimeMS default); never one that owns open cursors, never below min_size.
@@ -69,9 +91,11 @@ class PoolConfig(_Strict):
 class MemberConfig(_Strict):
     """A server whose role is declared rather than discovered."""
 
-    host: str
-    role: Literal["primary", "secondary"]
-    tags: dict[str, str] = {}
+    host: str  # HOST:PORT
+    role: Literal["primary", "secondary"]  # at most one primary
+    tags: dict[str, str] = {}  # tag set matched by read preferences' tags
+    # This member's TLS; absent: the tls* options of upstream.uri (none without a uri).
+    tls: MemberTLSConfig | None = None
 
     @field_validator("host")
     @classmethod
@@ -88,12 +112,17 @@ class MemberConfig(_Strict):
 
 
 class UpstreamConfig(_Strict):
+    """The MongoDB deployment behind the proxy: give either ``uri`` or ``members``."""
+
     # Discovery: a standard connection string (standalone, replicaSet=..., or mongos list).
     uri: str | None = None
     # Declared roles: used instead of the uri's hosts when given.
     members: tuple[MemberConfig, ...] = ()
-    pool: PoolConfig = PoolConfig()
+    pool: PoolConfig = PoolConfig()  # per upstream server
+    # A request waits this long for a suitable server, then fails 133
+    # FailedToSatisfyReadPreference.
     server_selection_timeout_ms: int = Field(default=10_000, gt=0)
+    # Latency window among suitable servers, as in the drivers.
     local_threshold_ms: int = Field(default=15, ge=0)
     # Health-check interval (declared roles) / pymongo heartbeatFrequencyMS (discovery).
     heartbeat_ms: int = Field(default=1_000, ge=500)
@@ -107,11 +136,19 @@ class UpstreamConfig(_Strict):
         if value is None:
             return value
         try:
-            parse_uri(value)
-        except (InvalidURI, ValueError) as exc:
+            options = parse_uri(value)["options"]
+        except (InvalidURI, ValueError, OSError) as exc:  # OSError: an unreadable tls file
             raise ValueError(f"not a valid MongoDB connection string: {exc}") from None
+        # Options the proxy's own pools would ignore are refused, never silently dropped;
+        # TLS files are loaded now, so a missing CA file fails here rather than at start.
+        check_uri_options(options)
+        context_from_options(options)
         # The proxy authenticates its own upstream connections as the uri's user.
-        Credentials.from_uri(value)  # ValueError: unsupported authMechanism, no password
+        credentials = Credentials.from_uri(value)  # ValueError: unsupported mechanism...
+        if (credentials is not None and credentials.mechanism == "MONGODB-X509"
+                and not options.get("tlsCertificateKeyFile")):
+            raise ValueError("authMechanism=MONGODB-X509 needs tls=true and "
+                             "tlsCertificateKeyFile (the client certificate is the identity)")
         return value
 
     @model_validator(mode="after")
@@ -126,6 +163,8 @@ class UpstreamConfig(_Strict):
 
 
 class ShutdownConfig(_Strict):
+    """Graceful stop on SIGTERM/SIGINT."""
+
     # How long SIGTERM/SIGINT waits for in-flight requests before closing everything.
     drain_timeout_ms: int = Field(default=10_000, ge=0)
 
@@ -138,6 +177,7 @@ class Config(_Strict):
     observability: ObservabilityConfig = ObservabilityConfig()
     routing: RoutingConfig = RoutingConfig()
     tenancy: TenancyConfig = TenancyConfig()
+    advice: AdviceConfig = AdviceConfig()  # index advice (GET /advice, mongoproxy advise)
     # The Redis result cache; absent: no cache.
     cache: CacheConfig | None = None
 
@@ -163,13 +203,11 @@ def parse_config(data: Any) -> Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML configuration file."""
+    """Read and validate a YAML configuration file (a key given twice is an error)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = load_yaml_file(path)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     try:

@@ -22,6 +22,7 @@ from tests.support import (
     RedisProcess,
     ToolMissingError,
 )
+from tests.support.certs import PKI, make_pki
 
 
 def _fail_missing(e: ToolMissingError) -> None:
@@ -42,6 +43,12 @@ def _redis(workdir: Path) -> RedisProcess:
     except ToolMissingError as e:
         _fail_missing(e)
         raise
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """Test-time certificates (trustme): CA, server, client, foreign and expired ones."""
+    return make_pki(tmp_path_factory.mktemp("pki"))[0]
 
 
 @pytest.fixture(scope="session")

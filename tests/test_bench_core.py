@@ -26,6 +26,7 @@ def _run_bench(json_path: Path, *extra: str) -> subprocess.CompletedProcess[str]
         "--warmup", str(WARMUP),
         "--concurrency", ",".join(map(str, CONCURRENCY)),
         "--docs", "100",
+        "--handshakes", "20",
         "--json", str(json_path),
         *extra,
     ]  # fmt: skip
@@ -106,7 +107,12 @@ def test_bench_core_starts_its_own_stack(tmp_path: Path) -> None:
     assert data["config"]["stack"] == "started by bench"
     # HAProxy is part of the stack `make test` installs: the tcp target is measured,
     # and so is the bare Python relay.
-    assert data["config"]["targets"] == ["direct", "tcp", "relay", "proxy"]
+    assert data["config"]["targets"] == [
+        "direct", "direct-tls", "tcp", "relay", "proxy", "proxy-tls"]
+    # The TLS phases: the handshake rate of each direct/proxy target, plain and TLS.
+    assert [r["target"] for r in data["tls"]["handshakes"]] == [
+        "direct", "direct-tls", "proxy", "proxy-tls"]
+    assert all(r["per_s_median"] > 0 for r in data["tls"]["handshakes"])
     _check_results(data, proc.stdout)
     assert all(r["proxy_cpu_us_per_op"] is not None for r in data["results"])
 

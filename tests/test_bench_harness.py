@@ -104,14 +104,33 @@ def test_ratios_from_rows() -> None:
     assert got[("proxy-cache", "proxy")]["p50"] == pytest.approx(0.2)
 
 
-def test_readme_block_replaced_between_markers(tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\ntail\n")
-    report.update_readme(readme, f"{report.BEGIN}\nnew\n{report.END}")
-    assert readme.read_text() == f"intro\n{report.BEGIN}\nnew\n{report.END}\ntail\n"
+def test_page_block_replaced_between_markers(tmp_path: Path) -> None:
+    page = tmp_path / "performance.md"
+    page.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\ntail\n")
+    report.update_page(page, f"{report.BEGIN}\nnew\n{report.END}")
+    assert page.read_text() == f"intro\n{report.BEGIN}\nnew\n{report.END}\ntail\n"
     (tmp_path / "bare.md").write_text("no markers\n")
     with pytest.raises(SystemExit):
-        report.update_readme(tmp_path / "bare.md", "x")
+        report.update_page(tmp_path / "bare.md", "x")
+
+
+def test_make_bench_writes_only_under_bench_results() -> None:
+    """`make bench` runs its three commands with outputs in bench/results/ only: no
+    --doc, no --readme, no --out or --json elsewhere."""
+    make = (REPO_ROOT / "Makefile").read_text()
+    recipe = make[make.index("\nbench:"):].split("\n\n")[0]
+    variables = {line.split(":=")[0].strip(): line.split(":=")[1]
+                 for line in make.splitlines() if line.startswith("BENCH_")}
+    text = recipe + " ".join(variables.values())
+    assert "--doc" not in text and "--readme" not in text and "README" not in text
+    text = text.replace("$(BENCH_OUT)", variables["BENCH_OUT"].strip())
+    for flag in ("--json", "--out", "--run", "--storm"):
+        for value in text.split(flag)[1:]:
+            assert value.split()[0].startswith("bench/results/latest"), (flag, value)
+    # ... a directory git ignores: a run leaves no tracked file changed.
+    assert "bench/results/latest/" in (REPO_ROOT / ".gitignore").read_text().splitlines()
+    # The report runs whatever the storm's verdict, then the storm's status is returned.
+    assert "|| status=$$?" in recipe and "exit $$status" in recipe
 
 
 # ---------------------------------------------------------------- seed
@@ -235,6 +254,18 @@ def _check_run(data: Doc, modes: tuple[str, ...]) -> None:
         assert per_round[(mode, "proxy", "direct")]["throughput_per_round"] == [
             a["ops_per_s"] / b["ops_per_s"] for a, b in zip(pa, pb, strict=True)
         ]
+        # Every ratio carries its value in each round, from the phases' own figures.
+        spread = got[(mode, "all", "proxy", "direct")]["per_round"]
+        assert spread["throughput"] == per_round[(mode, "proxy", "direct")][
+            "throughput_per_round"]
+        assert spread["p50"] == [a["latency"]["p50_us"] / b["latency"]["p50_us"]
+                                 for a, b in zip(pa, pb, strict=True)]
+        assert len(spread["p99"]) == len(pa)
+        for op in ops:
+            x = got[(mode, op, "proxy", "direct")]["per_round"]
+            assert x["throughput"] == [
+                (a["ops"][op]["ok"] / a["wall_s"]) / (b["ops"][op]["ok"] / b["wall_s"])
+                for a, b in zip(pa, pb, strict=True) if b["ops"][op]["ok"]]
         if CACHE_EXISTS:
             x = got[(mode, "all", "proxy-cache", "proxy")]
             rc, rp = rows[(mode, "proxy-cache", "all")], rows[(mode, "proxy", "all")]
@@ -259,12 +290,22 @@ def test_run_all_targets_writes_consistent_json_markdown_and_charts(tmp_path: Pa
         assert f"| {t} |" in md
     for name in ("t-latency-closed.png", "t-latency-open.png", "t-throughput.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
-    # `report` regenerates the same files and the README block from the JSON alone.
-    readme = tmp_path / "README.md"
-    readme.write_text(f"x\n{report.BEGIN}\n{report.END}\n")
-    _bench("report", "--run", str(tmp_path / "t.json"), "--readme", str(readme))
-    text = readme.read_text()
-    assert "| mode | target | ops/s | p50 ms | p99 ms |" in text
+    # Every ratio with its spread over the rounds: "0.912 (0.91-0.91)" for one round.
+    ratio_lines = [line for line in md.splitlines() if " / direct |" in line]
+    assert ratio_lines and all(line.count("(") == 3 for line in ratio_lines), ratio_lines
+    # Far fewer than 10,000 operations: no p99.9 in the tables.
+    for line in md.splitlines():
+        if line.startswith("| proxy |"):
+            assert line.split("|")[6].strip() == "-", line
+    # `report` regenerates the same files and the page's block from the JSON alone, and
+    # leaves the rest of the page as it was.
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Performance\nprose\n{report.BEGIN}\nold\n{report.END}\nmore prose\n")
+    _bench("report", "--run", str(tmp_path / "t.json"), "--doc", str(page))
+    text = page.read_text()
+    assert text.startswith(f"# Performance\nprose\n{report.BEGIN}\n")
+    assert text.endswith(f"{report.END}\nmore prose\n") and "old" not in text
+    assert "| mode | target | ops/s (per round min-max) | p50 ms | p99 ms |" in text
     assert "proxy / direct" in text and "proxy / tcp" in text
 
 

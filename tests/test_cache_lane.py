@@ -144,9 +144,10 @@ async def test_a_peer_answering_garbage_is_an_error_not_a_hang() -> None:
         await server.wait_closed()
 
 
-def test_only_plain_tcp_urls_get_a_lane() -> None:
+def test_only_tcp_urls_get_a_lane() -> None:
     assert lane_for("redis://127.0.0.1:6379/0", 1.0, 1.0) is not None
-    assert lane_for("rediss://127.0.0.1:6379/0", 1.0, 1.0) is None
+    secure = lane_for("rediss://127.0.0.1:6379/0", 1.0, 1.0)  # tests/test_cache_tls.py
+    assert secure is not None and secure.ssl is not None
     assert lane_for("unix:///tmp/redis.sock", 1.0, 1.0) is None
 
 

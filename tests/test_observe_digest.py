@@ -120,6 +120,8 @@ def test_digest_handler() -> None:
     (ReadinessFacts(primary=True, redis="down", redis_required=True), 503),
     (ReadinessFacts(primary=True, redis="ok", redis_required=True), 200),
     (ReadinessFacts(primary=True, shutting_down=True), 503),
+    (ReadinessFacts(primary=True, data_path=True), 200),
+    (ReadinessFacts(primary=True, data_path=False), 503),  # the monitor lags: proof wins
 ])
 def test_readyz(facts: ReadinessFacts, status: int) -> None:
     got, ctype, body = readyz_handler(lambda: facts)({})

@@ -105,7 +105,10 @@ SAME: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
      cmd(("getMore", Int64(456)), collection="t")),
     ("regex patterns ignored",
      cmd(("find", "t"), filter={"name": Regex("^a")}),
-     cmd(("find", "t"), filter={"name": re.compile("b$")})),
+     cmd(("find", "t"), filter={"name": re.compile("^bc")})),
+    ("unanchored regex patterns ignored",
+     cmd(("find", "t"), filter={"name": Regex("a$"), "x": {"$regex": "b"}}),
+     cmd(("find", "t"), filter={"name": re.compile("b", re.I), "x": {"$regex": "^.c"}})),
     ("embedded document equality is a literal",
      cmd(("find", "t"), filter={"addr": {"city": "x", "zip": "1"}}),
      cmd(("find", "t"), filter={"addr": {"zip": "2"}})),
@@ -115,6 +118,12 @@ SAME: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
 ]
 
 DIFFERENT: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("a left-anchored regex can use an index, an unanchored one cannot",
+     cmd(("find", "t"), filter={"name": Regex("^a")}),
+     cmd(("find", "t"), filter={"name": Regex("a")})),
+    ("the same for the $regex operator",
+     cmd(("find", "t"), filter={"name": {"$regex": "^a"}}),
+     cmd(("find", "t"), filter={"name": {"$regex": "a"}})),
     ("different field",
      cmd(("find", "orders"), filter={"status": "a"}),
      cmd(("find", "orders"), filter={"state": "a"})),
@@ -271,7 +280,9 @@ def test_hash_is_stable_and_short() -> None:
     (Decimal128("1.5"), "?decimal"), (True, "?bool"), (None, "?null"),
     (datetime.datetime(2024, 1, 1), "?date"), (ObjectId(), "?oid"),
     (Binary(b"x"), "?binary"), (b"x", "?binary"), (uuid.uuid4(), "?uuid"),
-    (Regex("a"), "?regex"), (Timestamp(1, 1), "?timestamp"), ([1], "?array"),
+    (Regex("a"), "?regex"), (Regex("^a"), "?regex:prefix"), (Regex("^a", "i"), "?regex"),
+    (re.compile(r"\Ax"), "?regex:prefix"), (Regex("^(a|b)"), "?regex"),
+    (Timestamp(1, 1), "?timestamp"), ([1], "?array"),
     ({"a": 1}, "?object"),
 ])
 def test_placeholders(value: Any, expected: str) -> None:

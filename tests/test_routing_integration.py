@@ -618,59 +618,73 @@ EXPLAIN_OFFLINE = [
     ('{"find": "users", "filter": {"_id": "u1"}, "$db": "app"}', (), """\
 command:          find on app.users (read)
 features:         -
+tenancy:          off (tenancy.mode: off): not checked
 class:            auth
 rule:             #0 {match: {command: [find, count], collection: users}, class: auth}
 read preference:  {mode: primary} (class 'auth')
+cache:            not configured (no cache: section)
 """),
     ('{"find": "orders", "filter": {}, "comment": {"class": "report"}, "$db": "app"}', (), """\
 command:          find on app.orders (read)
 features:         comment {"class": "report"}
+tenancy:          off (tenancy.mode: off): not checked
 class:            report
 rule:             #1 {match: {comment: {class: report}}, class: report}
 read preference:  {mode: secondary, tags: [{"use": "analytics"}]} (class 'report')
 maxTimeMS:        set to 60000 (class cap)
+cache:            not configured (no cache: section)
 """),
     ('{"aggregate": "projects", "pipeline": [{"$group": {"_id": "$owner"}}], "cursor": {},'
      ' "$db": "app"}', (), """\
 command:          aggregate on app.projects (read)
 features:         stages $group
+tenancy:          off (tenancy.mode: off): not checked
 class:            dashboard
 rule:             #2 {match: {command: aggregate, collection: projects|portfolios, \
 has_stage: $group}, class: dashboard}
 read preference:  {mode: secondaryPreferred, maxStalenessSeconds: 90} (class 'dashboard')
+cache:            not configured (no cache: section)
 """),
     ('{"find": "docs", "filter": {"$text": {"$search": "mongo"}}, "$db": "app"}', (), """\
 command:          find on app.docs (read)
 features:         text search
+tenancy:          off (tenancy.mode: off): not checked
 class:            search
 rule:             #3 {match: {text_search: true}, class: search}
 read preference:  {mode: nearest} (class 'search')
+cache:            not configured (no cache: section)
 """),
     ('{"find": "orders", "filter": {}, "$readPreference": {"mode": "primary"}, "$db": "app"}',
      ("--app-name", "billing-export"), """\
 command:          find on app.orders (read)
 features:         appName 'billing-export'
+tenancy:          off (tenancy.mode: off): not checked
 class:            report
 rule:             #4 {match: {app_name: billing-export}, class: report}
 read preference:  {mode: secondary, tags: [{"use": "analytics"}]} (class 'report'; \
 the client's {mode: primary} is overridden)
 maxTimeMS:        set to 60000 (class cap)
+cache:            not configured (no cache: section)
 """),
     ('{"insert": "orders", "documents": [{"_id": 1}], "comment": {"class": "report"},'
      ' "$db": "app"}', (), """\
 command:          insert on app.orders (write)
 features:         comment {"class": "report"}
+tenancy:          off (tenancy.mode: off): not checked
 class:            report
 rule:             #1 {match: {comment: {class: report}}, class: report}
 read preference:  {mode: primary} (writes always go to the primary)
 maxTimeMS:        set to 60000 (class cap)
+cache:            not configured (no cache: section)
 """),
     ('{"find": "orders", "filter": {}, "$db": "app"}', (), """\
 command:          find on app.orders (read)
 features:         -
+tenancy:          off (tenancy.mode: off): not checked
 class:            default
 rule:             none matched (routing.default)
 read preference:  {mode: primary} (class 'default')
+cache:            not configured (no cache: section)
 """),
 ]
 

@@ -213,8 +213,10 @@ def test_credentials_from_uri() -> None:
     explicit = Credentials.from_uri("mongodb://u:p@h/?authMechanism=SCRAM-SHA-256")
     assert explicit is not None
     assert explicit.mechanism == "SCRAM-SHA-256"
-    with pytest.raises(ValueError, match="SCRAM-SHA-1 is not supported"):
-        Credentials.from_uri("mongodb://u:p@h/?authMechanism=SCRAM-SHA-1")
+    sha1 = Credentials.from_uri("mongodb://u:p@h/?authMechanism=SCRAM-SHA-1")
+    assert sha1 == Credentials("u", "p", "admin", "SCRAM-SHA-1")
+    with pytest.raises(ValueError, match="PLAIN is not supported"):
+        Credentials.from_uri("mongodb://u:p@h/?authMechanism=PLAIN")
     with pytest.raises(ValueError, match="no password"):
         Credentials.from_uri("mongodb://u@h/")
 

@@ -1,23 +1,30 @@
 """A minimal HTTP/1.1 server for operator endpoints.
 
-Only GET of a few small JSON or text documents is needed, so a ~50-line asyncio server
-beats pulling in a web framework. Every request is answered and the connection closed.
+Only GET of a few small JSON or text documents (and a POST or two for operator
+actions, such as ``/digest/reset``) is needed, so a ~100-line asyncio server beats
+pulling in a web framework. Every request is answered and the connection closed.
+``GET /`` lists the endpoints (:mod:`proxy.admin.index`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger("mongoproxy.admin")
 
-# A handler gets the query parameters and returns (status, content type, body).
-Handler = Callable[[dict[str, list[str]]], tuple[int, str, bytes]]
+# A handler gets the query parameters and returns (status, content type, body), or an
+# awaitable of it (e.g. /readyz, which may run a round trip upstream).
+Reply = tuple[int, str, bytes]
+Handler = Callable[[dict[str, list[str]]], Reply | Awaitable[Reply]]
+# A POST body is read (so closing never resets the connection) and ignored, up to this.
+MAX_POST_BODY = 65_536
 
 
 def json_response(status: int, document: Any) -> tuple[int, str, bytes]:
@@ -25,8 +32,17 @@ def json_response(status: int, document: Any) -> tuple[int, str, bytes]:
 
 
 class AdminServer:
-    def __init__(self, routes: dict[str, Handler]) -> None:
+    """``routes`` answer GET, ``post_routes`` answer POST (operator actions)."""
+
+    def __init__(
+        self, routes: dict[str, Handler], post_routes: dict[str, Handler] | None = None
+    ) -> None:
         self.routes = routes
+        self.post_routes = post_routes or {}
+        if "/" not in routes:
+            from proxy.admin.index import index_handler
+
+            routes["/"] = index_handler(self.routes, self.post_routes)
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -46,9 +62,18 @@ class AdminServer:
         try:
             async with asyncio.timeout(10):
                 request_line = await reader.readline()
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass  # headers are not needed
-            status, ctype, body = self._dispatch(request_line.decode("latin-1"))
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                        length = int(value)
+                if length > MAX_POST_BODY:
+                    status, ctype, body = json_response(
+                        413, {"error": f"request body over {MAX_POST_BODY} bytes"})
+                else:
+                    if length:
+                        await reader.readexactly(length)  # unused; read: close() is clean
+                    status, ctype, body = await self._dispatch(request_line.decode("latin-1"))
             reason = HTTPStatus(status).phrase
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
@@ -56,24 +81,29 @@ class AdminServer:
                 + body
             )
             await writer.drain()
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
 
-    def _dispatch(self, request_line: str) -> tuple[int, str, bytes]:
+    async def _dispatch(self, request_line: str) -> Reply:
         parts = request_line.split()
         if len(parts) != 3:
             return json_response(400, {"error": "malformed request line"})
         method, target, _ = parts
-        if method != "GET":
-            return json_response(405, {"error": f"method {method} not allowed"})
         url = urlsplit(target)
-        handler = self.routes.get(url.path)
+        routes = {"GET": self.routes, "POST": self.post_routes}.get(method)
+        handler = None if routes is None else routes.get(url.path)
         if handler is None:
-            return json_response(404, {"error": f"no endpoint {url.path}"})
+            allowed = [m for m, r in (("GET", self.routes), ("POST", self.post_routes))
+                       if url.path in r]
+            if allowed:
+                return json_response(405, {"error": f"{url.path} takes "
+                                                    f"{' or '.join(allowed)}, not {method}"})
+            return json_response(404, {"error": f"no endpoint {url.path} (GET / lists them)"})
         try:
-            return handler(parse_qs(url.query))
+            reply = handler(parse_qs(url.query))
+            return await reply if inspect.isawaitable(reply) else reply
         except Exception:
             log.exception("admin endpoint %s failed", url.path)
             return json_response(500, {"error": "internal error"})

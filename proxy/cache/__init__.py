@@ -1,5 +1,5 @@
 """The Redis result cache: eligible reads answered from Redis, invalidated by writes
-through any proxy instance (see README "Result cache" and docs/cache.md).
+through any proxy instance (see docs/cache.md).
 
 Modules: ``config`` (the ``cache:`` section, rules compiled with routing's matcher),
 ``key`` (canonical form and digest), ``eligibility`` (what may be looked up, stored,

@@ -36,7 +36,14 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.classify import Classification
-from proxy.route.rules import MatchConfig, Matcher, NameField, NamePattern
+from proxy.route.rules import (
+    MatchConfig,
+    Matcher,
+    NameField,
+    NamePattern,
+    config_errors,
+    duplicate_names,
+)
 
 __all__ = ["CacheConfig", "CacheMatchConfig", "CacheRuleConfig", "CacheRules"]
 
@@ -50,7 +57,7 @@ class CacheMatchConfig(MatchConfig):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    class_: NameField = Field(default=None, alias="class")
+    class_: NameField = Field(default=None, alias="class")  # the routing class chosen
 
     @field_validator("class_")
     @classmethod
@@ -66,7 +73,10 @@ class CacheMatchConfig(MatchConfig):
 
 class CacheRuleConfig(_Strict):
     match: CacheMatchConfig
-    ttl_s: float = Field(gt=0, le=30 * 24 * 3600)
+    ttl_s: float = Field(gt=0, le=30 * 24 * 3600)  # how long an entry may answer
+    # Optional label for /rules and mongoproxy_rule_hits_total (else the rule's index).
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+                             max_length=64)
 
 
 class BreakerConfig(_Strict):
@@ -81,28 +91,33 @@ class BreakerConfig(_Strict):
 
 
 class CacheConfig(_Strict):
-    redis_url: str = Field(min_length=1)
+    """The Redis result cache: reads matched by a rule are answered from Redis."""
+
+    redis_url: str = Field(min_length=1)  # redis://, rediss:// or unix:// URL
     # True: redis_url names one node of a Redis Cluster (redis-py's cluster client
     # discovers the others).
     cluster: bool = False
-    key_prefix: str = "mp:"
-    max_entry_bytes: int = Field(default=1_048_576, gt=0, le=48_000_000)
+    key_prefix: str = "mp:"  # prefix of every Redis key the cache writes
+    max_entry_bytes: int = Field(default=1_048_576, gt=0, le=48_000_000)  # larger: not cached
+    # Entries at least this large are stored zstd-compressed.
     compress_min_bytes: int = Field(default=4096, ge=0)
     # Bound on one Redis operation of the read path (a hit's lookup, a store); past it
-    # the request goes to MongoDB. The bound in force follows Redis's measured latency
-    # (4 x the p99 of recent round trips) between timeout_ms and timeout_max_ms
-    # (default: 10 x timeout_ms): see proxy.cache.budget.
+    # the request goes to MongoDB (a bypass, not a Redis failure). The bound in force
+    # follows Redis's measured latency (4 x the p99 of recent round trips), between
+    # timeout_ms and timeout_max_ms: see docs/cache.md.
     timeout_ms: float = Field(default=5, gt=0)
+    # Ceiling of the lookup budget (none: 10 x timeout_ms).
     timeout_max_ms: float | None = Field(default=None, gt=0)
     # How long a write waits (after MongoDB answered it, before the client gets the
     # reply) for its invalidation to reach Redis; past it the namespace is marked
     # pending (see docs/cache.md). The write has already taken milliseconds at MongoDB.
     invalidate_timeout_ms: float = Field(default=100, gt=0)
-    connect_timeout_ms: float = Field(default=200, gt=0)
+    connect_timeout_ms: float = Field(default=200, gt=0)  # connecting to Redis
     # Generation tokens expire after this long without a write (a missing token is
     # simply recreated: safe, see proxy.cache.store).
     generation_ttl_s: int = Field(default=86_400, gt=0)
-    breaker: BreakerConfig = BreakerConfig()
+    breaker: BreakerConfig = BreakerConfig()  # the circuit breaker in front of Redis
+    # Tried in order; the first that fits gives the TTL (reloaded live).
     rules: tuple[CacheRuleConfig, ...] = ()
 
     _compiled: ClassVar[CacheRules]
@@ -128,6 +143,9 @@ class CacheConfig(_Strict):
     @classmethod
     def _compile(cls, data: Any, handler: Callable[[Any], CacheConfig]) -> CacheConfig:
         self = handler(data)
+        errors = duplicate_names(self.rules)
+        if errors:
+            raise config_errors(cls.__name__, errors)
         # Kept in the instance __dict__ (as RoutingConfig does): cheap to reach per request.
         object.__setattr__(self, "_compiled", CacheRules(self.rules))
         return self
@@ -142,9 +160,12 @@ class CacheConfig(_Strict):
 
 
 class CacheRules:
-    """Compiled cache rules: ``ttl_for(classification, route_class)``."""
+    """Compiled cache rules: ``ttl_for(classification, route_class)``.
 
-    __slots__ = ("rules",)
+    ``hits[i]`` counts the reads rule ``i`` matched (looked up or bypassed), read at
+    scrape time by :mod:`proxy.observe.rulehits`."""
+
+    __slots__ = ("hits", "rules")
 
     def __init__(self, rules: tuple[CacheRuleConfig, ...]) -> None:
         compiled: list[tuple[Matcher, NamePattern | None, float, int]] = []
@@ -153,10 +174,12 @@ class CacheRules:
             klass = None if match.class_ is None else NamePattern(match.class_)
             compiled.append((Matcher(match.routing_match()), klass, rule.ttl_s, index))
         self.rules = tuple(compiled)
+        self.hits = [0] * len(compiled)
 
     def ttl_for(self, c: Classification, route_class: str) -> tuple[float, int] | None:
         """(ttl_s, rule index) of the first rule that fits, else None."""
         for matches, klass, ttl_s, index in self.rules:
             if (klass is None or klass(route_class)) and matches(c):
+                self.hits[index] += 1
                 return ttl_s, index
         return None

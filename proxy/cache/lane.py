@@ -26,6 +26,7 @@ import asyncio
 import time
 from collections import deque
 from itertools import repeat
+from ssl import SSLContext
 from typing import Any, cast
 
 import hiredis
@@ -34,6 +35,7 @@ from redis.exceptions import RedisError
 
 from proxy.cache.budget import LatencyBudget
 from proxy.cache.deadline import GRACE_S
+from proxy.tls.client import redis_ssl_context
 
 __all__ = ["LookupLane", "ReplyTimeout", "lane_for"]
 
@@ -173,9 +175,11 @@ class LookupLane:
     def __init__(
         self, host: str, port: int, connect_timeout_s: float, reply_timeout_s: float, *,
         db: int = 0, username: str | None = None, password: str | None = None,
+        ssl: SSLContext | None = None,
         budget: LatencyBudget | None = None,
     ) -> None:
         self.host, self.port, self.db = host, port, db
+        self.ssl = ssl  # rediss://: redis-py's own context for the url (proxy.tls.client)
         self.username, self.password = username, password
         self.connect_timeout_s = connect_timeout_s
         self.budget = (budget if budget is not None
@@ -215,7 +219,8 @@ class LookupLane:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout_s):
             _, pipeline = await loop.create_connection(
-                lambda: _Pipeline(self.budget), self.host, self.port)
+                lambda: _Pipeline(self.budget), self.host, self.port, ssl=self.ssl,
+                server_hostname=self.host if self.ssl is not None else None)
             try:
                 if self.password is not None:
                     credentials = ((self.username, self.password) if self.username
@@ -240,14 +245,15 @@ def lane_for(
     redis_url: str, connect_timeout_s: float, reply_timeout_s: float,
     budget: LatencyBudget | None = None,
 ) -> LookupLane | None:
-    """A lane for a plain ``redis://`` URL (TCP, no TLS); None for anything else."""
-    if not redis_url.startswith("redis://"):
+    """A lane for a ``redis://`` or ``rediss://`` URL (TCP); None for anything else."""
+    if not redis_url.startswith(("redis://", "rediss://")):
         return None
     params = parse_url(redis_url)
-    if "connection_class" in params or "host" not in params:
+    context = redis_ssl_context(params) if redis_url.startswith("rediss://") else None
+    if "host" not in params or (context is None and "connection_class" in params):
         return None
     return LookupLane(
         str(params["host"]), int(params.get("port", 6379)), connect_timeout_s, reply_timeout_s,
         db=int(params.get("db") or 0), username=params.get("username"),
-        password=params.get("password"), budget=budget,
+        password=params.get("password"), ssl=context, budget=budget,
     )

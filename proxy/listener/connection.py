@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import json
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,11 @@ class ClientConnection:
         self.peer = stream.peer
         # True while a request is being handled: shutdown waits for these.
         self.busy = False
+        # For GET /connections (proxy.admin.connections): when the connection was
+        # accepted, and the command in flight (its name) since when (perf_counter ns).
+        self.connected_at = time.monotonic()
+        self.in_flight: str | None = None
+        self.in_flight_since = 0
 
     async def serve(self) -> None:
         try:
@@ -120,10 +126,12 @@ class ClientConnection:
                         SHUTDOWN_IN_PROGRESS, "mongoproxy is shutting down"))
                     return
                 self.busy = True
+                self.in_flight_since = started_ns
                 try:
                     await self._handle(message, Timer(started_ns))
                 finally:
                     self.busy = False
+                    self.in_flight = None
                 if self.stream.paused:
                     await self.stream.drain()
         except ConnectionError:
@@ -198,6 +206,7 @@ class ClientConnection:
         if name is None:
             raise WireError("OP_MSG body is an empty document: no command",
                             code=COMMAND_NOT_FOUND[0], code_name=COMMAND_NOT_FOUND[1])
+        self.in_flight = name
         if name in HELLO_COMMANDS:
             # Handshakes and heartbeats are not operations: they are neither timed nor logged.
             self._write_op_msg(msg.request_id, self._hello(name, command))

@@ -10,12 +10,11 @@ Memory is bounded twice:
   the whole table on every new shape. LFU rather than LRU because the digest exists to
   show the heavy hitters: a shape seen 50 000 times an hour ago must survive a burst of
   one-off ad-hoc queries. ``evicted`` counts the rows dropped.
-* **Latency distribution per shape**: a sparse log-bucket histogram with 8 buckets per
-  power of two (relative bucket width 9 %), from 1 µs up. A row's histogram has at
-  most ~190 occupied buckets even in theory, and a handful in practice (an int-keyed
-  dict of the occupied ones), where an HdrHistogram would cost kilobytes per shape and a
-  reservoir would make p95 depend on sampling luck. Reported percentiles are the
-  geometric middle of their bucket (error below ±4.5 %), clamped to the observed max.
+* **Latency distribution per shape**: a :class:`~proxy.observe.sketch.LatencySketch`
+  (DDSketch, 1 % relative error, exact min and max, a sparse dict of the occupied
+  buckets: a handful per shape in practice). Percentiles are always between the
+  shape's min and max, and exact for a shape run once. Sketches merge, so digests of
+  several worker processes can be combined.
 
 Everything is updated from the event loop thread only; no locks.
 """
@@ -23,17 +22,13 @@ Everything is updated from the event loop thread only; no locks.
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any
 
 from proxy.observe.record import OperationRecord
+from proxy.observe.sketch import LatencySketch
 
 __all__ = ["ORDERS", "QueryDigest"]
-
-_BUCKETS_PER_OCTAVE = 8
-_MIN_MS = 0.001  # 1 µs: everything faster lands in bucket 0
-_LOG2_MIN = math.log2(_MIN_MS)
 
 # /digest?order=... -> the key rows are sorted by (descending).
 ORDERS: dict[str, str] = {
@@ -52,22 +47,11 @@ _LAST_FIELDS = ("tenant", "user", "app_name", "route_class", "route_rule", "memb
                 "duration_ms", "error_code")
 
 
-def _bucket(ms: float) -> int:
-    if ms <= _MIN_MS:
-        return 0
-    return int((math.log2(ms) - _LOG2_MIN) * _BUCKETS_PER_OCTAVE)
-
-
-def _bucket_value(index: int) -> float:
-    """The geometric middle of a bucket, in ms."""
-    return float(2 ** (_LOG2_MIN + (index + 0.5) / _BUCKETS_PER_OCTAVE))
-
-
 class _Row:
     __slots__ = (
         "bytes", "cache_bypasses", "cache_hits", "cache_misses", "collection", "command",
-        "count", "database", "docs", "errors", "example", "first_seen", "hist", "last",
-        "last_seen", "max_ms", "shape_text", "total_ms",
+        "database", "docs", "errors", "example", "first_seen", "last", "last_seen",
+        "latency", "shape_text",
     )
 
     def __init__(self, op: OperationRecord, now: float) -> None:
@@ -75,31 +59,25 @@ class _Row:
         self.database = op.database
         self.collection = op.collection
         self.shape_text = op.shape_text or json.dumps({"cmd": op.command})
-        self.count = 0
+        self.latency = LatencySketch()
         self.errors = 0
-        self.total_ms = 0.0
-        self.max_ms = 0.0
         self.docs = 0
         self.bytes = 0
         self.cache_hits = 0
         self.cache_misses = 0
         self.cache_bypasses = 0
-        self.hist: dict[int, int] = {}
         self.first_seen = now
         self.last_seen = now
         self.last: tuple[Any, ...] = ()
         self.example: Any = None
 
-    def quantile(self, q: float) -> float:
-        if not self.count:
-            return 0.0
-        rank = q * self.count
-        seen = 0
-        for index in sorted(self.hist):
-            seen += self.hist[index]
-            if seen >= rank:
-                return min(_bucket_value(index), self.max_ms)
-        return self.max_ms
+    @property
+    def count(self) -> int:
+        return self.latency.count
+
+    @property
+    def total_ms(self) -> float:
+        return self.latency.total
 
 
 class QueryDigest:
@@ -127,13 +105,7 @@ class QueryDigest:
                 self._evict()
             row = self.rows[key] = _Row(op, now)
         ms = op.duration_ms
-        row.count += 1
-        row.total_ms += ms
-        if ms > row.max_ms:
-            row.max_ms = ms
-        index = 0 if ms <= _MIN_MS else int((math.log2(ms) - _LOG2_MIN) * _BUCKETS_PER_OCTAVE)
-        hist = row.hist
-        hist[index] = hist.get(index, 0) + 1
+        row.latency.add(ms)
         if op.error_code is not None:
             row.errors += 1
         if op.docs_returned:
@@ -158,20 +130,17 @@ class QueryDigest:
 
     def _evict(self) -> None:
         drop = max(1, len(self.rows) // 10)
-        victims = sorted(self.rows.items(), key=lambda kv: (kv[1].count, kv[1].last_seen))
+        victims = sorted(self.rows.items(),
+                         key=lambda kv: (kv[1].latency.count, kv[1].last_seen))
         for key, _row in victims[:drop]:
             del self.rows[key]
         self.evicted += drop
 
-    def reset(self) -> None:
-        self.rows.clear()
-        self.evicted = 0
-        self.operations = 0
-        self.started = time.time()
-
     def _describe(self, key: str, row: _Row) -> dict[str, Any]:
         cache_lookups = row.cache_hits + row.cache_misses
-        example: dict[str, Any] = {"shape": row.shape_text}
+        latency = row.latency
+        shape = _shape_object(row.shape_text)
+        example: dict[str, Any] = {"shape": shape}
         example.update(zip(_LAST_FIELDS, row.last, strict=True))
         example["duration_ms"] = round(example["duration_ms"], 3)
         if self.log_values and row.example is not None:
@@ -187,15 +156,16 @@ class QueryDigest:
             "shape_hash": key,
             "command": row.command,
             "namespace": namespace,
-            "shape": row.shape_text,
-            "count": row.count,
+            "shape": shape,
+            "count": latency.count,
             "errors": row.errors,
-            "total_ms": round(row.total_ms, 3),
-            "avg_ms": round(row.total_ms / row.count, 3) if row.count else 0.0,
-            "p50_ms": round(row.quantile(0.50), 3),
-            "p95_ms": round(row.quantile(0.95), 3),
-            "p99_ms": round(row.quantile(0.99), 3),
-            "max_ms": round(row.max_ms, 3),
+            "total_ms": round(latency.total, 3),
+            "avg_ms": round(latency.total / latency.count, 3) if latency.count else 0.0,
+            "min_ms": round(latency.min, 3) if latency.count else 0.0,
+            "p50_ms": round(latency.quantile(0.50), 3),
+            "p95_ms": round(latency.quantile(0.95), 3),
+            "p99_ms": round(latency.quantile(0.99), 3),
+            "max_ms": round(latency.max, 3),
             "docs_returned": row.docs,
             "reply_bytes": row.bytes,
             "cache_hits": row.cache_hits,
@@ -217,6 +187,15 @@ class QueryDigest:
         rows.sort(key=lambda d: (-d[field], -d["count"], d["shape_hash"]))
         return rows[:max(0, limit)]
 
+    def reset(self) -> dict[str, Any]:
+        """Forget every row (``POST /digest/reset``); returns the summary before it."""
+        before = self.summary()
+        self.rows.clear()
+        self.evicted = 0
+        self.operations = 0
+        self.started = time.time()
+        return before
+
     def summary(self) -> dict[str, Any]:
         return {
             "shapes": len(self.rows),
@@ -225,3 +204,11 @@ class QueryDigest:
             "operations": self.operations,
             "since": self.started,
         }
+
+
+def _shape_object(text: str) -> Any:
+    """The shape as a JSON value for /digest (its text is compact JSON of a document)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -1,5 +1,5 @@
 """Admin HTTP handlers (for :class:`proxy.admin.http.AdminServer`): ``/metrics``,
-``/digest`` and ``/readyz``.
+``/digest``, ``POST /digest/reset`` and ``/readyz``.
 
 Each factory returns a handler ``(query) -> (status, content type, body)``::
 
@@ -8,7 +8,8 @@ Each factory returns a handler ``(query) -> (status, content type, body)``::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ __all__ = [
     "MAX_DIGEST_LIMIT",
     "ReadinessFacts",
     "digest_handler",
+    "digest_reset_handler",
     "has_usable_primary",
     "metrics_handler",
     "observe_routes",
@@ -32,19 +34,21 @@ Reply = tuple[int, str, bytes]
 
 @dataclass(frozen=True, slots=True)
 class ReadinessFacts:
-    """What ``/readyz`` reports. Ready: a usable primary and not shutting down, and,
-    when ``redis_required``, Redis up. ``redis`` is None when no cache is configured,
-    else a state word ("ok", "down", "connecting", ...)."""
+    """What ``/readyz`` reports. Ready: a usable primary, a data path not proven broken
+    (``data_path``: None when not checked), not shutting down, and, when
+    ``redis_required``, Redis up. ``redis`` is None when no cache is configured, else a
+    state word ("ok", "down", "connecting", ...)."""
 
     primary: bool
     redis: str | None = None
     redis_required: bool = False
     shutting_down: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
+    data_path: bool | None = None
 
     @property
     def ready(self) -> bool:
-        if self.shutting_down or not self.primary:
+        if self.shutting_down or not self.primary or self.data_path is False:
             return False
         return not (self.redis_required and self.redis != "ok")
 
@@ -84,25 +88,48 @@ def digest_handler(digest: QueryDigest, default_limit: int = 50) -> Handler:
     return handle
 
 
-def readyz_handler(facts: Callable[[], ReadinessFacts]) -> Handler:
-    """200 when ready, else 503; the JSON body says why either way."""
+def digest_reset_handler(digest: QueryDigest) -> Handler:
+    """``POST /digest/reset``: forget every row; the body says what was dropped."""
 
     def handle(_query: dict[str, list[str]]) -> Reply:
-        state = facts()
-        body: dict[str, Any] = {
-            "ready": state.ready,
-            "primary": "yes" if state.primary else "no",
-            "redis": state.redis,
-            "shutting_down": state.shutting_down,
-            **state.detail,
-        }
-        return json_response(200 if state.ready else 503, body)
+        return json_response(200, {"reset": True, "before": digest.reset()})
 
     return handle
 
 
+Readiness = Callable[[], ReadinessFacts | Awaitable[ReadinessFacts]]
+
+
+def readyz_handler(facts: Readiness) -> Handler:
+    """200 when ready, else 503; the JSON body says why either way. ``facts`` may be
+    async (the data-path probe awaits a round trip)."""
+
+    def handle(_query: dict[str, list[str]]) -> Reply | Awaitable[Reply]:
+        state = facts()
+        if inspect.isawaitable(state):
+            return _answer_later(state)
+        return _answer(state)
+
+    return handle
+
+
+async def _answer_later(state: Awaitable[ReadinessFacts]) -> Reply:
+    return _answer(await state)
+
+
+def _answer(state: ReadinessFacts) -> Reply:
+    body: dict[str, Any] = {
+        "ready": state.ready,
+        "primary": "yes" if state.primary else "no",
+        "redis": state.redis,
+        "shutting_down": state.shutting_down,
+        **state.detail,
+    }
+    return json_response(200 if state.ready else 503, body)
+
+
 def observe_routes(
-    metrics: Metrics, digest: QueryDigest, readiness: Callable[[], ReadinessFacts]
+    metrics: Metrics, digest: QueryDigest, readiness: Readiness
 ) -> dict[str, Handler]:
     return {
         "/metrics": metrics_handler(metrics),

@@ -26,6 +26,7 @@ tenancy_violations_total                    counter     collection, reason, mode
 cache_operations_total                      counter     result (hit/miss/bypass), reason
 config_reloads_total                        counter     result (ok/failed)
 config_last_reload_successful               gauge       -
+build_info                                  gauge       version, python (always 1)
 process_* (ProcessCollector)
 ==========================================  ==========  ===================================
 
@@ -46,6 +47,7 @@ of :mod:`proxy.observe.families` (the per-operation ones; the rest are prometheu
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -60,6 +62,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from proxy import __version__
 from proxy.observe.config import ObservabilityConfig
 from proxy.observe.families import LoopCounter, LoopHistogram
 from proxy.observe.record import OperationRecord
@@ -291,6 +294,10 @@ class Metrics:
         self.reload_ok.set(1)
         for result in ("ok", "failed"):
             self.reloads.labels(result)
+        # Which build is running, joinable onto any other series (the `_info` idiom).
+        Gauge("mongoproxy_build_info", "The running mongoproxy version (always 1)",
+              ["version", "python"], registry=r).labels(
+            __version__, platform.python_version()).set(1)
         if process:
             ProcessCollector(registry=r)
         self._member = _Bounded(label_limit)

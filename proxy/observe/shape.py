@@ -16,8 +16,10 @@ Rules (the tests in ``tests/test_observe_shape.py`` are the executable version):
 * Replaced: every literal value by a type placeholder: ``?str``, ``?int`` (int32 and
   int64 alike: the driver picks the width from the magnitude), ``?double``,
   ``?decimal``, ``?bool``, ``?null``, ``?date``, ``?oid``, ``?binary``, ``?uuid``,
-  ``?regex``, ``?timestamp``, ``?array`` (an array compared as a whole), ``?object``
-  (an embedded document compared as a whole), ``?minkey``, ``?maxkey``, ``?code``.
+  ``?regex`` (``?regex:prefix`` when left-anchored on a literal, case-sensitive: an
+  index can bound it; the ``$regex`` operator's pattern likewise), ``?timestamp``,
+  ``?array`` (an array compared as a whole), ``?object`` (an embedded document
+  compared as a whole), ``?minkey``, ``?maxkey``, ``?code``.
 * Collapsed: ``$in``/``$nin``/``$all`` lists become the sorted list of the distinct
   element types (``{$in: [1, 2, 3]}`` and ``{$in: [7]}`` are both ``{$in: ["?int"]}``);
   the branches of ``$or``/``$and``/``$nor`` are de-duplicated and sorted, so an
@@ -98,8 +100,6 @@ _PLACEHOLDERS: dict[type, str] = {
     Binary: "?binary",
     bytes: "?binary",
     uuid.UUID: "?uuid",
-    Regex: "?regex",
-    re.Pattern: "?regex",
     Timestamp: "?timestamp",
     list: "?array",
     tuple: "?array",
@@ -129,11 +129,32 @@ _JSON_SCALARS = (str, int, float, bool, type(None))
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+def _regex(pattern: Any, flags: int = 0) -> str:
+    """``?regex:prefix`` for a regex an index can bound (``/^abc/``: a left anchor then a
+    literal character, case-sensitive, not multi-line), else ``?regex``. The index
+    advisor needs the difference; the pattern itself is never kept."""
+    if isinstance(pattern, bytes):
+        pattern = pattern.decode("utf-8", "replace")
+    if not isinstance(pattern, str) or flags & (re.IGNORECASE | re.MULTILINE):
+        return "?regex"
+    body = pattern[1:] if pattern[:1] == "^" else pattern[2:] if pattern[:2] == "\\A" else None
+    if not body or body[0] in _REGEX_SPECIAL:
+        return "?regex"
+    return "?regex:prefix"
+
+
+_REGEX_SPECIAL = frozenset(".[]()\\*+?{}|^$")
+
+
 def placeholder(value: Any) -> str:
     """The type placeholder of one literal value (``"?str"``, ``"?date"``, ...)."""
     found = _PLACEHOLDERS.get(type(value))
     if found is not None:
         return found
+    # Regexes are not in the table: their placeholder depends on the anchor (rare, so
+    # the common types pay nothing for it).
+    if isinstance(value, (Regex, re.Pattern)):
+        return _regex(value.pattern, value.flags if isinstance(value.flags, int) else 0)
     if isinstance(value, Mapping):
         return "?object"
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
@@ -192,6 +213,8 @@ def _operand(op: str, value: Any) -> Any:
         return placeholder(value)
     if op in _KEEP_OPS:
         return _keep(value)
+    if op == "$regex":  # its $options sibling is kept: "i" or "m" show there
+        return placeholder(value) if not isinstance(value, str) else _regex(value)
     if op == "$elemMatch":
         return _filter(value)
     if op == "$not":

@@ -3,6 +3,7 @@
 Plain ANSI (clear screen + home) and ``urllib``: no curses, no extra dependency::
 
     mongoproxy top --admin http://127.0.0.1:9216 --interval 2 --limit 20
+    mongoproxy top --reset          # POST /digest/reset: statistics start over
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+from proxy.advice.cli import annotate_digest
 from proxy.observe.digest import ORDERS
 
-__all__ = ["fetch_digest", "main", "render_table"]
+__all__ = ["fetch_digest", "main", "render_table", "reset_digest"]
 
 CLEAR = "\x1b[H\x1b[2J"
 
@@ -36,6 +38,7 @@ _COLUMNS: list[tuple[str, str, int]] = [
     ("MAX ms", "max_ms", 9),
     ("DOCS", "docs_returned", 9),
     ("HIT%", "cache_hit_ratio", 5),
+    ("INDEX", "index_advice", 8),  # from /advice: served, MISSING, no-index, scan
 ]
 
 
@@ -44,6 +47,22 @@ def fetch_digest(admin: str, limit: int, order: str, timeout: float = 5.0) -> di
     with urllib.request.urlopen(url, timeout=timeout) as reply:
         document: dict[str, Any] = json.loads(reply.read())
     return document
+
+
+def reset_digest(admin: str, timeout: float = 5.0) -> dict[str, Any]:
+    """``POST /digest/reset``; the proxy's answer (the summary before the reset)."""
+    request = urllib.request.Request(f"{admin.rstrip('/')}/digest/reset", data=b"",
+                                     method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as reply:
+        document: dict[str, Any] = json.loads(reply.read())
+    return document
+
+
+def _shape(value: Any) -> str:
+    """A shape as compact one-line JSON (/digest gives it as an object)."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _cell(value: Any, key: str, width: int) -> str:
@@ -74,7 +93,7 @@ def render_table(document: dict[str, Any], width: int = 160, source: str = "") -
     lines.append((header + " SHAPE")[:width])
     for row in document.get("top", []):
         cells = " ".join(_cell(row.get(k), k, w) for _h, k, w in _COLUMNS)
-        lines.append(f"{cells} {row.get('shape', '')}"[:width])
+        lines.append(f"{cells} {_shape(row.get('shape'))}"[:width])
     if not document.get("top"):
         lines.append("(no operations recorded yet)")
     return "\n".join(lines) + "\n"
@@ -89,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=20, help="shapes shown")
     parser.add_argument("--order", default="total_time", choices=list(ORDERS))
     parser.add_argument("--once", action="store_true", help="print once and exit")
+    parser.add_argument("--reset", action="store_true",
+                        help="reset the digest (POST /digest/reset) and exit")
     return parser
 
 
@@ -101,11 +122,22 @@ def main(
     args = _parser().parse_args(argv)
     stream = out if out is not None else sys.stdout
     admin = args.admin if "://" in args.admin else f"http://{args.admin}"
+    if args.reset:
+        try:
+            before = reset_digest(admin)["before"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            print(f"mongoproxy top: cannot reset {admin}/digest: {exc}", file=sys.stderr)
+            return 1
+        stream.write(f"digest reset: {before['shapes']} shapes, {before['operations']} "
+                     f"operations forgotten\n")
+        return 0
     try:
         while True:
             width = shutil.get_terminal_size((160, 40)).columns
             try:
-                text = render_table(fetch_digest(admin, args.limit, args.order), width, admin)
+                document = fetch_digest(admin, args.limit, args.order)
+                annotate_digest(document, admin)
+                text = render_table(document, width, admin)
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 if args.once:
                     print(f"mongoproxy top: cannot read {admin}/digest: {exc}", file=sys.stderr)

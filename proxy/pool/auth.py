@@ -1,4 +1,5 @@
-"""Authenticating the proxy's own upstream connections with SCRAM-SHA-256.
+"""Authenticating the proxy's own upstream connections: SCRAM-SHA-256, SCRAM-SHA-1 (for
+older servers) and MONGODB-X509 (the TLS client certificate is the identity).
 
 Clients of the proxy never authenticate to the upstream: every pooled connection is
 authenticated once, when it is opened, as the user named in ``upstream.uri``
@@ -16,6 +17,13 @@ The SASL conversation is MongoDB's:
   server that does not know the password cannot pass itself off as the upstream;
 * a server that ignored ``skipEmptyExchange`` gets one more, empty ``saslContinue``.
 
+SCRAM-SHA-1 is the same conversation with MongoDB's password digest,
+``md5("user:mongo:password")`` in hex, as the SCRAM password (no SASLprep, as the drivers).
+MONGODB-X509 is one ``authenticate {mechanism: "MONGODB-X509"}`` on ``$external``, sent
+speculatively in the handshake ``hello`` too; the user name is optional (the server takes
+the certificate's subject) and the connection must be TLS with a client certificate
+(``tlsCertificateKeyFile``).
+
 Message building and the SCRAM state are pure (no I/O) and unit-tested on their own;
 :func:`authenticate` runs the conversation over any ``command`` coroutine.
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from hashlib import md5
 from typing import Any
 
 from bson.binary import Binary
@@ -38,8 +47,11 @@ from scramp import ScramClient, ScramException
 from proxy.errors import AUTHENTICATION_FAILED, ProxyError
 
 SCRAM_SHA_256 = "SCRAM-SHA-256"
-SUPPORTED_MECHANISMS = frozenset({SCRAM_SHA_256})
+SCRAM_SHA_1 = "SCRAM-SHA-1"
+MONGODB_X509 = "MONGODB-X509"
+SUPPORTED_MECHANISMS = frozenset({SCRAM_SHA_256, SCRAM_SHA_1, MONGODB_X509})
 DEFAULT_AUTH_SOURCE = "admin"
+EXTERNAL = "$external"
 
 Command = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -58,23 +70,26 @@ class Credentials:
         """The credentials in a connection string, or None when it names no user.
 
         ``authSource`` defaults to the database in the uri's path, else ``admin`` (the
-        connection-string spec); ``authMechanism`` defaults to SCRAM-SHA-256, the only
-        mechanism supported. Raises ValueError for a user without a password or another
-        mechanism (config validation reports it under ``upstream.uri``).
+        connection-string spec; ``$external`` for MONGODB-X509); ``authMechanism``
+        defaults to SCRAM-SHA-256. Raises ValueError for a SCRAM user without a password
+        or an unsupported mechanism (config validation reports it under ``upstream.uri``).
         """
         if uri is None:
             return None
         parsed = parse_uri(uri)
         username = parsed.get("username")
-        if not username:
-            return None
         options = parsed["options"]
         mechanism = options.get("authMechanism") or SCRAM_SHA_256
         if mechanism not in SUPPORTED_MECHANISMS:
             raise ValueError(
-                f"authMechanism {mechanism} is not supported for the upstream; "
-                f"use {SCRAM_SHA_256}"
+                f"authMechanism {mechanism} is not supported for the upstream; use one of "
+                f"{', '.join(sorted(SUPPORTED_MECHANISMS))}"
             )
+        if mechanism == MONGODB_X509:
+            # pymongo's parser has already refused a password or another authSource.
+            return cls(str(username or ""), "", EXTERNAL, MONGODB_X509)
+        if not username:
+            return None
         password = parsed.get("password")
         if not password:
             raise ValueError(f"user {username!r} has no password ({mechanism} needs one)")
@@ -87,10 +102,13 @@ class ScramConversation:
 
     def __init__(self, credentials: Credentials, nonce: str | None = None) -> None:
         self.credentials = credentials
+        password = credentials.password
+        if credentials.mechanism == SCRAM_SHA_1:
+            # MongoDB's SCRAM-SHA-1 password is the legacy MONGODB-CR digest.
+            password = md5(f"{credentials.username}:mongo:{password}".encode()).hexdigest()
         try:
             self._client = ScramClient(
-                [credentials.mechanism], credentials.username, credentials.password,
-                c_nonce=nonce,
+                [credentials.mechanism], credentials.username, password, c_nonce=nonce,
             )
         except ScramException as exc:  # e.g. a password SASLprep prohibits
             raise AuthenticationError(f"invalid credentials: {exc}") from None
@@ -161,6 +179,39 @@ def with_speculative_auth(
     """A copy of the handshake ``hello`` that also starts the SASL conversation."""
     return {**handshake, "speculativeAuthenticate": speculative_authenticate(
         credentials, client_first)}
+
+
+def x509_authenticate(credentials: Credentials, *, speculative: bool = False) -> dict[str, Any]:
+    """The MONGODB-X509 ``authenticate`` command (or the hello's speculative form)."""
+    command: dict[str, Any] = {"authenticate": 1, "mechanism": MONGODB_X509}
+    if credentials.username:
+        command["user"] = credentials.username
+    command["db" if speculative else "$db"] = EXTERNAL
+    return command
+
+
+async def handshake_and_authenticate(
+    command: Command, handshake: Mapping[str, Any], credentials: Credentials
+) -> dict[str, Any]:
+    """Send the handshake ``hello`` with ``speculativeAuthenticate`` and finish the
+    authentication; returns the hello reply. Raises AuthenticationError."""
+    if credentials.mechanism == MONGODB_X509:
+        reply = await command({**handshake, "speculativeAuthenticate": x509_authenticate(
+            credentials, speculative=True)})
+        if not isinstance(reply.get("speculativeAuthenticate"), dict):
+            _checked(await command(x509_authenticate(credentials)), "authenticate",
+                     needs_payload=False)
+        return reply
+    conversation = ScramConversation(credentials)
+    reply = await command(
+        with_speculative_auth(handshake, credentials, conversation.client_first()))
+    speculative = reply.get("speculativeAuthenticate")
+    await authenticate(
+        command, credentials,
+        conversation if isinstance(speculative, dict) else None,
+        speculative if isinstance(speculative, dict) else None,
+    )
+    return reply
 
 
 def _checked(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl
 import struct
 import time
 from typing import Any
@@ -14,10 +15,8 @@ import bson
 from proxy.pool.auth import (
     AuthenticationError,
     Credentials,
-    ScramConversation,
-    authenticate,
     authentication_failed,
-    with_speculative_auth,
+    handshake_and_authenticate,
 )
 from proxy.wire import (
     HEADER_SIZE,
@@ -135,6 +134,7 @@ class UpstreamConnection:
         timeout_s: float,
         handshake: dict[str, Any],
         credentials: Credentials | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> UpstreamConnection:
         """Connect, run the handshake and authenticate, all within ``timeout_s``.
 
@@ -142,10 +142,14 @@ class UpstreamConnection:
         SCRAM conversation is finished (or started over with ``saslStart`` if the server
         ignored it) before the connection is returned. A failed authentication raises
         ProxyError AuthenticationFailed (18) naming the upstream, never the password.
+        With ``tls`` (pymongo's context for the uri's options: proxy.tls.client) the
+        connection is TLS, verified against the server's host name unless the context
+        says otherwise (tlsAllowInvalidHostnames).
         """
         async with asyncio.timeout(timeout_s):
             transport, reader = await asyncio.get_running_loop().create_connection(
-                _ReplyReader, address[0], address[1])
+                _ReplyReader, address[0], address[1], ssl=tls,
+                server_hostname=address[0] if tls is not None else None)
             sock = transport.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -167,17 +171,7 @@ class UpstreamConnection:
             return await self.command(command, timeout_s)
 
         try:
-            conversation = ScramConversation(credentials)
-            reply = await run(
-                with_speculative_auth(handshake, credentials, conversation.client_first())
-            )
-            speculative = reply.get("speculativeAuthenticate")
-            await authenticate(
-                run,
-                credentials,
-                conversation if isinstance(speculative, dict) else None,
-                speculative if isinstance(speculative, dict) else None,
-            )
+            await handshake_and_authenticate(run, handshake, credentials)
         except AuthenticationError as exc:
             raise authentication_failed(self.address, credentials, exc) from None
 

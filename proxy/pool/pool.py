@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import platform
+import ssl
 import time
 from collections import deque
 from typing import Any
@@ -57,10 +58,12 @@ class UpstreamPool:
         address: tuple[str, int],
         config: PoolConfig,
         credentials: Credentials | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
         self.config = config
         self.credentials = credentials
+        self.tls = tls
         self.label = f"{address[0]}:{address[1]}"
         # Most recently returned last: checkout takes from the end, so the connections
         # at the front are the ones that have been idle longest.
@@ -69,6 +72,9 @@ class UpstreamPool:
         # Connections that exist or are being opened; never above max_size.
         self.size = 0
         self.in_use = 0
+        # time.monotonic() of the last healthy checkin: a proof, for /readyz, that the
+        # data path works (proxy.observe.dataprobe); 0.0 before any.
+        self.last_reply = 0.0
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
         # Requests that may open a cursor hold at most this many connections; the rest
@@ -119,7 +125,7 @@ class UpstreamPool:
         if not reusable or self._closed:
             self._discard(conn)
             return
-        conn.last_used = time.monotonic()
+        conn.last_used = self.last_reply = time.monotonic()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -214,7 +220,7 @@ class UpstreamPool:
         timeout_s = self.config.connect_timeout_ms / 1000
         try:
             conn = await UpstreamConnection.open(
-                self.address, timeout_s, HANDSHAKE, self.credentials
+                self.address, timeout_s, HANDSHAKE, self.credentials, self.tls
             )
         except TimeoutError:
             self._release_slot()

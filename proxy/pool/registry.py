@@ -5,21 +5,29 @@ from __future__ import annotations
 from proxy.config import PoolConfig
 from proxy.pool.auth import Credentials
 from proxy.pool.pool import UpstreamPool
+from proxy.tls.client import UpstreamTLS
 
 Address = tuple[str, int]
 
 
 class Pools:
-    def __init__(self, config: PoolConfig, credentials: Credentials | None = None) -> None:
-        """``credentials``: ``Credentials.from_uri(upstream.uri)``, used for every server."""
+    def __init__(
+        self, config: PoolConfig, credentials: Credentials | None = None,
+        tls: UpstreamTLS | None = None,
+    ) -> None:
+        """``credentials``: ``Credentials.from_uri(upstream.uri)``, used for every server;
+        ``tls``: each server's TLS context."""
         self.config = config
         self.credentials = credentials
+        self.tls = tls
         self._pools: dict[Address, UpstreamPool] = {}
 
     def get(self, address: Address) -> UpstreamPool:
         pool = self._pools.get(address)
         if pool is None:
-            pool = self._pools[address] = UpstreamPool(address, self.config, self.credentials)
+            context = None if self.tls is None else self.tls.context_for(address)
+            pool = self._pools[address] = UpstreamPool(
+                address, self.config, self.credentials, context)
         return pool
 
     def stats(self) -> dict[str, dict[str, int]]:

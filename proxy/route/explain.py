@@ -1,12 +1,15 @@
-"""``mongoproxy explain-route``: how the routing rules treat one command, in words.
+"""``mongoproxy explain-route``: how the proxy treats one command, in words: the
+tenancy verdict, the routing class and rule, and the result cache's decision.
 
-Pure: the caller supplies the routing config and, optionally, a topology description
-(the proxy's current view, or one built for a test); nothing is sent anywhere.
+Pure: the caller supplies the configuration sections and, optionally, a topology
+description (the proxy's current view, or one built for a test); nothing is sent
+anywhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from bson import json_util
 from bson.errors import InvalidBSON
@@ -17,6 +20,10 @@ from pymongo.topology_description import TopologyDescription
 from proxy.classify import Classification, ClientContext, classify
 from proxy.route.readpref import ReadPreferenceError, from_command
 from proxy.route.rules import RouteDecision, RoutingConfig, decide
+
+if TYPE_CHECKING:
+    from proxy.cache.config import CacheConfig
+    from proxy.tenancy import TenancyConfig
 
 __all__ = ["ExplainError", "describe_read_preference", "explain_route"]
 
@@ -30,11 +37,20 @@ def explain_route(
     command_json: str,
     app_name: str | None = None,
     topology_description: TopologyDescription | None = None,
+    *,
+    tenancy: TenancyConfig | None = None,
+    cache: CacheConfig | None = None,
+    explain_cache: bool = False,
+    user: str | None = None,
 ) -> str:
     """Classify and route ``command_json`` (Extended JSON) and describe the outcome.
 
-    Raises :class:`ExplainError` for text that is not a JSON object naming a command, or
-    a ``$readPreference`` the proxy would refuse (BadValue).
+    With ``tenancy`` the tenancy verdict comes first (as ``user``, a configured proxy
+    user, or unauthenticated); with ``explain_cache`` the result cache's decision
+    (``cache`` None: no cache configured) follows the route.
+
+    Raises :class:`ExplainError` for text that is not a JSON object naming a command, a
+    ``$readPreference`` the proxy would refuse (BadValue), or an unknown ``user``.
     """
     try:
         command = json_util.loads(command_json)
@@ -47,11 +63,30 @@ def explain_route(
         client = from_command(command) if command.get("$readPreference") is not None else None
     except ReadPreferenceError as exc:
         raise ExplainError(f"$readPreference: {exc}") from None
-    classification = classify(command, ClientContext(app_name=app_name))
+    from proxy.route.verdicts import cache_line, tenancy_outcome
+
+    tenant_line: str | None = None
+    bound: Any = None
+    forwarded: dict[str, Any] = dict(command)
+    if tenancy is not None:
+        try:
+            outcome = tenancy_outcome(tenancy, forwarded, user)
+        except ValueError as exc:
+            raise ExplainError(str(exc)) from None
+        tenant_line, forwarded = outcome.line, outcome.command
+        if outcome.refused:
+            c = classify(forwarded, ClientContext(app_name=app_name, user=user))
+            return "\n".join([f"command:          {_describe_command(c)}",
+                              f"features:         {_features(c)}",
+                              f"tenancy:          {tenant_line}"]) + "\n"
+        bound = next((u.tenant for u in tenancy.users if u.username == user), None)
+    context = ClientContext(app_name=app_name, user=user, tenant=bound)
+    classification = classify(forwarded, context)
     decision = decide(classification, config, client)
     lines = [
         f"command:          {_describe_command(classification)}",
         f"features:         {_features(classification)}",
+        *([f"tenancy:          {tenant_line}"] if tenant_line is not None else []),
         f"class:            {decision.class_name}",
         f"rule:             {_rule(decision)}",
     ]
@@ -64,6 +99,8 @@ def explain_route(
         lines.append(f"maxTimeMS:        set to {decision.max_time_ms} (class cap)")
     elif classification.max_time_ms is not None:
         lines.append(f"maxTimeMS:        {classification.max_time_ms} (the client's)")
+    if explain_cache:
+        lines.append(f"cache:            {cache_line(cache, forwarded, classification, decision)}")
     if topology_description is not None:
         lines.append(f"member:           {_member(decision, topology_description)}")
     return "\n".join(lines) + "\n"

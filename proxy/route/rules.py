@@ -108,7 +108,10 @@ __all__ = [
     "RouteDecision",
     "RoutingConfig",
     "RuleConfig",
+    "config_errors",
     "decide",
+    "duplicate_names",
+    "rule_label",
 ]
 
 MIN_MAX_STALENESS_S = 90
@@ -129,6 +132,10 @@ def _invalid(title: str, errors: list[tuple[tuple[str | int, ...], str, Any]]) -
         InitErrorDetails(type=PydanticCustomError("routing", message), loc=loc, input=value)
         for loc, message, value in errors
     ])
+
+
+# For other sections' validators (the cache rules) that report errors the same way.
+config_errors = _invalid
 
 
 # --- name patterns -------------------------------------------------------------------
@@ -195,15 +202,19 @@ NameField = str | list[str] | None
 
 
 class MatchConfig(_Strict):
-    command: NameField = None
-    database: NameField = None
-    collection: NameField = None
-    has_stage: NameField = None
-    text_search: bool | None = None
-    app_name: NameField = None
+    """What a rule matches; every key given must fit (name patterns: docs/routing.md)."""
+
+    command: NameField = None  # command name (an explain is matched as what it explains)
+    database: NameField = None  # the command's database ($db)
+    collection: NameField = None  # the collection the command names
+    has_stage: NameField = None  # a top-level stage of an aggregate pipeline, e.g. $group
+    text_search: bool | None = None  # the command uses $text or $search
+    app_name: NameField = None  # the appName the client sent in its handshake
+    # A string equal to the command's comment, or a document whose every key must be
+    # in the command's comment document.
     comment: str | dict[str, Any] | None = None
-    user: NameField = None
-    tenant: NameField = None
+    user: NameField = None  # the proxy user the connection authenticated as
+    tenant: NameField = None  # the tenant the connection is bound to
 
     @field_validator(
         "command", "database", "collection", "has_stage", "app_name", "user", "tenant"
@@ -217,25 +228,35 @@ class MatchConfig(_Strict):
 
 class RuleConfig(_Strict):
     match: MatchConfig
-    class_: str = Field(alias="class")
+    class_: str = Field(alias="class")  # a name under routing.classes
+    # Optional label for /rules and mongoproxy_rule_hits_total (else the rule's index).
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+                             max_length=64)
 
     def text(self) -> str:
         """The rule as compact YAML, for logs and explain-route."""
-        doc = {
+        doc: dict[str, Any] = {
             "match": self.match.model_dump(exclude_none=True),
             "class": self.class_,
         }
+        if self.name is not None:
+            doc["name"] = self.name
         return str(yaml.safe_dump(
             doc, default_flow_style=True, sort_keys=False, width=1 << 30
         )).strip()
 
 
 class ClassConfig(_Strict):
+    # Where reads of the class go (writes always go to the primary).
     read_preference: ReadMode | None = None
-    tags: list[dict[str, str]] | None = None
-    max_staleness_s: int | None = None
+    tags: list[dict[str, str]] | None = None  # tag sets, tried in order
+    max_staleness_s: int | None = None  # at least 90 (MongoDB's minimum)
+    # Sets maxTimeMS when the command has none, 0 or a larger one.
     max_time_ms: int | None = Field(default=None, gt=0)
+    # override: ignore the driver's $readPreference; honor: use it when sent. Default:
+    # override when the class names a read_preference, honor otherwise.
     client_read_preference: Literal["honor", "override"] | None = None
+    # Refuse the class's commands with this message (code 13); takes no other option.
     deny: str | None = Field(default=None, min_length=1)
 
     @field_validator("max_staleness_s")
@@ -295,9 +316,11 @@ class ClassConfig(_Strict):
 
 
 class RoutingConfig(_Strict):
-    default: ClassConfig = ClassConfig()
-    classes: dict[str, ClassConfig] = {}
-    rules: tuple[RuleConfig, ...] = ()
+    """Command classes and the ordered rules that pick them (reloaded live)."""
+
+    default: ClassConfig = ClassConfig()  # the class of a command no rule matches
+    classes: dict[str, ClassConfig] = {}  # named classes
+    rules: tuple[RuleConfig, ...] = ()  # tried in order; the first that fits names the class
 
     # Built once by validation; kept in the instance __dict__ (not a pydantic private
     # attribute, whose access costs ~2 us through BaseModel.__getattr__).
@@ -314,6 +337,7 @@ class RoutingConfig(_Strict):
                     f"invalid class name {name!r}: use letters, digits, '_' and '-' "
                     f"(not starting with a digit or '-'), and not {DEFAULT_CLASS!r} "
                     f"(that is the routing.default class)"), name))
+        errors.extend(duplicate_names(self.rules))
         for index, rule in enumerate(self.rules):
             target = self.classes.get(rule.class_)
             if target is None:
@@ -342,6 +366,26 @@ class RoutingConfig(_Strict):
         return self.model_dump() == other.model_dump()
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def duplicate_names(rules: tuple[Any, ...]) -> list[tuple[tuple[str | int, ...], str, Any]]:
+    """Errors for rule ``name`` values used twice (a name is a metric label)."""
+    seen: dict[str, int] = {}
+    errors: list[tuple[tuple[str | int, ...], str, Any]] = []
+    for index, rule in enumerate(rules):
+        if rule.name is None:
+            continue
+        if rule.name in seen:
+            errors.append((("rules", index, "name"),
+                           f"name {rule.name!r} is already used by rule {seen[rule.name]}",
+                           rule.name))
+        seen.setdefault(rule.name, index)
+    return errors
+
+
+def rule_label(index: int, name: str | None) -> str:
+    """A rule's label in /rules and metrics: its name, else its index."""
+    return name if name is not None else str(index)
 
 
 def _write_only(match: MatchConfig) -> list[str]:
@@ -484,15 +528,20 @@ class _Target:
         return self.read_capped if capped else self.read
 
 
-_CompiledRule = tuple[Matcher, _Target]
+_CompiledRule = tuple[Matcher, _Target, int]
 
 
 class _Compiled:
     """Rules compiled once per config. Rules whose ``command`` lists exact names are
     indexed by name, so a command is only tried against the rules it could match
-    (order preserved)."""
+    (order preserved).
 
-    __slots__ = ("by_command", "cursor", "default", "other_commands")
+    ``hits[i]`` counts the commands rule ``i`` decided, ``hits[-1]`` those no rule
+    matched (the default class); cursor continuations are not counted. A plain list of
+    ints (one increment per decision), read at scrape time by
+    :mod:`proxy.observe.rulehits`; a reload compiles new rules, with new counters."""
+
+    __slots__ = ("by_command", "cursor", "default", "hits", "other_commands")
 
     def __init__(self, routing: RoutingConfig) -> None:
         self.default = _Target(DEFAULT_CLASS, routing.default, None, None)
@@ -502,7 +551,7 @@ class _Compiled:
             target = _Target(rule.class_, routing.classes[rule.class_], index, rule.text())
             command = matcher.command
             rules.append((command if command is not None and command.only_exact else None,
-                          (matcher, target)))
+                          (matcher, target, index)))
         names = {name for pattern, _ in rules if pattern is not None for name in pattern.exact}
         self.by_command: dict[str, tuple[_CompiledRule, ...]] = {
             name: tuple(r for pattern, r in rules if pattern is None or name in pattern.exact)
@@ -510,6 +559,7 @@ class _Compiled:
         }
         self.other_commands = tuple(r for pattern, r in rules if pattern is None)
         self.cursor = RouteDecision(CURSOR_CLASS, None, None, PRIMARY, pinned="cursor")
+        self.hits = [0] * (len(routing.rules) + 1)
 
 
 def decide(
@@ -526,7 +576,9 @@ def decide(
     if classification.is_cursor_continuation:
         return compiled.cursor
     rules = compiled.by_command.get(classification.command, compiled.other_commands)
-    for matches, target in rules:
+    for matches, target, index in rules:
         if matches(classification):
+            compiled.hits[index] += 1
             return target.decide(classification, client_read_preference)
+    compiled.hits[-1] += 1
     return compiled.default.decide(classification, client_read_preference)

@@ -40,6 +40,7 @@ from proxy.errors import (
 )
 from proxy.pool.connection import UpstreamConnection
 from proxy.pool.pool import HANDSHAKE
+from proxy.tls.client import UpstreamTLS
 
 log = logging.getLogger("mongoproxy.topology")
 
@@ -160,7 +161,7 @@ class Topology(ABC):
                     FAILED_TO_SATISFY_READ_PREFERENCE,
                     f"no upstream server available for read preference "
                     f"{_describe(selector)} after {timeout_ms} ms; topology: "
-                    f"{_summary(self.description())}",
+                    f"{_summary(self.description())}{_errors(self.description())}",
                 )
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -228,6 +229,7 @@ class DeclaredTopology(Topology):
         )
         self._description = self._build()
         self._tasks: list[asyncio.Task[None]] = []
+        self._tls = UpstreamTLS(config)
 
     async def start(self) -> None:
         first_checks = [asyncio.Event() for _ in self.members]
@@ -298,7 +300,8 @@ class DeclaredTopology(Topology):
         while True:
             try:
                 if conn is None:
-                    conn = await UpstreamConnection.open(address, timeout_s, HANDSHAKE)
+                    conn = await UpstreamConnection.open(
+                        address, timeout_s, HANDSHAKE, None, self._tls.context_for(address))
                 start = time.monotonic()
                 reply = await conn.command({"hello": 1, "$db": "admin"}, timeout_s)
                 self._rtt[address].add_sample(time.monotonic() - start)
@@ -334,6 +337,15 @@ def _describe(selector: _ServerMode) -> str:
     if selector.max_staleness != -1:
         parts.append(f"maxStalenessSeconds: {selector.max_staleness}")
     return "{" + ", ".join(parts) + "}"
+
+
+def _errors(description: TopologyDescription) -> str:
+    """Why the unreachable servers are (a TLS or authentication failure, a refusal)."""
+    errors = [
+        f"{sd.address[0]}:{sd.address[1]}: {sd.error}"
+        for sd in description.server_descriptions().values() if sd.error is not None
+    ]
+    return "; last errors: " + "; ".join(errors) if errors else ""
 
 
 def _summary(description: TopologyDescription) -> str:

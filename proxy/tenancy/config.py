@@ -74,9 +74,10 @@ def _b64(value: str) -> bytes:
 class UserConfig(_Strict):
     """A proxy-side identity: SCRAM-SHA-256 stored credential and the tenant it is bound to."""
 
-    username: str = Field(min_length=1)
+    username: str = Field(min_length=1)  # the name clients authenticate with
+    # The stored credential printed by `mongoproxy hash-password`, never a password.
     password_sha256: str
-    tenant: str = Field(min_length=1)
+    tenant: str = Field(min_length=1)  # the tenant it is bound to; "*" may cross tenants
 
     @field_validator("password_sha256")
     @classmethod
@@ -133,11 +134,16 @@ class NamespacePatterns:
 
 
 class TenancyConfig(_Strict):
-    field: str = "tenant_id"
+    """Tenant isolation: every command on a scoped collection confined to one tenant."""
+
+    field: str = "tenant_id"  # the top-level field that names a document's tenant
+    # enforce: refuse what is not provably confined; audit: log and count only;
+    # inject: add the condition for connections bound to a tenant; off.
     mode: TenancyMode = "off"
-    collections: tuple[str, ...] = ("*",)
+    collections: tuple[str, ...] = ("*",)  # scoped collections: names or globs
+    # Readable by everyone, writable by "*" users only; wins over collections.
     exempt: tuple[str, ...] = ("tenants", "system.*", "admin.*", "config.*", "local.*")
-    users: tuple[UserConfig, ...] = ()
+    users: tuple[UserConfig, ...] = ()  # proxy-side SCRAM-SHA-256 identities
 
     @field_validator("field")
     @classmethod

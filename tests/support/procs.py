@@ -211,11 +211,15 @@ class FerretDBProcess(ManagedProcess):
         workdir: Path | None = None,
         port: int | None = None,
         binary: str | None = None,
+        tls: tuple[Path, Path, Path | None] | None = None,
     ) -> None:
+        """``tls``: (certificate, key, CA or None) files: FerretDB then listens with TLS
+        only (no plaintext port), and with a CA file requires client certificates."""
         super().__init__(workdir)
         self.binary = binary or find_ferretdb()
         self.host = HOST
         self.port = port if port is not None else free_port()
+        self.tls = tls
         self.data_dir = self.workdir / "data"
         self.state_dir = self.workdir / "state"
 
@@ -234,11 +238,23 @@ class FerretDBProcess(ManagedProcess):
             # FerretDB wants a directory URI with a trailing slash.
             f"--sqlite-url=file:{self.data_dir}/",
             f"--state-dir={self.state_dir}",
-            f"--listen-addr={self.address}",
+            *self._listen_args(),
             # Port 0: parallel instances must not fight over the debug port.
             "--debug-addr=127.0.0.1:0",
             "--telemetry=disable",
             "--log-level=WARN",
+        ]
+
+    def _listen_args(self) -> list[str]:
+        if self.tls is None:
+            return [f"--listen-addr={self.address}"]
+        cert, key, ca = self.tls
+        return [
+            "--listen-addr=",  # no plaintext port
+            f"--listen-tls={self.address}",
+            f"--listen-tls-cert-file={cert}",
+            f"--listen-tls-key-file={key}",
+            *([f"--listen-tls-ca-file={ca}"] if ca is not None else []),
         ]
 
     def start(self, timeout: float = 20.0) -> FerretDBProcess:
@@ -268,11 +284,15 @@ class RedisProcess(ManagedProcess):
         workdir: Path | None = None,
         port: int | None = None,
         binary: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
+        """``tls``: (certificate, key, CA) files: TLS only (``--port 0``), and clients
+        must present a certificate signed by the CA."""
         super().__init__(workdir)
         self.binary = binary or find_redis_server()
         self.host = HOST
         self.port = port if port is not None else free_port()
+        self.tls = tls
 
     @property
     def address(self) -> str:
@@ -286,7 +306,10 @@ class RedisProcess(ManagedProcess):
         return [
             self.binary,
             "--bind", self.host,
-            "--port", str(self.port),
+            *(["--port", str(self.port)] if self.tls is None else [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls[0]), "--tls-key-file", str(self.tls[1]),
+                "--tls-ca-cert-file", str(self.tls[2]), "--tls-auth-clients", "yes"]),
             "--dir", str(self.workdir),
             "--save", "",
             "--appendonly", "no",

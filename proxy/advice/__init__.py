@@ -1,0 +1,1 @@
+"""Index advice from the query shapes the digest collects (see docs/advice.md)."""

@@ -1,0 +1,1 @@
+"""Developer scripts: the dev stack (`make run`) and the generated configuration reference."""
