@@ -381,6 +381,28 @@ async def test_a_slow_invalidation_waits_while_redis_answers(
         await cache.close()
 
 
+async def test_a_cancelled_invalidation_is_pending(server: RedisProcess) -> None:
+    """The request goes away (client gone, shutdown) while its write's invalidation
+    waits: the write may have been applied, so the namespace is pending all the same."""
+    cache = ResultCache(_config(server))
+    store = cache.store
+    await cache.start()
+    try:
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            task = asyncio.create_task(store.invalidate(WriteTargets(("app.users",))))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert store.invalidations.blocks("app.users")
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+    finally:
+        await cache.close()
+
+
 async def test_an_invalidation_after_a_redis_restart_lands(server: RedisProcess) -> None:
     """The connections a killed Redis left behind are dead; the invalidation is retried
     on a new one within its budget instead of being marked pending."""

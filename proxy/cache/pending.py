@@ -92,6 +92,11 @@ class Invalidator:
                             why += f" (last: {type(last).__name__}: {last})"
                         self._mark(targets, why)
                         return False
+        except asyncio.CancelledError:
+            # The request is going away (client gone, shutdown), the write may have
+            # been applied: retried in the background like any pending invalidation.
+            self._mark(targets, "the request was cancelled")
+            raise
         finally:
             attempt.cancel()
         self._landed(targets, started_at)
