@@ -244,6 +244,17 @@ def _warm_up(cfg: CacheBenchConfig, clients: dict[str, MongoClient[Doc]], db: st
     return passes
 
 
+def _cache_log(stack: Stack) -> list[str]:
+    """The cached proxy's ``result cache:`` log lines (the last 20)."""
+    if stack.workdir is None:
+        return []
+    try:
+        text = (Path(stack.workdir) / "proxy-cache.log").read_text(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if "result cache:" in line][-20:]
+
+
 def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
         admin_url: str) -> dict[str, Any]:
     machine = machine_info()
@@ -280,6 +291,7 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
         saturation = (_saturation(cfg, stack, uris, admin_url, db)
                       if cfg.saturation_clients else None)
         mixed = writer_shares(cfg, uris, admin_url, db, COLLECTION) if cfg.write_shares else None
+        cache_log = _cache_log(stack)
         clients["direct"].drop_database(db)
     finally:
         for client in clients.values():
@@ -309,6 +321,8 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
         "closed_loop": {"min_ratio": min((r.ratio_vs_direct or 0) for r in cached)},
         "saturation": saturation,
         "writer_shares": mixed,
+        # the cached proxy's cache log lines (circuit changes, pending invalidations)
+        "cache_log": cache_log,
         "goal": {"ratio": GOAL, "basis": "saturation throughput, proxy-cache / direct",
                  "measured": None if saturation is None else saturation["ratio"],
                  "met": None if saturation is None else saturation["ratio"] >= GOAL},
@@ -438,6 +452,8 @@ def main(args: argparse.Namespace) -> int:
               f"openings ({counts})")
         print(f"goal proxy-cache >= {GOAL}x direct at saturation: "
               f"{'met' if goal['met'] else 'NOT met'} ({goal['measured']:.2f}x)")
+    for line in data["cache_log"]:
+        print(f"proxy-cache log: {line}")
     mixed = data["writer_shares"]
     if mixed is not None:
         print(f"\nwriter shares: {cfg.saturation_clients} raw clients, readers: by_id on "
