@@ -57,7 +57,8 @@ def section(redis_url: str) -> Doc:
 @pytest.fixture
 def burn() -> Iterator[None]:
     """CPU burners (one per core by default) for the test's duration: the host is busy,
-    as it is when other suites, benches or tenants run."""
+    as it is when other suites, benches or tenants run. Requested after ``stack``, so
+    the processes start before the burners do (a start has its own timeouts)."""
     procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
              for _ in range(BURNERS)]
     try:
@@ -203,7 +204,7 @@ def _pending(pair: tuple[ProxyProcess, ProxyProcess]) -> float:
 
 
 def test_healthy_redis_on_a_loaded_host_no_stale_read_no_circuit_opening(
-    burn: None, stack: tuple[RedisProcess, tuple[ProxyProcess, ProxyProcess]], db_name: str,
+    stack: tuple[RedisProcess, tuple[ProxyProcess, ProxyProcess]], burn: None, db_name: str,
 ) -> None:
     _, pair = stack
     before = [cache_ops(p) for p in pair]
@@ -253,7 +254,7 @@ def _check_fault_run(pair: tuple[ProxyProcess, ProxyProcess], db: str, out: Outc
 
 
 def test_redis_stopped_3_s_under_load(
-    burn: None, stack: tuple[RedisProcess, tuple[ProxyProcess, ProxyProcess]], db_name: str,
+    stack: tuple[RedisProcess, tuple[ProxyProcess, ProxyProcess]], burn: None, db_name: str,
 ) -> None:
     redis_proc, pair = stack
 
@@ -271,7 +272,7 @@ def test_redis_stopped_3_s_under_load(
 
 
 def test_redis_killed_and_restarted_under_load(
-    burn: None, stack: tuple[RedisProcess, tuple[ProxyProcess, ProxyProcess]], db_name: str,
+    stack: tuple[RedisProcess, tuple[ProxyProcess, ProxyProcess]], burn: None, db_name: str,
 ) -> None:
     redis_proc, pair = stack
 
