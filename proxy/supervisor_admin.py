@@ -41,7 +41,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from proxy.admin.http import Handler, json_response
+from proxy.admin.http import BadQuery, Handler, json_response, query_limit
 from proxy.observe.digest import ORDERS
 from proxy.observe.endpoints import MAX_DIGEST_LIMIT
 from proxy.observe.metrics import CONTENT_TYPE
@@ -222,16 +222,16 @@ class _Endpoints:
         return 200, CONTENT_TYPE, merge_metrics(texts, [*self.own_metrics(), scraped])
 
     async def digest(self, query: dict[str, list[str]]) -> Reply:
-        raw_limit = (query.get("limit") or ["50"])[-1]
         order = (query.get("order") or ["total_time"])[-1]
-        if not raw_limit.isdigit():
-            return json_response(400, {"error": f"limit must be a non-negative integer, "
-                                                f"got {raw_limit!r}"})
+        try:
+            limit = query_limit(query, 50, MAX_DIGEST_LIMIT)
+        except BadQuery as exc:
+            return json_response(400, {"error": str(exc)})
         if order not in ORDERS:
             return json_response(400, {"error": f"order must be one of {', '.join(ORDERS)}"})
         answers = await self._ask(f"/digest?limit={MAX_DIGEST_LIMIT}&order={order}&sketch=1")
         documents = [json.loads(body) for _v, status, body in answers if status == 200]
-        merged = merge_digests(documents, min(int(raw_limit), MAX_DIGEST_LIMIT), order)
+        merged = merge_digests(documents, limit, order)
         return json_response(200, merged)
 
     async def _documents(self, target: str,

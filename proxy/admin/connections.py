@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.admin.http import Handler, Reply, json_response
+from proxy.admin.http import BadQuery, Handler, Reply, json_response, query_limit
 
 __all__ = ["MAX_CONNECTIONS_LIMIT", "ConnectionView", "connections_handler", "view_of"]
 
@@ -83,15 +83,6 @@ def _row(view: ConnectionView, now: float, now_ns: int) -> dict[str, Any]:
     }
 
 
-def _limit(query: dict[str, list[str]]) -> int:
-    raw = query.get("limit", [None])[-1]
-    if raw is None:
-        return DEFAULT_CONNECTIONS_LIMIT
-    if not raw.isdigit():
-        raise ValueError(f"limit must be a non-negative integer, got {raw!r}")
-    return min(int(raw), MAX_CONNECTIONS_LIMIT)
-
-
 def connections_handler(
     connections: Callable[[], Iterable[Any]],
     view: Callable[[Any], ConnectionView] = view_of,
@@ -101,8 +92,8 @@ def connections_handler(
 
     def handle(query: dict[str, list[str]]) -> Reply:
         try:
-            limit = _limit(query)
-        except ValueError as exc:
+            limit = query_limit(query, DEFAULT_CONNECTIONS_LIMIT, MAX_CONNECTIONS_LIMIT)
+        except BadQuery as exc:
             return json_response(400, {"error": str(exc)})
         active_only = query.get("active", ["0"])[-1] in ("1", "true", "yes")
         views = [view(c) for c in list(connections())]

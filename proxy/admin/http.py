@@ -44,6 +44,21 @@ def json_response(status: int, document: Any) -> tuple[int, str, bytes]:
     return status, "application/json", json.dumps(document).encode() + b"\n"
 
 
+class BadQuery(ValueError):
+    """A query parameter that cannot be used: answered 400 with this message."""
+
+
+def query_limit(query: dict[str, list[str]], default: int, most: int) -> int:
+    """``?limit=N`` (the last one given), at most ``most``; raises BadQuery."""
+    values = query.get("limit")
+    raw = values[-1] if values else None
+    if raw is None:
+        return min(default, most)
+    if not raw.isdigit():
+        raise BadQuery(f"limit must be a non-negative integer, got {raw!r}")
+    return min(int(raw), most)
+
+
 class AdminServer:
     """``routes`` answer GET, ``post_routes`` answer POST (operator actions)."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.admin.http import Handler, json_response
+from proxy.admin.http import BadQuery, Handler, json_response, query_limit
 from proxy.advice.advisor import Advisor
 
 __all__ = ["MAX_ADVICE_LIMIT", "advice_routes"]
@@ -12,15 +12,10 @@ MAX_ADVICE_LIMIT = 1000
 
 def advice_routes(advisor: Advisor, default_limit: int = 50) -> dict[str, Handler]:
     def handle(query: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        values = query.get("limit")
-        raw = values[-1] if values else None
         try:
-            limit = default_limit if raw is None else int(raw)
-            if limit < 0:
-                raise ValueError
-        except ValueError:
-            return json_response(400, {"error": f"limit must be a non-negative integer, "
-                                                f"got {raw!r}"})
+            limit = query_limit(query, default_limit, MAX_ADVICE_LIMIT)
+        except BadQuery as exc:
+            return json_response(400, {"error": str(exc)})
         values = query.get("window")
         raw = values[-1] if values else None
         try:
@@ -30,6 +25,6 @@ def advice_routes(advisor: Advisor, default_limit: int = 50) -> dict[str, Handle
         except ValueError:
             return json_response(400, {"error": f"window must be a positive number of "
                                                 f"seconds, got {raw!r}"})
-        return json_response(200, advisor.report(min(limit, MAX_ADVICE_LIMIT), window))
+        return json_response(200, advisor.report(limit, window))
 
     return {"/advice": handle}

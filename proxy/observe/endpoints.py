@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.admin.http import Handler, json_response
+from proxy.admin.http import BadQuery, Handler, json_response, query_limit
 from proxy.observe.digest import ORDERS, QueryDigest
 from proxy.observe.metrics import CONTENT_TYPE, Metrics
 
@@ -70,20 +70,16 @@ def digest_handler(digest: QueryDigest, default_limit: int = 50) -> Handler:
     (``&sketch=1``: each row with its latency sketch, for merging across workers)"""
 
     def handle(query: dict[str, list[str]]) -> Reply:
-        raw_limit = _one(query, "limit")
         order = _one(query, "order") or "total_time"
         try:
-            limit = default_limit if raw_limit is None else int(raw_limit)
-            if limit < 0:
-                raise ValueError
-        except ValueError:
-            return json_response(400, {"error": f"limit must be a non-negative integer, "
-                                                f"got {raw_limit!r}"})
+            limit = query_limit(query, default_limit, MAX_DIGEST_LIMIT)
+        except BadQuery as exc:
+            return json_response(400, {"error": str(exc)})
         if order not in ORDERS:
             return json_response(400, {"error": f"order must be one of {', '.join(ORDERS)}"})
         body = digest.summary()
         body["order"] = order
-        body["top"] = digest.top(min(limit, MAX_DIGEST_LIMIT), order,
+        body["top"] = digest.top(limit, order,
                                  sketches=_one(query, "sketch") == "1")
         return json_response(200, body)
 
