@@ -2,12 +2,15 @@
 and the check, over a direct connection, that no acknowledged write was lost and none
 applied twice. Shared by ``python -m bench failover`` and tests/test_failover.py.
 
-Each worker cycles through three operations on its own documents:
-``update_one({$inc: {n: 1}}, upsert)`` on its counter, ``insert_one`` of a unique
-``_id``, and ``find_one`` of its counter. A counter's final ``n`` must lie between the
-acknowledged increments (fewer: one was lost) and acknowledged plus failed ones (more:
-one was applied twice); every acknowledged ``_id`` must be there; a duplicate-key error
-on a fresh ``_id`` means an earlier attempt of that very insert was applied.
+Each worker cycles through three operations: ``update_one({$inc: {n: 1}}, upsert)`` of
+a counter of its own, ``insert_one`` of a unique ``_id``, and ``find_one`` of its last
+counter. Every increment has its own counter document: its ``n`` must be 1 when the
+increment was acknowledged (absent: lost), 0 or 1 when it failed, never 2 or more
+(applied twice). One shared counter cannot tell: FerretDB's ``$inc`` is not atomic
+against a concurrent update of the same document, and a timed-out update still running
+on the server can overwrite the next one. Every acknowledged ``_id`` must be there; a
+duplicate-key error on a fresh ``_id`` means an earlier attempt of that very insert was
+applied.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ CLIENT_OPTIONS: Doc = {
 
 @dataclass
 class WorkerStats:
-    acked_incs: int = 0
-    failed_incs: int = 0
+    acked_incs: list[str] = field(default_factory=list)
+    failed_incs: list[str] = field(default_factory=list)
     acked_ids: list[str] = field(default_factory=list)
     duplicate_keys: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -65,8 +68,6 @@ class Load:
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
                          for i in range(workers)]
 
-    def counter_id(self, index: int) -> str:
-        return f"{self.tag}-c{index}"
 
     def start(self) -> Load:
         for thread in self._threads:
@@ -86,7 +87,7 @@ class Load:
         with MongoClient(self.uri, **self._options) as client:
             counters = client[self.db]["counters"]
             docs = client[self.db]["docs"]
-            counter = {"_id": self.counter_id(index)}
+            counter = {"_id": ""}
             k = 0
             while not self._stop.is_set():
                 k += 1
@@ -94,8 +95,9 @@ class Load:
                 start = time.monotonic()
                 try:
                     if step == 0:
+                        counter = {"_id": f"{self.tag}-c{index}-{k}"}
                         counters.update_one(counter, {"$inc": {"n": 1}}, upsert=True)
-                        stats.acked_incs += 1
+                        stats.acked_incs.append(counter["_id"])
                     elif step == 1:
                         _id = f"{self.tag}-w{index}-{k}"
                         docs.insert_one({"_id": _id})
@@ -105,7 +107,7 @@ class Load:
                     stats.ok_starts.append(start)
                 except PyMongoError as exc:
                     if step == 0:
-                        stats.failed_incs += 1
+                        stats.failed_incs.append(counter["_id"])
                     if isinstance(exc, DuplicateKeyError):
                         stats.duplicate_keys += 1
                     stats.errors[_kind(exc)] += 1
@@ -140,17 +142,16 @@ class Load:
         """Lost and doubled writes, read back over ``direct`` (a connection to the
         server itself, not the proxy)."""
         db = direct[self.db]
-        lost = doubled = 0
-        for index, s in enumerate(self.stats):
-            doc = db["counters"].find_one({"_id": self.counter_id(index)}) or {}
-            n = int(doc.get("n", 0))
-            lost += max(0, s.acked_incs - n)
-            doubled += max(0, n - s.acked_incs - s.failed_incs)
-            if s.acked_ids:
-                found = {d["_id"] for d in db["docs"].find({"_id": {"$in": s.acked_ids}})}
-                lost += len(set(s.acked_ids) - found)
+        lost_incs = lost_ids = doubled = 0
+        for s in self.stats:
+            counts = _counts(db["counters"], s.acked_incs + s.failed_incs)
+            lost_incs += sum(1 for _id in s.acked_incs if counts.get(_id, 0) < 1)
+            doubled += sum(1 for n in counts.values() if n > 1)
+            found = _counts(db["docs"], s.acked_ids)
+            lost_ids += sum(1 for _id in s.acked_ids if _id not in found)
             doubled += s.duplicate_keys
-        return {"lost": lost, "doubled": doubled}
+        return {"lost": lost_incs + lost_ids, "lost_incs": lost_incs, "lost_ids": lost_ids,
+                "doubled": doubled}
 
     def summary(self, direct: MongoClient[Doc], since: float) -> Doc:
         errors = self.errors()
@@ -163,6 +164,14 @@ class Load:
             "slowest_s": round(max(s.slowest_s for s in self.stats), 3),
             "recovery_s": None if recovery is None else round(recovery, 3),
         }
+
+
+def _counts(collection: Any, ids: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for start in range(0, len(ids), 1000):
+        for doc in collection.find({"_id": {"$in": ids[start:start + 1000]}}):
+            counts[doc["_id"]] = int(doc.get("n", 0))
+    return counts
 
 
 def wait_until(predicate: Any, timeout_s: float) -> bool:
