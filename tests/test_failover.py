@@ -15,13 +15,16 @@ in tests/test_failover_election.py.
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from typing import Any
 
 import pytest
+from pymongo.errors import PyMongoError
 
 from bench.failover_load import scenario
 from tests.support import FerretDBFactory, FerretDBProcess, ProxyFactory
-from tests.support.clients import direct_client
+from tests.support.clients import direct_client, strict_client
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -87,3 +90,38 @@ def test_stopped_upstream_requests_wait_and_recover(
     # The operations in flight when the server stopped time out (socket_timeout_ms,
     # not retried: FerretDB does not deduplicate); those sent later wait.
     assert through["errors"] <= 2 * WORKERS, through
+
+
+def test_shutdown_answers_requests_waiting_for_a_server(
+    ferretdb_factory: FerretDBFactory, proxy_factory: ProxyFactory, db_name: str
+) -> None:
+    """A request waiting in server selection (upstream down, 30 s selection timeout) is
+    answered ShutdownInProgress when the 1 s drain ends, and the proxy exits."""
+    fdb = ferretdb_factory()
+    proxy = proxy_factory(fdb.uri, {
+        "upstream": {**UPSTREAM, "server_selection_timeout_ms": 30_000},
+        "shutdown": {"drain_timeout_ms": 1000}})
+    result: dict[str, Any] = {}
+    with strict_client(proxy.uri, socketTimeoutMS=60_000) as client:
+        client[db_name]["c"].insert_one({"_id": 0})
+        fdb.kill()
+
+        def waiting_insert() -> None:
+            try:
+                result["reply"] = client[db_name]["c"].insert_one({"_id": 1})
+            except PyMongoError as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=waiting_insert)
+        thread.start()
+        time.sleep(1.5)  # the request is waiting for the server now
+        assert thread.is_alive(), result
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.proc is not None
+        assert proxy.proc.wait(timeout=20) == 0, proxy.log_text()[-2000:]
+        thread.join(20)
+    error = result.get("error")
+    # pymongo raises a 91 reply as NotPrimaryError (no code attribute), with the reply.
+    assert isinstance(error, PyMongoError), result
+    details = getattr(error, "details", None) or {}
+    assert details.get("code") == 91, result
