@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fdb = _FerretDB(stack)
         _start_members_proxy(stack, fdb.port)
         rounds: list[dict[str, Any]] = []
-        with MongoClient(stack.direct_uri, directConnection=True,
-                         serverSelectionTimeoutMS=10_000) as direct:
+        direct: MongoClient[dict[str, Any]] = MongoClient(
+            stack.direct_uri, directConnection=True, serverSelectionTimeoutMS=10_000)
+        with direct:
             for round_no in range(args.rounds):
                 row: dict[str, Any] = {}
                 for target in TARGETS:
