@@ -141,17 +141,7 @@ class Load:
     def verify(self, direct: MongoClient[Doc]) -> dict[str, int]:
         """Lost and doubled writes, read back over ``direct`` (a connection to the
         server itself, not the proxy)."""
-        db = direct[self.db]
-        lost_incs = lost_ids = doubled = 0
-        for s in self.stats:
-            counts = _counts(db["counters"], s.acked_incs + s.failed_incs)
-            lost_incs += sum(1 for _id in s.acked_incs if counts.get(_id, 0) < 1)
-            doubled += sum(1 for n in counts.values() if n > 1)
-            found = _counts(db["docs"], s.acked_ids)
-            lost_ids += sum(1 for _id in s.acked_ids if _id not in found)
-            doubled += s.duplicate_keys
-        return {"lost": lost_incs + lost_ids, "lost_incs": lost_incs, "lost_ids": lost_ids,
-                "doubled": doubled}
+        return verify(direct[self.db], self.stats)
 
     def summary(self, direct: MongoClient[Doc], since: float) -> Doc:
         errors = self.errors()
@@ -164,6 +154,21 @@ class Load:
             "slowest_s": round(max(s.slowest_s for s in self.stats), 3),
             "recovery_s": None if recovery is None else round(recovery, 3),
         }
+
+
+def verify(db: Any, stats: list[WorkerStats]) -> dict[str, int]:
+    """Acknowledged writes missing from ``db`` (a database over a direct connection)
+    and writes applied twice (see the module docstring)."""
+    lost_incs = lost_ids = doubled = 0
+    for s in stats:
+        counts = _counts(db["counters"], s.acked_incs + s.failed_incs)
+        lost_incs += sum(1 for _id in s.acked_incs if counts.get(_id, 0) < 1)
+        doubled += sum(1 for n in counts.values() if n > 1)
+        found = _counts(db["docs"], s.acked_ids)
+        lost_ids += sum(1 for _id in s.acked_ids if _id not in found)
+        doubled += s.duplicate_keys
+    return {"lost": lost_incs + lost_ids, "lost_incs": lost_incs, "lost_ids": lost_ids,
+            "doubled": doubled}
 
 
 def _counts(collection: Any, ids: list[str]) -> dict[str, int]:

@@ -14,7 +14,10 @@ in tests/test_failover_election.py.
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from typing import Any
@@ -22,8 +25,8 @@ from typing import Any
 import pytest
 from pymongo.errors import PyMongoError
 
-from bench.failover_load import scenario
-from tests.support import FerretDBFactory, FerretDBProcess, ProxyFactory
+from bench.failover_load import WorkerStats, scenario, verify
+from tests.support import REPO_ROOT, FerretDBFactory, FerretDBProcess, ProxyFactory
 from tests.support.clients import direct_client, strict_client
 
 pytestmark = pytest.mark.timeout(240)
@@ -125,3 +128,62 @@ def test_shutdown_answers_requests_waiting_for_a_server(
     assert isinstance(error, PyMongoError), result
     details = getattr(error, "details", None) or {}
     assert details.get("code") == 91, result
+
+
+def node_load(uri: str, db: str, tag: str, fdb: FerretDBProcess,
+              seconds: float = 7.0) -> list[WorkerStats]:
+    """tests/node/failover_load.js for ``seconds``; FerretDB killed after 2 s and
+    restarted 2 s later."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not on PATH; install Node.js >= 20", pytrace=False)
+    node_dir = REPO_ROOT / "tests" / "node"
+    if not (node_dir / "node_modules" / "mongodb").is_dir():
+        pytest.fail(f"{node_dir}/node_modules/mongodb missing; run `make node`", pytrace=False)
+    proc = subprocess.Popen(
+        [node, str(node_dir / "failover_load.js"), uri, db, tag, str(seconds), str(WORKERS)],
+        cwd=node_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)
+        fdb.kill()
+        time.sleep(2.0)
+        fdb.start()
+        out, err = proc.communicate(timeout=seconds + 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, f"failover_load.js exited {proc.returncode}:\n{err}"
+    return [
+        WorkerStats(acked_incs=w["acked_incs"], failed_incs=w["failed_incs"],
+                    acked_ids=w["acked_ids"], duplicate_keys=w["duplicate_keys"],
+                    errors=w["errors"], slowest_s=w["slowest_s"])
+        for w in json.loads(out.strip().splitlines()[-1])
+    ]
+
+
+def test_node_driver_restart_under_load(
+    ferretdb_factory: FerretDBFactory, proxy_factory: ProxyFactory, db_name: str
+) -> None:
+    """The official Node.js driver (retryWrites) through a FerretDB restart: errors
+    through the proxy no more than straight (or one per worker in flight at the kill),
+    nothing lost or applied twice."""
+    fdb = ferretdb_factory()
+    proxy = proxy_factory(fdb.uri, proxy_config("uri", fdb))
+    results = {}
+    with direct_client(fdb) as direct:
+        for target, uri in (("direct", f"{fdb.uri}?directConnection=true"),
+                            ("proxy", proxy.uri)):
+            stats = node_load(uri, db_name, f"node-{target}", fdb)
+            results[target] = {
+                "ok": sum(len(s.acked_ids) + len(s.acked_incs) for s in stats),
+                "errors": sum(sum(s.errors.values()) for s in stats),
+                "kinds": [dict(s.errors) for s in stats if s.errors],
+                **verify(direct[db_name], stats),
+            }
+    print(f"\nnode: {results}")
+    for result in results.values():
+        assert result["ok"] > 0, results
+        assert result["lost"] == 0, results
+        assert result["doubled"] == 0, results
+    assert results["proxy"]["errors"] <= max(results["direct"]["errors"], WORKERS), results
