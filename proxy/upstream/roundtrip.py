@@ -103,11 +103,19 @@ class Roundtrip:
             address = await self.router.server_for(request, decision)
         timer.mark("select")
         failover: Failover | None = None
+        slots_for_cursor = decision.pinned == "cursor"
         while True:
             pool = self.pools.get(address)
+            slots = None if slots_for_cursor else pool.ordinary_slots
             try:
-                conn, header, body = await self._slot_and_exchange(
-                    pool, address, request, message, decision, timer)
+                if slots is not None:
+                    await _acquire(slots, pool)
+                try:
+                    conn, header, body = await self._on(pool, address, request.raw_name,
+                                                        message, request.request_id, timer)
+                finally:
+                    if slots is not None:
+                        slots.release()
             except ProxyError as exc:
                 if failover is None:
                     failover = Failover(self.topology, request, decision)
@@ -126,19 +134,6 @@ class Roundtrip:
                     address = retry_on
                     continue
             return done
-
-    async def _slot_and_exchange(self, pool: UpstreamPool, address: Address,
-                                 request: Request, message: bytes, decision: RouteDecision,
-                                 timer: Any) -> tuple[UpstreamConnection, bytes, bytes]:
-        slots = None if decision.pinned == "cursor" else pool.ordinary_slots
-        if slots is not None:
-            await _acquire(slots, pool)
-        try:
-            return await self._on(pool, address, request.raw_name, message,
-                                  request.request_id, timer)
-        finally:
-            if slots is not None:
-                slots.release()
 
     async def _on(self, pool: UpstreamPool, address: Address, name: str, message: bytes,
                   request_id: int, timer: Any
