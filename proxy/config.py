@@ -125,8 +125,9 @@ class UpstreamConfig(_Strict):
     # Declared roles: used instead of the uri's hosts when given.
     members: tuple[MemberConfig, ...] = ()
     pool: PoolConfig = PoolConfig()  # per upstream server
-    # A request waits this long for a suitable server, then fails 133
-    # FailedToSatisfyReadPreference.
+    # A request waits this long for a suitable server (also when its server refused
+    # the connect: it waits for that server's return or another; docs/failover.md),
+    # then fails 133 FailedToSatisfyReadPreference.
     server_selection_timeout_ms: int = Field(default=10_000, gt=0)
     # Latency window among suitable servers, as in the drivers.
     local_threshold_ms: int = Field(default=15, ge=0)
