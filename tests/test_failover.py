@@ -93,8 +93,7 @@ def test_stopped_upstream_requests_wait_and_recover(
     # The operations in flight when the server stopped time out (socket_timeout_ms,
     # not retried: FerretDB does not deduplicate): one per worker; those sent later
     # wait. Twice that as margin for an operation that took a pooled connection in the
-    # instant before the first timeout marked the server failed. (Before: every
-    # operation during the stop failed.)
+    # instant before the first timeout marked the server failed.
     assert through["errors"] <= 2 * WORKERS, through
 
 
