@@ -15,6 +15,8 @@ Subcommands:
   storm  N connections opened at once, each running a few operations (bench/storm.py)
   report Markdown and charts from run/storm JSON, the tables of docs/performance.md
          (bench/report.py)
+  attack a well-behaved client's p50 with and without each hostile client of issue 15
+         (bench/attack.py)
   ab     the proxy at a git revision against this checkout, side by side: CPU and wall
          time per forwarded find and per cache hit (bench/ab.py)
   failover  FerretDB SIGKILLed and restarted under load: client-visible errors, lost
@@ -31,6 +33,7 @@ from collections.abc import Sequence
 
 from bench import (
     ab,
+    attack,
     cache,
     core,
     failover,
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     storm.add_parser(subparsers)
     report.add_parser(subparsers)
     ab.add_parser(subparsers)
+    attack.add_parser(subparsers)
     workers.add_parser(subparsers)
     failover.add_parser(subparsers)
     return parser

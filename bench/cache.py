@@ -26,6 +26,12 @@ Method
   above. The goal asked for by the cache issue, ``proxy-cache`` throughput / ``direct``
   throughput >= 2, is judged here: the closed-loop cells at concurrency 1 measure one
   request at a time through the whole chain (a latency), not what a target can serve.
+* Writer shares (``--write-shares``, default 5 % and 20 %; empty skips it): the same
+  saturation with that share of the clients writing (``findAndModify $inc`` on their own
+  documents of a second cached collection) and the readers checking read-your-writes
+  themselves (``bench/cache_rw.py``): stale reads, errors, circuit openings and pending
+  invalidations are counted and must be 0; the readers' throughput is compared with
+  ``direct`` under the same mix (goal >= 2 as well).
 """
 
 from __future__ import annotations
@@ -37,7 +43,6 @@ import secrets
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +50,14 @@ from typing import Any
 
 from pymongo import MongoClient
 
+from bench.cache_rw import (
+    CHECK_SHARE,
+    RW_COLLECTION,
+    cache_counts,
+    counts_delta,
+    format_mixed,
+    writer_shares,
+)
 from bench.core import _positive_int, machine_info, new_histogram, record_ns, write_json
 from bench.pool import LoadSpec, PhaseResult, run_phase
 from bench.stack import Stack, StackError, start_stack
@@ -72,6 +85,7 @@ class CacheBenchConfig:
     saturation_s: float = 8.0
     saturation_rounds: int = 2
     workers: int = 2
+    write_shares: tuple[float, ...] = (0.05, 0.2)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -103,6 +117,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--workers", type=_positive_int, default=2,
                    help="load-generator processes of the saturation phase "
                    "(default: %(default)s)")
+    p.add_argument("--write-shares", default="0.05,0.2",
+                   help="comma-separated shares of writing clients for the writer-share "
+                   "phase, empty to skip it (default: %(default)s)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, metavar="PATH",
                    help="results file (default: bench/results/cache.json)")
     p.set_defaults(func=main)
@@ -114,25 +131,14 @@ def add_parser(subparsers: Any) -> None:
 def start_cache_stack(timeout_ms: float) -> tuple[Stack, dict[str, str], str]:
     """FerretDB, Redis, a proxy without and a proxy with the cache (``timeout_ms``, a rule
     for the bench collection); the targets' URIs and the cached proxy's admin URL."""
-    stack = start_stack(cache={"timeout_ms": timeout_ms,
-                               "rules": [{"match": {"collection": COLLECTION}, "ttl_s": 3600}]})
+    rule = {"match": {"collection": f"{COLLECTION}|{RW_COLLECTION}"}, "ttl_s": 3600}
+    stack = start_stack(cache={"timeout_ms": timeout_ms, "rules": [rule]})
     if "proxy-cache" not in stack.targets:
         stack.stop()
         raise StackError(stack.unavailable.get("proxy-cache", "the cached proxy did not start"))
     uris = {"direct": stack.direct_uri, "proxy": stack.proxy_uri,
             "proxy-cache": stack.targets["proxy-cache"]}
     return stack, uris, stack.admin_urls["proxy-cache"]
-
-
-def _cache_counts(admin_url: str) -> dict[str, float]:
-    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    counts: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("mongoproxy_cache_operations_total{"):
-            result = line.split('result="', 1)[1].split('"', 1)[0]
-            counts[result] = counts.get(result, 0.0) + float(line.rsplit(" ", 1)[1])
-    return counts
 
 
 # ---------------------------------------------------------------- load
@@ -206,6 +212,49 @@ class Row:
     ratio_vs_direct: float | None = None
 
 
+def _warm_up(cfg: CacheBenchConfig, clients: dict[str, MongoClient[Doc]], db: str,
+             admin_url: str) -> int:
+    """Every hot query through every target (fills the pools and the cache), then
+    through the cached proxy again until one whole pass was all hits: on a busy host a
+    store can miss its budget and leave a hole. The number of cached passes (<= 20)."""
+    rng = random.Random(1)
+    n = max(cfg.hot, len(STATUSES)) * 2
+
+    def one_pass(target: str) -> int:
+        for op in OPS:
+            fn = _op(op, clients[target], db, cfg.hot, rng)
+            for i in range(n):
+                fn(i)
+        return n * len(OPS)
+
+    for target in TARGETS:
+        if target != "proxy-cache":
+            one_pass(target)
+    for passes in range(1, 21):
+        before = cache_counts(admin_url)
+        ran = one_pass("proxy-cache")
+        deadline = time.monotonic() + 3  # an operation is counted just after its reply
+        while True:
+            now = counts_delta(before, cache_counts(admin_url))
+            if now["hit"] + now["miss"] + now["bypass"] >= ran or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        if now["hit"] == ran:
+            return passes
+    return passes
+
+
+def _cache_log(stack: Stack) -> list[str]:
+    """The cached proxy's ``result cache:`` log lines (the last 20)."""
+    if stack.workdir is None:
+        return []
+    try:
+        text = (Path(stack.workdir) / "proxy-cache.log").read_text(errors="replace")
+    except OSError:
+        return []
+    return [line for line in text.splitlines() if "result cache:" in line][-20:]
+
+
 def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
         admin_url: str) -> dict[str, Any]:
     machine = machine_info()
@@ -221,13 +270,8 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
         seed.insert_many([{"_id": f"k{i:06d}", "status": STATUSES[i % len(STATUSES)], "n": i,
                            "pad": "x" * 64} for i in range(cfg.docs)])
         seed.create_index("status")
-        rng = random.Random(1)
-        for target in TARGETS:  # warm-up: every hot query once (fills the cache)
-            for op in OPS:
-                fn = _op(op, clients[target], db, cfg.hot, rng)
-                for i in range(max(cfg.hot, len(STATUSES)) * 2):
-                    fn(i)
-        counts_before = _cache_counts(admin_url)
+        warmup_passes = _warm_up(cfg, clients, db, admin_url)
+        counts_before = cache_counts(admin_url)
         per_round = [cfg.ops // cfg.rounds + (1 if r < cfg.ops % cfg.rounds else 0)
                      for r in range(cfg.rounds)]
         walls: dict[tuple[str, str, int], float] = {}
@@ -243,9 +287,11 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
                         key = (target, op, c)
                         walls[key] = walls.get(key, 0.0) + wall
                         record_ns(hists.setdefault(key, new_histogram()), lat)
-        counts_after = _cache_counts(admin_url)
+        counts_after = cache_counts(admin_url)
         saturation = (_saturation(cfg, stack, uris, admin_url, db)
                       if cfg.saturation_clients else None)
+        mixed = writer_shares(cfg, uris, admin_url, db, COLLECTION) if cfg.write_shares else None
+        cache_log = _cache_log(stack)
         clients["direct"].drop_database(db)
     finally:
         for client in clients.values():
@@ -268,10 +314,15 @@ def run(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
                    "concurrency": list(cfg.concurrency)},
         "machine": machine,
         "results": [asdict(r) for r in rows],
+        "warmup_cached_passes": warmup_passes,
         "cache_during_measurement": {"hits": hits, "lookups": lookups, "bypasses": bypasses,
-                                     "hit_ratio": hits / lookups if lookups else None},
+                                     "hit_ratio": hits / lookups if lookups else None,
+                                     "counts": counts_delta(counts_before, counts_after)},
         "closed_loop": {"min_ratio": min((r.ratio_vs_direct or 0) for r in cached)},
         "saturation": saturation,
+        "writer_shares": mixed,
+        # the cached proxy's cache log lines (circuit changes, pending invalidations)
+        "cache_log": cache_log,
         "goal": {"ratio": GOAL, "basis": "saturation throughput, proxy-cache / direct",
                  "measured": None if saturation is None else saturation["ratio"],
                  "met": None if saturation is None else saturation["ratio"] >= GOAL},
@@ -289,7 +340,7 @@ def _saturation(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
                     insert_share=0.0, seed=1, warmup_s=1.0, duration_s=cfg.saturation_s,
                     open_batch=200, sample_interval_s=cfg.saturation_s)
     phases: dict[str, list[PhaseResult]] = {t: [] for t in TARGETS}
-    before = _cache_counts(admin_url)
+    before = cache_counts(admin_url)
     for rnd in range(cfg.saturation_rounds):
         for target in TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS)):
             print(f"bench cache: saturation round {rnd + 1}/{cfg.saturation_rounds} "
@@ -299,7 +350,7 @@ def _saturation(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
                 watched["proxy"] = pids[target]
             phases[target].append(run_phase(load, target, rnd, uris[target],
                                              cfg.saturation_clients, db, watched, None, 0))
-    after = _cache_counts(admin_url)
+    after = cache_counts(admin_url)
     rows: dict[str, dict[str, Any]] = {}
     for target, mine in phases.items():
         errors = sum(p.errors for p in mine)
@@ -325,7 +376,7 @@ def _saturation(cfg: CacheBenchConfig, stack: Stack, uris: dict[str, str],
         "clients": cfg.saturation_clients, "workers": cfg.workers,
         "seconds_per_round": cfg.saturation_s, "rounds": cfg.saturation_rounds,
         "results": rows, "ratio": rows["proxy-cache"]["ratio_vs_direct"],
-        "cache": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in ("hit", "miss", "bypass")},
+        "cache": counts_delta(before, after),
     }
 
 
@@ -366,10 +417,16 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("bench cache: concurrency levels must be >= 1")
     if args.saturation_clients < 0 or args.saturation_s <= 0:
         raise SystemExit("bench cache: --saturation-clients >= 0 and --saturation-s > 0")
+    try:
+        shares = tuple(float(x) for x in args.write_shares.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"bench cache: bad --write-shares {args.write_shares!r}") from None
+    if any(not 0 < x < 1 for x in shares):
+        raise SystemExit("bench cache: write shares must be between 0 and 1")
     cfg = CacheBenchConfig(args.ops, args.rounds, concurrency, args.docs,
                            min(args.hot, args.docs), args.timeout_ms, args.json,
                            args.saturation_clients, args.saturation_s,
-                           args.saturation_rounds, args.workers)
+                           args.saturation_rounds, args.workers, shares)
     t0 = time.perf_counter()
     print("bench cache: starting FerretDB + Redis + two proxies", file=sys.stderr, flush=True)
     stack, uris, admin_url = start_cache_stack(cfg.timeout_ms)
@@ -391,8 +448,21 @@ def main(args: argparse.Namespace) -> int:
         print(format_saturation(saturation))
         counts = saturation["cache"]
         print(f"cache at saturation: {counts['hit']:.0f} hits, {counts['miss']:.0f} misses, "
-              f"{counts['bypass']:.0f} bypasses")
+              f"{counts['bypass']:.0f} bypasses, {counts['circuit_opened']:.0f} circuit "
+              f"openings ({counts})")
         print(f"goal proxy-cache >= {GOAL}x direct at saturation: "
               f"{'met' if goal['met'] else 'NOT met'} ({goal['measured']:.2f}x)")
+    for line in data["cache_log"]:
+        print(f"proxy-cache log: {line}")
+    mixed = data["writer_shares"]
+    if mixed is not None:
+        print(f"\nwriter shares: {cfg.saturation_clients} raw clients, readers: by_id on "
+              f"the hot collection + {CHECK_SHARE:.0%} read-your-writes checks")
+        print(format_mixed(mixed))
+        stale = {share: sum(r["stale_reads"] for r in e["results"].values())
+                 for share, e in mixed.items()}
+        if any(stale.values()):
+            print(f"CONSISTENCY PROBLEM: stale reads {stale}")
+            return 1
     print(f"results: {cfg.json_path}")
     return 0

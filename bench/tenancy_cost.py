@@ -83,7 +83,7 @@ def measure(number: int) -> dict[str, dict[str, float]]:
             decoded = bson.decode(raw)
 
             once = functools.partial(admit, policy, name, decoded, raw, raw_sequences,
-                                     users_configured=True, bound_tenant=bound,
+                                     bound_tenant=bound,
                                      cursor_tenant=_no_cursor)
             probe = once()
             if probe.refused is not None:  # a benchmark of refusals would measure nothing

@@ -44,7 +44,7 @@ from typing import Any
 
 from pymongo import MongoClient
 
-from bench.cache import _cache_counts
+from bench.cache_rw import cache_counts
 from bench.core import _positive_int, machine_info, write_json
 from bench.pool import LoadSpec, PhaseResult, _open_many, raise_nofile, rss_kb, run_phase
 from bench.stack import (
@@ -143,7 +143,7 @@ def saturation(args: argparse.Namespace, stack: Stack, uris: dict[str, str],
                         insert_share=0.0, seed=1, warmup_s=args.warmup,
                         duration_s=args.duration, open_batch=200,
                         sample_interval_s=args.duration)
-        before = {t: _cache_counts(a) for t, a in admins.items()}
+        before = {t: cache_counts(a) for t, a in admins.items()}
         phases: dict[str, list[PhaseResult]] = {t: [] for t in TARGETS}
         for rnd in range(args.rounds):
             for target in TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS)):
@@ -157,7 +157,7 @@ def saturation(args: argparse.Namespace, stack: Stack, uris: dict[str, str],
                     raise RuntimeError(f"bench workers: {phase.errors} errors on {target}: "
                                        f"{phase.error_samples[:3]}")
                 phases[target].append(phase)
-        after = {t: _cache_counts(a) for t, a in admins.items()}
+        after = {t: cache_counts(a) for t, a in admins.items()}
         rows = {}
         for target, mine in phases.items():
             rows[target] = {

@@ -32,6 +32,7 @@ from proxy.route.cursors import CursorTable
 from proxy.route.readpref import PRIMARY, read_preference
 from proxy.route.rulehits import RuleHits, rules_handler
 from proxy.route.topology import make_topology
+from proxy.server.guard import Guard
 from proxy.server.session import ClientSession
 from proxy.server.stream import ClientStream
 from proxy.tenancy import TenantPolicy
@@ -74,11 +75,16 @@ class Proxy:
             None if config.cache is None
             else ResultCache(config.cache, self.observer.metrics.registry)
         )
+        # Connection limit, memory budget, login throttle, outlier detection.
+        self.guard = Guard(config, self.observer.metrics.registry, self.pools.get,
+                           self.roundtrip.eject)
+        self.roundtrip.outliers = self.guard.outliers
         self.pipeline = Pipeline(
             roundtrip=self.roundtrip,
             cached=None if self.cache is None else CachedUpstream(self.cache, self.roundtrip),
             policy=self.policy,
             authenticator=self.authenticator,
+            throttle=self.guard.throttle,
             observer=self.observer,
         )
         RuleHits(lambda: self.config, self.observer.metrics.registry)
@@ -102,7 +108,10 @@ class Proxy:
             "/rules": rules_handler(lambda: self.config),
             "/connections": connections_handler(lambda: self.connections),
             **(advice_routes(self.advisor) if config.advice.enabled else {}),
-        }, self.observer.post_routes())
+        }, self.observer.post_routes(),
+            # A worker's admin server is its supervisor's private unix socket (the
+            # supervisor's own port checks the token).
+            token=None if worker is not None else config.admin.token)
         # A worker's cursors that clients continue in its siblings (and theirs here).
         self.siblings: Siblings | None = None
         if worker is not None:
@@ -136,14 +145,14 @@ class Proxy:
         reuse_port = self.worker is not None  # the workers share the port
         if self.listen_tls is None:
             self.server = await asyncio.get_running_loop().create_server(
-                lambda: ClientStream(self._accept), listen.host, listen.port, backlog=4096,
-                reuse_port=reuse_port,
+                lambda: ClientStream(self._accept, self.guard.budget), listen.host,
+                listen.port, backlog=4096, reuse_port=reuse_port,
             )
         else:
             self.listen_tls.start_watching()  # certificate files reloaded when they change
             self.server = await TLSListener.start(
-                lambda: ClientStream(self._accept), self.listen_tls, listen.host, listen.port,
-                reuse_port=reuse_port)
+                lambda: ClientStream(self._accept, self.guard.budget), self.listen_tls,
+                listen.host, listen.port, reuse_port=reuse_port)
             self.observer.metrics.registry.register(TLSMetrics(self.listen_tls, self.server))
         if self.worker is not None:  # its supervisor sees it once it listens
             await self.admin.start_unix(self.worker.admin_socket)
@@ -164,6 +173,9 @@ class Proxy:
         return int(self.server.sockets[0].getsockname()[1])
 
     def _accept(self, stream: ClientStream) -> None:
+        if not self.guard.admit(len(self.connections), stream.peer):
+            stream.close()
+            return
         conn = ClientSession(self, self.pipeline, stream, next(self._connection_ids))
         self.connections[conn] = asyncio.get_running_loop().create_task(self._serve(conn))
         self.observer.metrics.client_connected()
@@ -190,6 +202,7 @@ class Proxy:
                 conn.close()
         if self.connections:
             await asyncio.wait(list(self.connections.values()), timeout=1)
+        await self.guard.close()
         await self.advisor.close()
         if self.listen_tls is not None:
             await self.listen_tls.close()

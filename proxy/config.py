@@ -24,6 +24,7 @@ from pymongo.uri_parser import parse_uri
 from proxy.advice.config import AdviceConfig
 from proxy.cache.config import CacheConfig
 from proxy.configbase import Strict as _Strict
+from proxy.identity.config import AuthThrottleConfig
 from proxy.observe.config import ObservabilityConfig
 from proxy.pool.auth import Credentials
 from proxy.pool.config import PoolConfig
@@ -41,6 +42,7 @@ class ConfigError(Exception):
 
 __all__ = [
     "AdminConfig",
+    "AuthThrottleConfig",
     "Config",
     "ConfigError",
     "ListenConfig",
@@ -68,6 +70,25 @@ class ListenConfig(_Strict):
     # Bounded time for anything the proxy waits on from a client: a message that has
     # started arriving must be complete within this time.
     read_timeout_ms: int = Field(default=60_000, gt=0)
+    # Client connections served at once; more are closed at accept, with a log line
+    # (this and the limits below: docs/security.md).
+    max_connections: int = Field(default=10_000, gt=0)
+    # A connection that sends nothing for this long is closed (0 = never).
+    idle_timeout_ms: int = Field(default=600_000, ge=0)
+    # With users configured: time from a connection's first non-handshake message to
+    # a completed login (driver monitors only send hello and are not held to it).
+    login_timeout_ms: int = Field(default=30_000, gt=0)
+    # With users configured: the largest message (compressed or not) before login.
+    max_preauth_message_bytes: int = Field(default=65_536, ge=1024, le=48_000_000)
+    # With users configured: messages a connection may send per second before login
+    # (bursts of as many); faster ones wait, their socket unread.
+    max_preauth_messages_per_s: int = Field(default=20, gt=0)
+    # A client that does not read its replies: dropped when a reply is still unsent
+    # after this long.
+    write_timeout_ms: int = Field(default=60_000, gt=0)
+    # All client connections together: bytes of messages being received plus unsent
+    # replies. A message that does not fit waits (its socket is not read) until it does.
+    max_buffered_bytes: int = Field(default=512 * 1024 * 1024, ge=48_000_000)
     # TLS for applications (docs/production.md); absent: plaintext only.
     tls: ListenTLSConfig | None = None
     # Serving processes sharing the port (SO_REUSEPORT) under a supervisor; "auto" is
@@ -84,7 +105,8 @@ class ListenConfig(_Strict):
 class AdminConfig(_Strict):
     """The operator HTTP endpoints (/, /healthz, /readyz, /metrics, /digest, ...)."""
 
-    host: str = "127.0.0.1"  # keep it on a private interface: the endpoints have no auth
+    # Keep it on a private interface: without a token the endpoints have no auth.
+    host: str = "127.0.0.1"
     port: int = Field(default=9216, ge=0, le=65535)  # HTTP port of the admin endpoints
     # /readyz proves the data path with a ping to the primary on a pooled connection
     # (or recent client traffic), reused for this long, and failing past this timeout
@@ -92,6 +114,9 @@ class AdminConfig(_Strict):
     ready_probe_interval_ms: int = Field(default=1_000, ge=0)
     # a data-path proof that takes longer than this fails (/readyz answers 503)
     ready_probe_timeout_ms: int = Field(default=800, gt=0)
+    # When set (16 characters at least), every request but /healthz and /readyz must
+    # carry "Authorization: Bearer <token>", else 401 (docs/security.md).
+    token: str | None = Field(default=None, min_length=16)
 
 
 class MemberConfig(_Strict):
@@ -117,6 +142,15 @@ class MemberConfig(_Strict):
         return host, int(port)
 
 
+class UpstreamHealthConfig(_Strict):
+    """Outlier detection: when a dropped upstream connection marks its server down."""
+
+    # Consecutive failed exchanges (no success between) ...
+    consecutive_failures: int = Field(default=5, gt=0)
+    # ... from at least this many different client connections.
+    distinct_clients: int = Field(default=3, gt=0)
+
+
 class UpstreamConfig(_Strict):
     """The MongoDB deployment behind the proxy: give either ``uri`` or ``members``."""
 
@@ -125,6 +159,8 @@ class UpstreamConfig(_Strict):
     # Declared roles: used instead of the uri's hosts when given.
     members: tuple[MemberConfig, ...] = ()
     pool: PoolConfig = PoolConfig()  # per upstream server
+    # When a failed exchange marks its server down (docs/security.md).
+    outlier: UpstreamHealthConfig = UpstreamHealthConfig()
     # A request waits this long for a suitable server (also when its server refused
     # the connect: it waits for that server's return or another; docs/failover.md),
     # then fails 133 FailedToSatisfyReadPreference.
@@ -179,6 +215,7 @@ class ShutdownConfig(_Strict):
 class Config(_Strict):
     listen: ListenConfig = ListenConfig()
     admin: AdminConfig = AdminConfig()
+    auth_throttle: AuthThrottleConfig = AuthThrottleConfig()
     upstream: UpstreamConfig
     shutdown: ShutdownConfig = ShutdownConfig()
     observability: ObservabilityConfig = ObservabilityConfig()

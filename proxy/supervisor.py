@@ -170,7 +170,8 @@ class Supervisor:
         self.stop = asyncio.Event()
         self.reloader = _ViewReloader(cast("Proxy", self.view), path)
         self.admin = AdminServer(*endpoint_routes(self._running, self.count, self._facts,
-                                                  self._own_metrics))
+                                                  self._own_metrics),
+                                 token=config.admin.token)
         self._started = time.monotonic()
 
     @property

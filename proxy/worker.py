@@ -69,14 +69,16 @@ def _divided(section: Any, names: tuple[str, ...], index: int, count: int,
 
 def worker_config(config: Config, index: int, count: int) -> Config:
     """The configuration worker ``index`` of ``count`` runs with: the upstream pool's
-    ``max_size`` and ``min_size`` (and ``listen.max_connections`` where the
-    configuration has it) divided among the workers; the slow log to stdout (the
+    ``max_size`` and ``min_size``, ``listen.max_connections`` and the memory budget
+    ``listen.max_buffered_bytes`` divided among the workers; the slow log to stdout (the
     supervisor writes the file)."""
     upstream = config.upstream
     pool = _divided(upstream.pool, ("max_size", "min_size"), index, count)
+    # At least one connection each (a limit below the worker count is rounded up).
+    listen = _divided(config.listen, ("max_connections", "max_buffered_bytes"), index, count,
+                      floor=1)
     return config.model_copy(update={
-        # At least one connection each (a limit below the worker count is rounded up).
-        "listen": _divided(config.listen, ("max_connections",), index, count, floor=1),
+        "listen": listen,
         "upstream": upstream.model_copy(update={"pool": pool}),
         "observability": config.observability.model_copy(update={"slow_log": "-"}),
     })

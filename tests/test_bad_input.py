@@ -470,7 +470,18 @@ def test_op_query_truncated_query_document(
 # --------------------------------------------------------------------------- OP_COMPRESSED
 
 
+def negotiate(sock: socket.socket, compressors: list[str]) -> None:
+    """The handshake that lets the client send OP_COMPRESSED with ``compressors``."""
+    rid = next_id()
+    sock.sendall(op_msg({"hello": 1, "client": {"driver": {"name": "raw", "version": "0"}},
+                         "compression": compressors, "$db": "admin"}, rid))
+    hello = read_reply(sock)
+    assert hello.response_to == rid
+    assert hello.doc.get("compression") == compressors, hello.doc
+
+
 def test_compressed_corrupt_zlib(client: socket.socket, bystander: socket.socket) -> None:
+    negotiate(client, ["zlib"])
     rid = next_id()
     inner = op_msg({"ping": 1, "$db": "admin"}, rid)
     body_len = len(inner) - HEADER_SIZE
@@ -481,6 +492,7 @@ def test_compressed_corrupt_zlib(client: socket.socket, bystander: socket.socket
 
 
 def test_compressed_size_mismatch(client: socket.socket, bystander: socket.socket) -> None:
+    negotiate(client, ["zlib"])
     rid = next_id()
     inner = op_msg({"ping": 1, "$db": "admin"}, rid)
     payload = zlib.compress(inner[HEADER_SIZE:])
@@ -499,24 +511,25 @@ def test_compressed_unknown_compressor(client: socket.socket, bystander: socket.
     assert_ping_ok(client)
 
 
-def test_compressed_valid_zlib_ping(client: socket.socket, bystander: socket.socket) -> None:
+def test_compressed_without_negotiation_is_refused(
+    client: socket.socket, bystander: socket.socket
+) -> None:
+    """A compressor the client did not negotiate in its hello is refused before any
+    decompression work (a compression bomb costs the proxy nothing)."""
     rid = next_id()
     client.sendall(compress(op_msg({"ping": 1, "$db": "admin"}, rid), "zlib"))
-    reply = read_reply(client)
-    assert reply.response_to == rid
-    assert reply.doc.get("ok") == 1.0, reply.doc
+    assert_error(read_reply(client), rid, 17, "ProtocolError", "not negotiated")
+    negotiate(client, ["snappy"])
+    rid = next_id()
+    client.sendall(compress(op_msg({"ping": 1, "$db": "admin"}, rid), "zlib"))
+    assert_error(read_reply(client), rid, 17, "ProtocolError", "zlib was not negotiated")
     assert_ping_ok(client)
 
 
 def test_compressed_zlib_after_negotiation_replies_compressed(
     client: socket.socket, bystander: socket.socket
 ) -> None:
-    rid = next_id()
-    client.sendall(op_msg({"hello": 1, "client": {"driver": {"name": "raw", "version": "0"}},
-                           "compression": ["zlib"], "$db": "admin"}, rid))
-    hello = read_reply(client)
-    assert hello.response_to == rid
-    assert hello.doc.get("compression") == ["zlib"], hello.doc
+    negotiate(client, ["zlib"])
     rid = next_id()
     client.sendall(compress(op_msg({"ping": 1, "$db": "admin"}, rid), "zlib"))
     reply = read_reply(client)

@@ -6,7 +6,9 @@ layer, and a transaction's writes invalidated at its commit."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import struct
 from typing import Any
 
@@ -28,11 +30,14 @@ from tests.support import RedisFactory, RedisProcess
 
 Doc = dict[str, Any]
 PROBE_MS = 100
+INVALIDATE_MS = 1000  # 10 x the default: an invalidation that must land, lands
 
 
 def _config(server: RedisProcess, **extra: Any) -> CacheConfig:
     return CacheConfig.model_validate({
+        # generous connect timeout: the start's PING must not fail on a loaded host
         "redis_url": server.url, "timeout_ms": 200, "key_prefix": "t:",
+        "connect_timeout_ms": 2000, "invalidate_timeout_ms": INVALIDATE_MS,
         "breaker": {"failures": 2, "probe_interval_ms": PROBE_MS},
         "rules": [{"match": {"collection": "users|orders"}, "ttl_s": 60}], **extra,
     })
@@ -197,20 +202,23 @@ async def test_breaker_opens_bypasses_probes_and_flushes_pending(
         server.kill()
         for _ in range(2):
             with pytest.raises(StoreUnavailable):
-                await store.lookup("app.users", "d")
+                await store.lookup("app.orders", "d")
         assert cache.state == "down" and not store.available
         started = asyncio.get_running_loop().time()
-        bypass = _access(cache, FIND)
+        bypass = _access(cache, {**FIND, "find": "orders"})
         assert await bypass.lookup() is None and bypass.result == "bypass:redis_unavailable"
         assert asyncio.get_running_loop().time() - started < 0.01  # nothing is attempted
-        # a write while Redis is down: pending, applied before the circuit closes
+        # a write while Redis is down: attempted for its whole budget, then pending
+        started = asyncio.get_running_loop().time()
         assert not await store.invalidate(WriteTargets(("app.users",)))
+        assert asyncio.get_running_loop().time() - started >= INVALIDATE_MS / 1000
+        assert store.invalidations.blocks("app.users")
         server.start()
-        for _ in range(50):
-            if store.available:
+        for _ in range(100):
+            if store.available and not store.invalidations:
                 break
             await asyncio.sleep(PROBE_MS / 1000)
-        assert store.available and cache.state == "ok"
+        assert store.available and cache.state == "ok" and not store.invalidations
         # a restarted Redis (no persistence) lost everything; the pending bump was applied
         with redis.Redis.from_url(server.url) as r:
             assert r.exists("t:{app.users}:g")
@@ -222,14 +230,192 @@ async def test_breaker_opens_bypasses_probes_and_flushes_pending(
         await cache.close()
 
 
-async def test_failed_invalidation_opens_the_circuit_at_once(server: RedisProcess) -> None:
+async def test_a_failed_invalidation_is_pending_and_not_served_here(
+    server: RedisProcess,
+) -> None:
+    """The lookup circuit does not open for it (other namespaces are unaffected), but
+    this instance serves nothing of the pending namespace until its bump landed."""
     cache = ResultCache(_config(server, breaker={"failures": 100,
                                                  "probe_interval_ms": PROBE_MS}))
+    store = cache.store
     await cache.start()
     try:
+        body = _body([{"_id": 1, "a": 1}])
+        first = _access(cache, FIND)
+        assert await first.lookup() is None
+        await first.replied(body)
+        await first.store()
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)  # reachable, but silent
+        try:
+            assert not await store.invalidate(WriteTargets(("app.users",)))
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert store.available  # lookups were not the problem
+        held = _access(cache, FIND)
+        assert await held.lookup() is None and held.result == "bypass:pending_invalidation"
+        other = _access(cache, {**FIND, "find": "orders"})
+        assert await other.lookup() is None and other.result == "miss"
+        other.abandon()
+        for _ in range(100):  # retried every probe_interval_ms
+            if not store.invalidations:
+                break
+            await asyncio.sleep(PROBE_MS / 1000)
+        assert not store.invalidations
+        again = _access(cache, FIND)
+        assert await again.lookup() is None and again.result == "miss"  # new token
+        again.abandon()
+    finally:
+        await cache.close()
+
+
+async def _answered_lookup(store: Any, ns: str) -> bytes:
+    """A lookup Redis answered: with a 5 ms budget on a loaded host, one may time out
+    (a bypass); try again for up to 10 s."""
+    for _ in range(1000):
+        try:
+            token, _ = await store.lookup(ns, "d")
+            return bytes(token)
+        except StoreUnavailable as exc:
+            assert exc.reason == "redis_timeout", exc
+            await asyncio.sleep(0.01)
+    raise AssertionError("Redis never answered a lookup within 10 s")
+
+
+async def test_an_invalidation_lands_while_the_lookup_circuit_is_open(
+    server: RedisProcess,
+) -> None:
+    """Slow or failed lookups never stop a write's invalidation: Redis stalled until the
+    lookup circuit opened, then answers again before the (slow) probe closed it."""
+    cache = ResultCache(_config(server, timeout_ms=5, invalidate_timeout_ms=2000, breaker={
+        "failures": 3, "stall_ms": 200, "probe_interval_ms": 60_000}))
+    store = cache.store
+    await cache.start()
+    try:
+        assert store.available
+        token = await _answered_lookup(store, "app.users")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(200):
+                if not store.available:
+                    break
+                with pytest.raises(StoreUnavailable) as caught:
+                    await store.lookup("app.users", "d")
+                assert caught.value.reason == "redis_timeout"  # a bypass, not a failure
+                await asyncio.sleep(0.01)
+            assert not store.available  # silent for stall_ms: open
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert await store.invalidate(WriteTargets(("app.users",)))
+        assert not store.invalidations
+        with redis.Redis.from_url(server.url) as r:
+            assert r.get("t:{app.users}:g") not in (None, token)
+    finally:
+        await cache.close()
+
+
+async def test_lookup_timeouts_alone_do_not_open_the_circuit(server: RedisProcess) -> None:
+    """Redis late (stopped for less than stall_ms, as a loaded host may hold it): every
+    lookup meanwhile is a bypass, and the circuit stays closed even at failures: 1."""
+    cache = ResultCache(_config(server, timeout_ms=5, breaker={
+        "failures": 1, "stall_ms": 2000, "probe_interval_ms": PROBE_MS}))
+    store = cache.store
+    await cache.start()
+    try:
+        await _answered_lookup(store, "app.users")
+        assert server.proc is not None
+        timeouts = 0
+        for _ in range(3):
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(5):
+                    with pytest.raises(StoreUnavailable) as caught:
+                        await store.lookup("app.users", "d")
+                    timeouts += caught.value.reason == "redis_timeout"
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            await _answered_lookup(store, "app.users")  # answered again
+        assert timeouts == 15 and store.available and cache.state == "ok"
+    finally:
+        await cache.close()
+
+
+async def test_a_slow_invalidation_waits_while_redis_answers(
+    server: RedisProcess, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past its budget, a write's invalidation keeps waiting while Redis answers other
+    commands (here: lookups every 10 ms): Redis is reachable, the slowness is the
+    proxy's (stood in for by a SET that takes 250 ms to send). Acknowledging with a
+    pending invalidation would break read-your-writes across instances."""
+    cache = ResultCache(_config(server, invalidate_timeout_ms=100))
+    store = cache.store
+    await cache.start()
+    try:
+        await _answered_lookup(store, "app.users")
+        real_set = store.client.set
+
+        async def slow_set(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.25)
+            return await real_set(*args, **kwargs)
+
+        monkeypatch.setattr(store.client, "set", slow_set)
+        stop = asyncio.Event()
+
+        async def reads() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(StoreUnavailable):
+                    await store.lookup("app.orders", "d")
+                await asyncio.sleep(0.01)
+
+        reader = asyncio.create_task(reads())
+        try:
+            started = asyncio.get_running_loop().time()
+            assert await store.invalidate(WriteTargets(("app.users",)))
+            assert asyncio.get_running_loop().time() - started >= 0.25
+            assert not store.invalidations
+        finally:
+            stop.set()
+            await reader
+    finally:
+        await cache.close()
+
+
+async def test_a_cancelled_invalidation_is_pending(server: RedisProcess) -> None:
+    """The request goes away (client gone, shutdown) while its write's invalidation
+    waits: the write may have been applied, so the namespace is pending all the same."""
+    cache = ResultCache(_config(server))
+    store = cache.store
+    await cache.start()
+    try:
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            task = asyncio.create_task(store.invalidate(WriteTargets(("app.users",))))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert store.invalidations.blocks("app.users")
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+    finally:
+        await cache.close()
+
+
+async def test_an_invalidation_after_a_redis_restart_lands(server: RedisProcess) -> None:
+    """The connections a killed Redis left behind are dead; the invalidation is retried
+    on a new one within its budget instead of being marked pending."""
+    cache = ResultCache(_config(server))
+    store = cache.store
+    await cache.start()
+    try:
+        await store.lookup("app.users", "d")
+        assert await store.invalidate(WriteTargets(("app.users",)))
         server.kill()
-        assert not await cache.store.invalidate(WriteTargets(("app.users",)))
-        assert not cache.store.available  # correctness first: no more lookups
+        server.start()
+        assert await store.invalidate(WriteTargets(("app.users",)))
+        assert not store.invalidations
     finally:
         await cache.close()
 
@@ -249,7 +435,7 @@ async def test_any_exception_of_the_redis_client_is_a_redis_failure(
 
         monkeypatch.setattr(cache.store.client, "set", broken)
         assert not await cache.store.invalidate(WriteTargets(("app.users",)))
-        assert not cache.store.available  # an invalidation failed: circuit open
+        assert cache.store.invalidations.blocks("app.users")  # pending, not served here
         with pytest.raises(StoreUnavailable):
             await cache.store.store("app.users", "d", b"v", 60)
     finally:

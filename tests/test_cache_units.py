@@ -19,6 +19,7 @@ from bson.timestamp import Timestamp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.cache.budget import EVERY, PEAK_HALF_LIFE_S, WINDOW, LatencyBudget
 from proxy.cache.config import CacheConfig
 from proxy.cache.eligibility import (
     WriteTargets,
@@ -83,6 +84,9 @@ def test_rules_reuse_routings_matcher_and_match_the_routing_class() -> None:
     ({"redis_url": "redis://x", "rules": [{"match": {"class": "/(/"}, "ttl_s": 1}]},
      "cache.rules.0.match.class"),
     ({"redis_url": "redis://x", "timeout_ms": 0}, "cache.timeout_ms"),
+    ({"redis_url": "redis://x", "timeout_ms": 10, "timeout_max_ms": 5},
+     "timeout_max_ms must be at least timeout_ms"),
+    ({"redis_url": "redis://x", "breaker": {"stall_ms": 0}}, "cache.breaker.stall_ms"),
 ])
 def test_config_errors_name_the_key_path(cache: Doc, error: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -472,3 +476,37 @@ def test_reload_swaps_cache_rules_live_and_keeps_the_redis_settings(
     assert cache.compiled.ttl_for(orders, "default") == (9.0, 0)
     assert cache.compiled.ttl_for(classify({"find": "users", "$db": "app"}), "default") is None
     assert "cache (except rules)" in caplog.text
+
+
+# ------------------------------------------------------------------- lookup budget
+
+
+def test_budget_follows_redis_latency_between_floor_and_ceiling() -> None:
+    budget = LatencyBudget(0.005, 0.050)
+    assert budget.value == 0.005  # before any sample: the floor
+    for _ in range(WINDOW):
+        budget.add(0.0001)  # an idle loopback Redis
+    assert budget.value == 0.005
+    assert _cache([]).lookup_ceiling_ms == 50  # default: 10 x timeout_ms
+    busy = LatencyBudget(0.005, 0.050)
+    for i in range(WINDOW):
+        busy.add(0.003 if i % 50 == 0 else 0.0005)  # 2 % of round trips take 3 ms
+    assert busy.value == pytest.approx(4 * 0.003)
+    busy.add(0.2)  # one round trip far beyond: the ceiling, never more
+    for _ in range(EVERY):
+        busy.add(0.0005)
+    assert busy.value == 0.050
+
+
+def test_budget_remembers_a_peak_for_a_while_then_forgets_it() -> None:
+    """A scheduler hiccup of 9 ms among fast round trips: the next ones get twice that,
+    even after the 512-sample window has moved past it; the peak halves every 10 s."""
+    budget = LatencyBudget(0.005, 0.050)
+    budget.add(0.009)
+    for _ in range(4 * WINDOW - 1):
+        budget.add(0.0002)
+    assert budget.value == pytest.approx(0.018, rel=0.01)
+    budget._decayed_at -= 3 * PEAK_HALF_LIFE_S  # 30 s later
+    for _ in range(EVERY):
+        budget.add(0.0002)
+    assert budget.value == 0.005

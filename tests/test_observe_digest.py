@@ -80,13 +80,17 @@ def test_evicts_least_used_when_full() -> None:
 def test_values_only_with_log_values() -> None:
     raw = {"find": "users", "filter": {"email": "x@example.com"}}
     hidden = QueryDigest(10)
-    hidden.record(op("a", 1.0, raw_command=raw, tenant="acme"))
+    hidden.record(op("a", 1.0, raw_command=raw, tenant="acme", user="alice"))
     example = hidden.top(1)[0]["last_example"]
+    # Without log_values neither the command's values nor who ran it are shown.
     assert "x@example.com" not in json.dumps(hidden.top(1))
-    assert example["tenant"] == "acme" and example["shape"]
+    assert "acme" not in json.dumps(hidden.top(1)) and "alice" not in json.dumps(hidden.top(1))
+    assert "tenant" not in example and "user" not in example and example["shape"]
     shown = QueryDigest(10, log_values=True)
-    shown.record(op("a", 1.0, raw_command=raw))
-    assert shown.top(1)[0]["last_example"]["command"] == raw
+    shown.record(op("a", 1.0, raw_command=raw, tenant="acme", user="alice"))
+    shown_example = shown.top(1)[0]["last_example"]
+    assert shown_example["command"] == raw
+    assert shown_example["tenant"] == "acme" and shown_example["user"] == "alice"
 
 
 def test_record_without_shape_uses_command_name() -> None:

@@ -316,3 +316,20 @@ def test_a_non_dict_mapping_is_a_literal_object() -> None:
 
     shape = query_shape({"find": "c", "filter": {"a": MappingProxyType({"$gt": 1})}})
     assert shape["filter"] == {"a": "?object"}
+
+
+def test_structural_operators_keep_no_string_values() -> None:
+    """``$exists``, ``$type``, ``$options``, ``$meta`` and ``sort`` arguments are kept only
+    when they are numbers, booleans or the operator's own keywords: a string argument
+    is customer data (issue 15: ``{$exists: "SECRET"}`` reached the slow log)."""
+    command = cmd(("find", "t"), filter={
+        "a": {"$exists": "SECRET_EXISTS"},
+        "b": {"$type": ["string", "SECRET_TYPE"]},
+        "c": {"$regex": "x", "$options": "SECRET_OPTIONS"},
+        "d": {"$exists": 1}, "e": {"$type": "string"}, "f": {"$regex": "y", "$options": "i"},
+    }, sort={"g": "SECRET_SORT", "h": {"$meta": "textScore"}}, hint="index_name_1")
+    text = describe(command).text
+    assert "SECRET" not in text, text
+    for kept in ('"$exists":1', '"$type":"string"', '"$options":"i"', '"textScore"',
+                 '"index_name_1"'):
+        assert kept in text, (kept, text)

@@ -185,8 +185,8 @@ def _stages(request: Request) -> None:
     """Every pure stage the pipeline runs on a request, as the pipeline runs them."""
     for policy, bound in ((ENFORCE, None), (INJECT, "acme")):
         admission = admit(policy, request.raw_name, request.command, request.msg.body,
-                          request.sequences, users_configured=bound is not None,
-                          bound_tenant=bound, cursor_tenant=lambda _id: (True, "acme"))
+                          request.sequences, bound_tenant=bound,
+                          cursor_tenant=lambda _id: (True, "acme"))
         command = admission.command or request.command
         classification = classify(command, CONTEXT)
         try:

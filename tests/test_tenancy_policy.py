@@ -549,7 +549,7 @@ def test_admit_refuses_a_repeated_key_in_body_or_sequence(name: str) -> None:
                                           b"\x03q\x00" + repeated
                                           + _raw(("u", {"$set": {"x": 1}})))[:])]
     admission = admit(ENFORCE, name, bson.decode(body), body, sequences,
-                      users_configured=False, bound_tenant=None,
+                      bound_tenant=None,
                       cursor_tenant=lambda _id: (False, None))
     assert admission.refused is not None and "duplicate key" in admission.refused
 

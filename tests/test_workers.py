@@ -369,6 +369,21 @@ def test_metrics_and_digest_sum_over_workers(
     assert json.loads(get(proxy, "/digest")[1])["operations"] == 0
 
 
+def test_the_supervisors_admin_port_checks_the_token(
+    ferretdb: FerretDBProcess, proxy_factory: ProxyFactory
+) -> None:
+    """With workers, the operator's admin port is the supervisor's: admin.token holds
+    there too (probes stay open, everything else needs the bearer token)."""
+    token = "t0ken-with-at-least-16-chars"
+    proxy = start(proxy_factory, ferretdb.uri, {"admin": {"token": token}})
+    assert get(proxy, "/metrics")[0] == 401
+    assert get(proxy, "/connections")[0] == 401
+    request = urllib.request.Request(f"{proxy.admin_url}/metrics",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 200 and b"mongoproxy_workers_scraped 2" in reply.read()
+
+
 # --------------------------------------------------------------------------- shutdown
 
 

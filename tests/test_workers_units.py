@@ -41,11 +41,14 @@ def test_shares_add_up_to_the_total(total: int, count: int) -> None:
 def test_worker_config_divides_the_pool_and_sends_the_slow_log_to_the_supervisor() -> None:
     config = parse_config({
         "upstream": {**UPSTREAM, "pool": {"max_size": 7, "min_size": 3}},
-        "listen": {"workers": 2},
+        "listen": {"workers": 2, "max_connections": 5, "max_buffered_bytes": 100_000_001},
         "observability": {"slow_log": "/var/log/slow.log"},
     })
     first, second = (worker_config(config, i, 2) for i in range(2))
     assert (first.upstream.pool.max_size, second.upstream.pool.max_size) == (4, 3)
+    # The host's limits on clients are divided too (the hardening limits: security.md).
+    assert (first.listen.max_connections, second.listen.max_connections) == (3, 2)
+    assert first.listen.max_buffered_bytes + second.listen.max_buffered_bytes == 100_000_001
     assert (first.upstream.pool.min_size, second.upstream.pool.min_size) == (2, 1)
     assert first.observability.slow_log == "-"
     assert first.routing == config.routing and first.upstream.uri == config.upstream.uri

@@ -4,11 +4,20 @@ Only GET of a few small JSON or text documents (and a POST or two for operator
 actions, such as ``/digest/reset``) is needed, so a ~100-line asyncio server beats
 pulling in a web framework. Every request is answered and the connection closed.
 ``GET /`` lists the endpoints (:mod:`proxy.admin.index`).
+
+Hostile input is bounded: a request line or header line longer than
+:data:`MAX_LINE_BYTES` or more than :data:`MAX_HEADERS` header lines get 431, a request
+not complete within 10 s is closed, never a traceback. With ``admin.token`` set, every
+request must carry ``Authorization: Bearer <token>`` (401 otherwise), except the
+liveness and readiness probes (:data:`OPEN_PATHS`: load balancers and orchestrators
+call them without credentials); without a token the port must stay private
+(docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import json
 import logging
@@ -25,6 +34,10 @@ Reply = tuple[int, str, bytes]
 Handler = Callable[[dict[str, list[str]]], Reply | Awaitable[Reply]]
 # A POST body is read (so closing never resets the connection) and ignored, up to this.
 MAX_POST_BODY = 65_536
+MAX_LINE_BYTES = 8192
+MAX_HEADERS = 100
+# Answered without the token: probes carry no credentials, and say nothing sensitive.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def json_response(status: int, document: Any) -> tuple[int, str, bytes]:
@@ -35,7 +48,10 @@ class AdminServer:
     """``routes`` answer GET, ``post_routes`` answer POST (operator actions)."""
 
     def __init__(
-        self, routes: dict[str, Handler], post_routes: dict[str, Handler] | None = None
+        self,
+        routes: dict[str, Handler],
+        post_routes: dict[str, Handler] | None = None,
+        token: str | None = None,
     ) -> None:
         self.routes = routes
         self.post_routes = post_routes or {}
@@ -44,9 +60,11 @@ class AdminServer:
 
             routes["/"] = index_handler(self.routes, self.post_routes)
         self.server: asyncio.Server | None = None
+        self._token = None if token is None else f"Bearer {token}".encode()
 
     async def start(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(self._serve, host, port)
+        self.server = await asyncio.start_server(self._serve, host, port,
+                                                 limit=MAX_LINE_BYTES)
 
     @property
     def port(self) -> int:
@@ -72,13 +90,21 @@ class AdminServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(10):
-                request_line = await reader.readline()
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length" and value.strip().isdigit():
-                        length = int(value)
-                if length > MAX_POST_BODY:
+                too_large = False
+                try:
+                    request_line, headers = await _read_head(reader)
+                except _TooLarge:
+                    request_line, headers, too_large = b"", {}, True
+                length = int(headers.get(b"content-length", b"0"))
+                if too_large:
+                    status, ctype, body = json_response(
+                        431, {"error": "request line or headers too large"})
+                elif self._token is not None and not _open(request_line) and \
+                        not hmac.compare_digest(headers.get(b"authorization", b""),
+                                                self._token):
+                    status, ctype, body = json_response(
+                        401, {"error": "missing or wrong bearer token"})
+                elif length > MAX_POST_BODY:
                     status, ctype, body = json_response(
                         413, {"error": f"request body over {MAX_POST_BODY} bytes"})
                 else:
@@ -110,11 +136,45 @@ class AdminServer:
                        if url.path in r]
             if allowed:
                 return json_response(405, {"error": f"{url.path} takes "
-                                                    f"{' or '.join(allowed)}, not {method}"})
-            return json_response(404, {"error": f"no endpoint {url.path} (GET / lists them)"})
+                                                    f"{' or '.join(allowed)}, not {method[:16]}"})
+            return json_response(404, {"error": f"no endpoint {url.path[:200]} "
+                                                "(GET / lists them)"})
         try:
             reply = handler(parse_qs(url.query))
             return await reply if inspect.isawaitable(reply) else reply
         except Exception:
             log.exception("admin endpoint %s failed", url.path)
             return json_response(500, {"error": "internal error"})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _open(request_line: bytes) -> bool:
+    parts = request_line.split()
+    return len(parts) == 3 and urlsplit(parts[1].decode("latin-1")).path in OPEN_PATHS
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes]]:
+    """The request line and the headers the server reads (names lower-cased)."""
+    request_line = await _line(reader)
+    headers: dict[bytes, bytes] = {}
+    for _ in range(MAX_HEADERS + 1):
+        line = await _line(reader)
+        if line in (b"\r\n", b"\n", b""):
+            return request_line, headers
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name in (b"content-length", b"authorization"):
+            value = value.strip()
+            if name == b"authorization" or value.isdigit():
+                headers[name] = value
+    raise _TooLarge
+
+
+async def _line(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.readline()
+    except ValueError:  # longer than the reader's limit (asyncio.LimitOverrunError)
+        raise _TooLarge from None

@@ -9,18 +9,21 @@ hiredis, redis-py's C companion, encodes the command and parses the replies. Eve
 other command (stores, token creation, invalidation, probes) stays on redis-py, and so
 does everything on a Redis Cluster or over TLS/unix sockets (see :func:`lane_for`).
 
-The lookups of one loop pass go out in one write. Each is bounded by the store's
-``timeout_ms``, counted from that write, by one watchdog timer per connection rather
-than a timer per lookup; like :class:`proxy.cache.deadline.PolledTimeout` it does not
-take a busy proxy for a slow Redis. A lookup that timed out keeps its place in the
-FIFO; its reply is dropped when it arrives, so later replies still match. A lost
-connection fails every waiting lookup (each becomes a Redis error for the circuit
-breaker) and the next lookup opens a new one.
+The lookups of one loop pass go out in one write. Each is bounded by the lookup budget
+(:class:`proxy.cache.budget.LatencyBudget`, fed here with every reply's round trip,
+late ones included), counted from that write, by one watchdog timer per connection
+rather than a timer per lookup; like :class:`proxy.cache.deadline.PolledTimeout` it
+does not take a busy proxy for a slow Redis. A lookup that timed out
+(:class:`ReplyTimeout`: a bypass, not a failure) keeps its place in the FIFO; its reply
+is dropped when it arrives, so later replies still match. A lost connection fails every
+waiting lookup (each becomes a Redis error for the circuit breaker) and the next lookup
+opens a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from itertools import repeat
 from ssl import SSLContext
@@ -30,22 +33,27 @@ import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
+from proxy.cache.budget import LatencyBudget
 from proxy.cache.deadline import GRACE_S
 from proxy.tls.client import redis_ssl_context
 
-__all__ = ["LookupLane", "lane_for"]
+__all__ = ["LookupLane", "ReplyTimeout", "lane_for"]
+
+
+class ReplyTimeout(TimeoutError):
+    """No reply within the budget: the lookup is a bypass; Redis may just be slow."""
 
 
 class _Pipeline(asyncio.Protocol):
-    def __init__(self, reply_timeout_s: float) -> None:
+    def __init__(self, budget: LatencyBudget) -> None:
         self.loop = asyncio.get_running_loop()
-        self.reply_timeout_s = reply_timeout_s
+        self.budget = budget
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader()
         self.waiters: deque[asyncio.Future[Any]] = deque()
-        # Deadlines of the sent commands, in the order of `waiters` (a command still in
-        # `outgoing` has a waiter but no deadline yet).
-        self.deadlines: deque[float] = deque()
+        # When each sent command went out, in the order of `waiters` (a command still
+        # in `outgoing` has a waiter but no send time yet).
+        self.sent: deque[float] = deque()
         self.outgoing: list[bytes] = []
         self.lost: BaseException | None = None
         self._watchdog: asyncio.Handle | None = None
@@ -57,6 +65,8 @@ class _Pipeline(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        now = time.monotonic()
+        budget = self.budget
         while True:
             try:
                 reply = self.reader.gets()
@@ -65,11 +75,12 @@ class _Pipeline(asyncio.Protocol):
                 return
             if reply is False:
                 return
-            if not self.deadlines:
+            if not self.sent:
                 self._fail(RedisError("a reply from Redis that nothing asked for"))
                 return
             waiter = self.waiters.popleft()
-            self.deadlines.popleft()
+            budget.add(now - self.sent.popleft())
+            budget.answered_at = now
             if waiter.done():
                 continue  # it timed out or its request was cancelled; the reply is dropped
             if isinstance(reply, hiredis.ReplyError):
@@ -89,15 +100,15 @@ class _Pipeline(asyncio.Protocol):
             self._watchdog.cancel()
             self._watchdog = None
         self.outgoing.clear()
-        self.deadlines.clear()
+        self.sent.clear()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(self.lost)
 
     def send(self, *args: str | bytes) -> asyncio.Future[Any]:
-        """Queue one command; the future gets its reply, or TimeoutError when none was
-        read within ``reply_timeout_s`` of sending it (see :meth:`_flush`)."""
+        """Queue one command; the future gets its reply, or :class:`ReplyTimeout` when
+        none was read within the budget of sending it (see :meth:`_flush`)."""
         if self.lost is not None:
             raise ConnectionError(f"Redis connection lost: {self.lost}")
         waiter: asyncio.Future[Any] = self.loop.create_future()
@@ -115,9 +126,11 @@ class _Pipeline(asyncio.Protocol):
         assert self.transport is not None
         batch, self.outgoing = self.outgoing, []
         self.transport.write(b"".join(batch))
-        self.deadlines.extend(repeat(self.loop.time() + self.reply_timeout_s, len(batch)))
+        now = time.monotonic()  # not the loop's clock: uvloop's has a 1 ms resolution
+        self.sent.extend(repeat(now, len(batch)))
         if self._watchdog is None:
-            self._watchdog = self.loop.call_at(self.deadlines[0], self._due)
+            self._watchdog = self.loop.call_later(self.sent[0] + self.budget.value - now,
+                                                  self._due)
 
     # One watchdog per connection instead of a timer per lookup. Like
     # proxy.cache.deadline.PolledTimeout, it lets a deadline pass only after the loop
@@ -125,7 +138,7 @@ class _Pipeline(asyncio.Protocol):
     # proxy is not taken for a slow Redis.
 
     def _due(self) -> None:
-        self._cutoff = self.loop.time()
+        self._cutoff = time.monotonic()
         self._watchdog = self.loop.call_later(GRACE_S, self._polled)
 
     def _polled(self) -> None:
@@ -133,15 +146,17 @@ class _Pipeline(asyncio.Protocol):
 
     def _expire(self) -> None:
         self._watchdog = None
-        # Not strict: the waiters of commands still in `outgoing` have no deadline yet.
-        for waiter, deadline in zip(self.waiters, self.deadlines, strict=False):
+        budget = self.budget.value
+        # Not strict: the waiters of commands still in `outgoing` have no send time yet.
+        for waiter, sent in zip(self.waiters, self.sent, strict=False):
+            deadline = sent + budget
             if deadline > self._cutoff:
-                self._watchdog = self.loop.call_at(deadline, self._due)
+                self._watchdog = self.loop.call_later(deadline - time.monotonic(), self._due)
                 return
             if not waiter.done():
                 # It keeps its place: its late reply is dropped when it comes.
-                waiter.set_exception(TimeoutError(
-                    f"no reply from Redis within {self.reply_timeout_s * 1000:g} ms"))
+                waiter.set_exception(ReplyTimeout(
+                    f"no reply from Redis within {budget * 1000:.3g} ms"))
 
 
 def _consume(attempt: asyncio.Future[Any]) -> None:
@@ -151,7 +166,8 @@ def _consume(attempt: asyncio.Future[Any]) -> None:
 
 class LookupLane:
     """``await lane.mget(k1, k2)``: the values (bytes or None), or an OSError/RedisError,
-    or TimeoutError when Redis did not answer within ``reply_timeout_s``.
+    or :class:`ReplyTimeout` when Redis did not answer within the budget (``budget``,
+    or a fixed ``reply_timeout_s``).
 
     Connecting is bounded by ``connect_timeout_s``.
     """
@@ -160,12 +176,14 @@ class LookupLane:
         self, host: str, port: int, connect_timeout_s: float, reply_timeout_s: float, *,
         db: int = 0, username: str | None = None, password: str | None = None,
         ssl: SSLContext | None = None,
+        budget: LatencyBudget | None = None,
     ) -> None:
         self.host, self.port, self.db = host, port, db
         self.ssl = ssl  # rediss://: redis-py's own context for the url (proxy.tls.client)
         self.username, self.password = username, password
         self.connect_timeout_s = connect_timeout_s
-        self.reply_timeout_s = reply_timeout_s
+        self.budget = (budget if budget is not None
+                       else LatencyBudget(reply_timeout_s, reply_timeout_s))
         self._pipeline: _Pipeline | None = None
         self._connecting: asyncio.Future[_Pipeline] | None = None
 
@@ -174,6 +192,14 @@ class LookupLane:
         if pipeline is None or pipeline.lost is not None:
             pipeline = await self._connected()
         return await pipeline.send("MGET", *keys)
+
+    async def ping(self) -> Any:
+        """A PING behind whatever the connection is waiting for (its reply, like every
+        reply, sets ``budget.answered_at``)."""
+        pipeline = self._pipeline
+        if pipeline is None or pipeline.lost is not None:
+            pipeline = await self._connected()
+        return await pipeline.send("PING")
 
     async def _connected(self) -> _Pipeline:
         # Concurrent lookups share one connection attempt.
@@ -193,7 +219,7 @@ class LookupLane:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout_s):
             _, pipeline = await loop.create_connection(
-                lambda: _Pipeline(self.reply_timeout_s), self.host, self.port, ssl=self.ssl,
+                lambda: _Pipeline(self.budget), self.host, self.port, ssl=self.ssl,
                 server_hostname=self.host if self.ssl is not None else None)
             try:
                 if self.password is not None:
@@ -217,6 +243,7 @@ class LookupLane:
 
 def lane_for(
     redis_url: str, connect_timeout_s: float, reply_timeout_s: float,
+    budget: LatencyBudget | None = None,
 ) -> LookupLane | None:
     """A lane for a ``redis://`` or ``rediss://`` URL (TCP); None for anything else."""
     if not redis_url.startswith(("redis://", "rediss://")):
@@ -228,5 +255,5 @@ def lane_for(
     return LookupLane(
         str(params["host"]), int(params.get("port", 6379)), connect_timeout_s, reply_timeout_s,
         db=int(params.get("db") or 0), username=params.get("username"),
-        password=params.get("password"), ssl=context,
+        password=params.get("password"), ssl=context, budget=budget,
     )

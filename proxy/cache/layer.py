@@ -14,7 +14,10 @@ injected its conditions, routing has decided), and then, on the returned access:
 
 ``access.result`` is what the operation record's ``cache`` field says: ``hit``,
 ``miss``, ``bypass:<reason>``, or None for commands the cache does not concern (no rule
-matched; writes). Redis never fails a request: any Redis problem is a bypass.
+matched; writes). Redis never fails a request: any Redis problem is a bypass
+(``redis_unavailable``: circuit open; ``redis_timeout``: no reply within the lookup
+budget; ``redis_error``; ``redis_garbage``; ``pending_invalidation``: a write's
+invalidation through this instance has not reached Redis yet).
 
 Transactions: writes inside a transaction (``autocommit: false``) are invisible until
 ``commitTransaction``, so their namespaces are remembered per session and transaction
@@ -98,8 +101,8 @@ class Access:
             return None
         try:
             token, raw = await store.lookup(self.ns, self.digest)
-        except StoreUnavailable:
-            self.result = "bypass:redis_error"
+        except StoreUnavailable as exc:
+            self.result = f"bypass:{exc.reason}"
             return None
         if raw is not None:
             try:
@@ -129,7 +132,10 @@ class Access:
         return None  # the leader's reply could not be shared: go upstream ourselves
 
     async def replied(self, body: bytes) -> None:
-        """The upstream reply is in (not yet sent to the client)."""
+        """The upstream reply is in (not yet sent to the client). For a write, returns
+        only once its invalidation reached Redis, or ``invalidate_timeout_ms`` ran out
+        and its namespaces are pending (docs/cache.md): the client's acknowledgement
+        must follow the invalidation."""
         if self.targets:
             await self._cache.store.invalidate(self.targets)
             return

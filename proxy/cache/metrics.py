@@ -19,6 +19,10 @@ mongoproxy_redis_latency_seconds           histogram   op (lookup/store/invalida
                                                        token/probe)
 mongoproxy_redis_circuit_open              gauge       — (1 while Redis is bypassed)
 mongoproxy_redis_circuit_changes_total     counter     state (open/closed)
+mongoproxy_cache_pending_invalidations     gauge       — (namespaces/databases whose
+                                                       invalidation has not reached
+                                                       Redis yet: not served here)
+mongoproxy_redis_lookup_budget_seconds     gauge       — (the lookup budget in force)
 =========================================  ==========  ================================
 """
 
@@ -64,6 +68,12 @@ class CacheMetrics:
                                   "breaker bypasses Redis", registry=r)
         self.circuit_changes = Counter("mongoproxy_redis_circuit_changes", "Circuit "
                                        "breaker state changes", ["state"], registry=r)
+        self.pending = Gauge("mongoproxy_cache_pending_invalidations", "Namespaces (or "
+                             "databases) whose invalidation has not reached Redis yet; "
+                             "this instance serves nothing of them", registry=r)
+        self.budget = Gauge("mongoproxy_redis_lookup_budget_seconds", "How long a lookup "
+                            "waits for Redis before it is a bypass (follows Redis's p99)",
+                            registry=r)
         # Children resolved once, off the hot path.
         self._latency: dict[str, Any] = {op: self.latency.labels(op) for op in OPS}
         self._stored = self.bytes.labels("stored")

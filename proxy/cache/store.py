@@ -45,14 +45,23 @@ Creating a token (``SET NX GET``) first records the namespace in ``P{db}:ns`` so
 no TTL: run the cache's Redis with a ``volatile-*`` eviction policy (or none) and
 without persistence (a restored snapshot would bring back old tokens with old entries).
 
-**Redis failures**: every operation is bounded by ``timeout_ms``, an invalidation by
-``invalidate_timeout_ms`` (a :class:`~proxy.cache.deadline.PolledTimeout`: the proxy's
-own busy loop does not count as Redis being slow); any exception is a failure and counts
-towards the circuit breaker (``breaker.failures`` consecutive failures open it), a
-failed invalidation opens it at once. While open, nothing touches Redis (lookups
-bypass, writes record their namespaces as pending) and a probe (PING) runs every
-``probe_interval_ms``; after a good probe the pending invalidations are applied first,
-and only then does the circuit close. One log line per state change.
+**Redis failures** (the full argument and the limits: docs/cache.md). Lookups and
+invalidations are separate paths:
+
+* *Lookups* (and stores, token creation) wait for Redis at most the lookup budget
+  (:class:`~proxy.cache.budget.LatencyBudget`: 4 x Redis's recent p99, between
+  ``timeout_ms`` and ``timeout_max_ms``), measured so that the proxy's own busy loop does
+  not count (:class:`~proxy.cache.deadline.PolledTimeout`, the lane's watchdog). A
+  lookup past its budget is a bypass (``redis_timeout``), *not* a failure: a loaded
+  host delays a healthy Redis now and then. Failures are Redis failing: refused, reset,
+  garbage, any exception of the client; ``breaker.failures`` consecutive ones open the
+  lookup circuit, and so does Redis answering *nothing at all* for ``breaker.stall_ms``
+  while lookups time out. While open, lookups bypass at once and a probe (PING) runs
+  every ``probe_interval_ms``; the first good probe closes it. One log line per change.
+* *Invalidations* (proxy.cache.pending) ignore the lookup circuit: a write's
+  invalidation is always attempted within ``invalidate_timeout_ms``; if it cannot land,
+  the namespace is pending (not served by this instance, retried every
+  ``probe_interval_ms``).
 """
 
 from __future__ import annotations
@@ -73,23 +82,52 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from proxy.cache.budget import LatencyBudget
 from proxy.cache.config import CacheConfig
 from proxy.cache.deadline import PolledTimeout
 from proxy.cache.eligibility import WriteTargets
 from proxy.cache.entry import TOKEN_BYTES
 from proxy.cache.lane import LookupLane, lane_for
 from proxy.cache.metrics import CacheMetrics
+from proxy.cache.pending import Invalidator
 
-__all__ = ["RedisStore", "StoreUnavailable"]
+__all__ = ["CircuitOpen", "InvalidationPending", "RedisStore", "StoreGarbage",
+           "StoreTimeout", "StoreUnavailable"]
 
 log = logging.getLogger("mongoproxy.cache")
 
 T = TypeVar("T")
+WARM_CONNECTIONS = 4
+CONFIRM_STEPS = 20  # a silence is confirmed over this many loop passes ...
+CONFIRM_STEP_S = 0.01  # ... this far apart at least
 State = Literal["connecting", "ok", "down"]
 
 
 class StoreUnavailable(Exception):
-    """Redis is not used right now (circuit open) or the operation failed."""
+    """Redis is not used right now (circuit open) or the operation failed; ``reason``
+    is the lookup's bypass reason."""
+
+    reason = "redis_error"
+
+
+class StoreTimeout(StoreUnavailable):
+    """No reply within the lookup budget: a bypass, not a failure."""
+
+    reason = "redis_timeout"
+
+
+class StoreGarbage(StoreUnavailable):
+    reason = "redis_garbage"
+
+
+class CircuitOpen(StoreUnavailable):
+    reason = "redis_unavailable"
+
+
+class InvalidationPending(StoreUnavailable):
+    """The namespace's invalidation has not reached Redis: not served here."""
+
+    reason = "pending_invalidation"
 
 
 _UNSCOPED = contextlib.nullcontext()
@@ -114,13 +152,19 @@ class RedisStore:
         self.prefix = config.key_prefix
         self.timeout_s = config.timeout_ms / 1000
         self.invalidate_timeout_s = config.invalidate_timeout_ms / 1000
+        self.stall_s = config.breaker.stall_ms / 1000
         self.gen_ttl_ms = config.generation_ttl_s * 1000
+        self.budget = LatencyBudget(self.timeout_s, config.lookup_ceiling_ms / 1000)
+        metrics.budget.set_function(lambda: self.budget.value)
         options: dict[str, Any] = {
-            "socket_timeout": max(self.timeout_s, self.invalidate_timeout_s,
+            "socket_timeout": max(self.budget.ceiling, self.invalidate_timeout_s,
                                   config.connect_timeout_ms / 1000),
             "socket_connect_timeout": config.connect_timeout_ms / 1000,
             # The breaker decides about retrying, not the client.
             "retry": Retry(NoBackoff(), 0),
+            # No CLIENT SETINFO on connect: a round trip less before a new connection's
+            # first command (a write's invalidation may be that command).
+            "driver_info": None,
         }
         self.client: Redis | RedisCluster
         self._lane: LookupLane | None = None
@@ -130,12 +174,17 @@ class RedisStore:
             self.client = Redis.from_url(config.redis_url, **options)
             # Lookups (the whole of a hit) skip redis-py's client: see proxy.cache.lane.
             self._lane = lane_for(config.redis_url, config.connect_timeout_ms / 1000,
-                                  self.timeout_s)
+                                  self.timeout_s, self.budget)
         self.state: State = "connecting"
         self._failures = 0
         self._open = False
-        self._pending_namespaces: set[str] = set()
-        self._pending_databases: set[str] = set()
+        # Start of the oldest timed-out operation Redis has not answered anything since.
+        self._quiet_since: float | None = None
+        self._confirming: asyncio.Task[None] | None = None
+        self.invalidations = Invalidator(
+            self._bump, metrics, budget_s=self.invalidate_timeout_s,
+            retry_interval_s=config.breaker.probe_interval_ms / 1000, kind=_kind,
+            answered=lambda since: self.budget.answered_at >= since)
         self._probe: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -153,14 +202,20 @@ class RedisStore:
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """One PING to learn the state; Redis down at start is not an error."""
-        if await self._ping():
+        """PINGs to learn the state (Redis down at start is not an error), on
+        ``WARM_CONNECTIONS`` connections at once: the first burst of writes then finds
+        connections in the pool instead of opening them within its invalidation
+        budget."""
+        if all(await asyncio.gather(*(self._ping() for _ in range(WARM_CONNECTIONS)))):
             self._set_state("ok")
         else:
             self._trip("Redis not reachable at start")
 
     async def close(self) -> None:
         self._closed = True
+        if self._confirming is not None:
+            self._confirming.cancel()
+        await self.invalidations.close()
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
@@ -177,6 +232,8 @@ class RedisStore:
 
     async def lookup(self, ns: str, digest: str) -> tuple[bytes, bytes | None]:
         """(current token of ns, raw entry or None). Creates the token when missing."""
+        if self.invalidations and self.invalidations.blocks(ns):
+            raise InvalidationPending(ns)
         keys = (self.token_key(ns), self.entry_key(ns, digest))
         lane = self._lane
         if lane is not None:  # the lane bounds its own replies
@@ -186,7 +243,7 @@ class RedisStore:
         if not isinstance(reply, list) or len(reply) != 2:
             self.metrics.error("lookup", "garbage")
             self.failed("MGET returned something else than two values")
-            raise StoreUnavailable("garbage from MGET")
+            raise StoreGarbage("garbage from MGET")
         token, entry = _as_bytes(reply[0]), _as_bytes(reply[1])
         if token is None or len(token) != TOKEN_BYTES:
             # Missing (never created, expired, evicted, Redis restarted) or foreign.
@@ -215,23 +272,12 @@ class RedisStore:
         await self._run("store", lambda: self.client.set(key, value, px=int(ttl_s * 1000)))
 
     async def invalidate(self, targets: WriteTargets) -> bool:
-        """Replace the tokens of what a write changed. False: Redis could not be told;
-        the targets stay pending (retried before the circuit closes again)."""
+        """Replace the tokens of what a write changed, whatever the lookup circuit's
+        state. False: Redis could not be told within ``invalidate_timeout_ms``; the
+        targets are pending (proxy.cache.pending)."""
         if not targets:
             return True
-        if self._open:
-            self._pending(targets)
-            return False
-        try:
-            count = await self._run("invalidate", lambda: self._bump(targets),
-                                    timeout_s=self.invalidate_timeout_s)
-        except StoreUnavailable:
-            self._pending(targets)
-            # Correctness is at stake: stop serving from Redis until it is fixed.
-            self._trip("an invalidation failed")
-            return False
-        self.metrics.invalidations.labels("ok").inc(count)
-        return True
+        return await self.invalidations.invalidate(targets)
 
     async def _bump(self, targets: WriteTargets) -> int:
         namespaces = set(targets.namespaces)
@@ -253,39 +299,79 @@ class RedisStore:
                 await pipe.execute()
         return len(namespaces) + len(targets.databases)
 
-    def _pending(self, targets: WriteTargets) -> None:
-        self._pending_namespaces.update(targets.namespaces)
-        self._pending_databases.update(targets.databases)
-        self.metrics.invalidations.labels("pending").inc(
-            len(targets.namespaces) + len(targets.databases))
-
     # -- the breaker ------------------------------------------------------------------
 
     async def _run(
         self, op: str, call: Callable[[], Awaitable[T]], *, bounded: bool = False,
-        timeout_s: float | None = None,
     ) -> T:
-        """``call()`` within ``timeout_s`` (default ``timeout_ms``; ``bounded``: it has
-        its own bound). Any exception of the call is a Redis failure: the cache must
-        never fail a request (redis-py raises AttributeError, for one, on a connection
-        that ``_drop_connections`` closed under a command in flight)."""
+        """``call()`` within the lookup budget (``bounded``: the call bounds itself, the
+        lane). A timeout is a bypass, not a failure (see :meth:`_silent`); any other
+        exception of the call is a Redis failure: the cache must never fail a request
+        (redis-py raises AttributeError, for one, on a connection closed under a
+        command in flight)."""
         if self._open:
-            raise StoreUnavailable("circuit open")
-        started = time.perf_counter()
+            raise CircuitOpen("circuit open")
+        started = time.monotonic()
         try:
-            async with (_UNSCOPED if bounded
-                        else PolledTimeout(timeout_s if timeout_s is not None
-                                           else self.timeout_s)):
+            async with _UNSCOPED if bounded else PolledTimeout(self.budget.value):
                 result = await call()
+        except (TimeoutError, RedisTimeoutError) as exc:
+            self.metrics.error(op, "timeout")
+            self._silent(started, time.monotonic())
+            raise StoreTimeout(str(exc) or "no reply within the lookup budget") from None
         except Exception as exc:  # any failure, see the docstring
             self.metrics.error(op, _kind(exc))
             self.failed(f"{op}: {type(exc).__name__}: {exc}")
             raise StoreUnavailable(str(exc)) from None
-        self.metrics.observe_latency(op, time.perf_counter() - started)
+        now = time.monotonic()
+        self.metrics.observe_latency(op, now - started)
+        if not bounded:  # the lane feeds the budget itself, with every reply
+            self.budget.add(now - started)
+            if self._lane is None:
+                # With a lane, only its replies prove lookups can be answered: a lane
+                # connection gone silent must end in the stall rule (a new connection)
+                # even while other connections still get answers.
+                self.budget.answered_at = now
         self._failures = 0
         if self.state != "ok" and not self._open:
             self._set_state("ok")
         return result
+
+    def _silent(self, started: float, now: float) -> None:
+        """A timed-out operation: the circuit opens only when Redis has answered
+        nothing at all for ``stall_ms`` (a loaded host delays a healthy Redis; it does
+        not silence it). Replies that came after their lookup gave up count as answers.
+        The silence is then confirmed over ``CONFIRM_STEPS`` loop passes with a PING
+        in flight: a proxy that was off the CPU for a second read no socket meanwhile,
+        which does not make Redis silent (seen: a 1.1 s freeze of a proxy process on a
+        host at load 12 opened the circuit at once)."""
+        quiet = self._quiet_since
+        if quiet is None or self.budget.answered_at >= quiet:
+            self._quiet_since = started
+        elif now - quiet >= self.stall_s and self._confirming is None and not self._open:
+            self._confirming = asyncio.get_running_loop().create_task(
+                self._confirm_silence(quiet), name="redis silence")
+
+    async def _confirm_silence(self, quiet: float) -> None:
+        ping = asyncio.ensure_future(self._ping_for_answer())
+        try:
+            for _ in range(CONFIRM_STEPS):  # loop passes, each one polls the sockets
+                await asyncio.sleep(CONFIRM_STEP_S)
+                if self.budget.answered_at >= quiet:
+                    return
+            self._trip(f"no reply from Redis for {(time.monotonic() - quiet) * 1000:.0f} ms "
+                       f"(breaker.stall_ms {self.stall_s * 1000:g})")
+        finally:
+            ping.cancel()
+            self._confirming = None
+
+    async def _ping_for_answer(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._lane is not None:
+                await self._lane.ping()
+            else:
+                await self.client.ping()
+                self.budget.answered_at = time.monotonic()
 
     def failed(self, why: str) -> None:
         """Count a failure (also for garbage returned by Redis)."""
@@ -308,24 +394,26 @@ class RedisStore:
         await self._drop_connections()
         while True:
             await asyncio.sleep(interval)
-            if await self._ping() and await self._flush_pending():
+            if await self._ping():
                 break
         self._failures = 0
+        self._quiet_since = None
         self._open = False
         self._set_state("ok")
         log.warning("result cache: Redis reachable again, circuit closed")
         self.metrics.circuit(False)
 
     async def _drop_connections(self) -> None:
-        """Close every connection to Redis: after the failure that opened the circuit
-        they are suspect (a restarted Redis leaves the old ones dead), and the client's
-        pool would hand them out again once the circuit closes. New ones are opened on
-        first use. (A Redis Cluster client manages its nodes' connections itself.)"""
+        """Close the lookup lane and the client's idle connections: after the failure
+        that opened the circuit they are suspect (a restarted Redis leaves the old ones
+        dead). Connections in use are left alone: an invalidation may be running on one
+        (it has its own budget and retries). New ones are opened on first use. (A Redis
+        Cluster client manages its nodes' connections itself.)"""
         if self._lane is not None:
             self._lane.close()
         if isinstance(self.client, Redis):
             with contextlib.suppress(RedisError, OSError):
-                await self.client.connection_pool.disconnect()
+                await self.client.connection_pool.disconnect(inuse_connections=False)
 
     async def _ping(self) -> bool:
         started = time.perf_counter()
@@ -337,23 +425,6 @@ class RedisStore:
             self.metrics.error("probe", _kind(exc))
             return False
         self.metrics.observe_latency("probe", time.perf_counter() - started)
-        return True
-
-    async def _flush_pending(self) -> bool:
-        if not (self._pending_namespaces or self._pending_databases):
-            return True
-        targets = WriteTargets(tuple(sorted(self._pending_namespaces)),
-                               tuple(sorted(self._pending_databases)))
-        try:
-            async with asyncio.timeout(max(self.timeout_s,
-                                           self.config.connect_timeout_ms / 1000)):
-                count = await self._bump(targets)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.metrics.error("invalidate", _kind(exc))
-            return False
-        self._pending_namespaces.difference_update(targets.namespaces)
-        self._pending_databases.difference_update(targets.databases)
-        self.metrics.invalidations.labels("ok").inc(count)
         return True
 
     def _set_state(self, state: State) -> None:

@@ -15,6 +15,7 @@ import bson
 from proxy.cache.config import CacheConfig
 from proxy.cache.eligibility import read_bypass, written_namespaces
 from proxy.classify import Classification
+from proxy.identity.preauth import preauth_decision, refusal
 from proxy.route.rules import RouteDecision, rule_label
 from proxy.tenancy import TenancyConfig, TenantPolicy
 from proxy.tenancy.gate import admit
@@ -48,12 +49,21 @@ def tenancy_outcome(
             known = ", ".join(u.username for u in tenancy.users) or "none configured"
             raise ValueError(f"--user {user!r} is not a configured proxy user ({known})")
         bound = found.tenant
+    name = next(iter(command))
+    # Before login the proxy answers or refuses every command itself, whatever the mode.
+    before_login = preauth_decision(name, users_configured=bool(tenancy.users),
+                                    authenticated=user is not None)
+    if before_login == "local":
+        return TenancyOutcome("answered by the proxy before login (not forwarded)",
+                              command, True)
+    if before_login == "refuse":
+        return TenancyOutcome(
+            f"refused unauthenticated: code 13 Unauthorized: {refusal(name)}", command, True)
     if tenancy.mode == "off":
         return TenancyOutcome("off (tenancy.mode: off): not checked", command)
-    name = next(iter(command))
     admission = admit(
         TenantPolicy(tenancy), name, command, bson.encode(command), (),
-        users_configured=bool(tenancy.users), bound_tenant=bound,
+        bound_tenant=bound,
         cursor_tenant=lambda _cursor: (False, None),
     )
     who = f"as {user!r} (tenant {bound!r})" if user is not None else "unauthenticated"

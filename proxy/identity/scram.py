@@ -332,12 +332,28 @@ class ClientAuthSession:
         #: Why the last attempt failed, for the proxy's log (never sent to the client).
         self.last_failure: str | None = None
         self._conversation: ScramServerConversation | None = None
+        # The conversation of the latest attempt (for the throttle's user key).
+        self._attempt: ScramServerConversation | None = None
         self._next_id = 1
         self._s_nonce = s_nonce
 
     @property
     def in_progress(self) -> bool:
         return self._conversation is not None
+
+    @property
+    def pending_user(self) -> str | None:
+        """The user name of the conversation in progress (None if none, or not yet)."""
+        return None if self._conversation is None else self._conversation.username
+
+    @property
+    def failed_user(self) -> str | None:
+        """The user name the latest attempt tried, if it got that far."""
+        return None if self._attempt is None else self._attempt.username
+
+    def abandon(self) -> None:
+        """Drop the conversation in progress (a locked-out attempt)."""
+        self._conversation = None
 
     def supported_mechs(self, hello: Mapping[str, Any]) -> list[str] | None:
         return self.authenticator.supported_mechs(hello)
@@ -394,6 +410,7 @@ class ClientAuthSession:
             s_nonce=self._s_nonce,
         )
         self._next_id += 1
+        self._attempt = conversation
         try:
             server_first = conversation.server_first(payload)
         except ScramFailure as exc:
@@ -419,6 +436,7 @@ class ClientAuthSession:
                 "abandoned",
                 PROTOCOL_ERROR,
             )
+        self._attempt = conversation
         payload = _payload(command)
         try:
             server_payload, done = conversation.step(payload)

@@ -143,6 +143,8 @@ class QueryDigest:
         example: dict[str, Any] = {"shape": shape}
         example.update(zip(_LAST_FIELDS, row.last, strict=True))
         example["duration_ms"] = round(example["duration_ms"], 3)
+        if not self.log_values:  # who ran it is a value too
+            del example["tenant"], example["user"]
         if self.log_values and row.example is not None:
             from bson import json_util  # only with log_values
 

@@ -111,6 +111,14 @@ _PLACEHOLDERS: dict[type, str] = {
     DBRef: "?dbref",
 }
 
+def _flag_sets(flags: str) -> list[str]:
+    """Every non-empty subset of the regex flags, as strings."""
+    subsets = [""]
+    for flag in flags:
+        subsets += [s + flag for s in subsets]
+    return subsets[1:]
+
+
 # Operators whose argument is a list collapsed to its element types.
 _LIST_OPS = frozenset({"$in", "$nin", "$all"})
 # Operators whose argument is a list of filters.
@@ -123,6 +131,16 @@ _NAMING_STAGES = frozenset({
     "$sortByCount", "$collStats", "$indexStats", "$planCacheStats", "$currentOp",
 })
 _JSON_SCALARS = (str, int, float, bool, type(None))
+# Strings kept by _keep: $type aliases, $meta keywords, regex $options made of flags.
+_KEPT_WORDS = frozenset({
+    "double", "string", "object", "array", "binData", "undefined", "objectId", "bool",
+    "date", "null", "regex", "dbPointer", "javascript", "symbol", "javascriptWithScope",
+    "int", "timestamp", "long", "decimal", "minKey", "maxKey", "number",
+    "textScore", "indexKey", "searchScore", "searchHighlights", "searchScoreDetails",
+    "searchSequenceToken", "vectorSearchScore", "randVal", "recordId", "sortKey",
+    "geoNearDistance", "geoNearPoint",
+    *("".join(sorted(flags)) for flags in _flag_sets("imxsu")),
+})
 # Documents are checked with isinstance(x, dict), not the Mapping ABC: bson decodes every
 # document as a dict (SON is one too), and an ABC check costs ~0.4 µs per value, which
 # was a fifth of the shape's cost. Any other mapping is a literal "?object".
@@ -163,12 +181,25 @@ def placeholder(value: Any) -> str:
 
 
 def _keep(value: Any) -> Any:
-    """A structural value kept as written when it is a JSON scalar, else its type."""
+    """A structural value kept as written: numbers, booleans, null, and the strings
+    that are names of types or ``$meta`` keywords; any other value (a string is
+    customer data as often as not: ``{$exists: "secret"}``) becomes its type."""
+    if type(value) is str:  # exactly: bson's Code is a str subclass, and unhashable
+        return value if value in _KEPT_WORDS else "?str"
+    if isinstance(value, str):
+        return placeholder(value)
     if isinstance(value, _JSON_SCALARS):
         return value
     if isinstance(value, dict):
         return {str(k): _keep(v) for k, v in value.items()}
+    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+        return [_keep(v) for v in value]  # $type: ["string", "null"]
     return placeholder(value)
+
+
+def _keep_name(value: Any) -> Any:
+    """A ``hint``: an index name (a name, not data) or a key pattern."""
+    return value if isinstance(value, str) else _keep(value)
 
 
 def _text(value: Any) -> str:
@@ -326,7 +357,7 @@ def query_shape(
         if "sort" in command:
             shape["sort"] = _keep(command["sort"])
         if "hint" in command:
-            shape["hint"] = _keep(command["hint"])
+            shape["hint"] = _keep_name(command["hint"])
         if "limit" in command:
             shape["limit"] = True
         if "skip" in command:
@@ -334,7 +365,7 @@ def query_shape(
     elif name == "aggregate":
         shape["pipeline"] = _pipeline(command.get("pipeline", []))
         if "hint" in command:
-            shape["hint"] = _keep(command["hint"])
+            shape["hint"] = _keep_name(command["hint"])
     elif name == "update":
         shape["updates"] = _sorted_unique(
             {
@@ -367,7 +398,7 @@ def query_shape(
         if "skip" in command:
             shape["skip"] = True
     elif name == "distinct":
-        shape["key"] = _keep(command.get("key"))
+        shape["key"] = _keep_name(command.get("key"))
         if "query" in command:
             shape["query"] = _filter(command["query"])
     return shape

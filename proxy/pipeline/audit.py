@@ -7,6 +7,7 @@ import json
 import logging
 
 from proxy.observe.metrics import Metrics
+from proxy.observe.redact import redact_reason
 from proxy.pipeline.session import Session
 from proxy.tenancy.gate import Admission
 
@@ -16,12 +17,14 @@ log = logging.getLogger("mongoproxy.connection")
 
 
 def tenancy_event(metrics: Metrics, session: Session, name: str,
-                  collection: str | None, admission: Admission) -> None:
-    """One structured log line and one metric per refusal or audit violation."""
+                  collection: str | None, admission: Admission, log_values: bool) -> None:
+    """One structured log line and one metric per refusal or audit violation; the
+    reason's values (the offending tenant, say) only with ``log_values``."""
     mode = "audit" if admission.refused is None else "enforce"
     reason = admission.refused or admission.violation or ""
     log.warning("tenancy %s: %s", "violation" if mode == "audit" else "rejection",
-                _line(session, name, admission, reason))
+                _line(session, name, admission,
+                      reason if log_values else redact_reason(reason)))
     metrics.tenancy_violation(collection or "", _reason_label(reason), mode=mode,
                               tenant=session.tenant)
 

@@ -1,9 +1,11 @@
 """The request pipeline: one message in, one :class:`Reply` out; no sockets.
 
-``Pipeline.handle_message`` unwraps compression, dispatches on the opcode and parses the
-:class:`~proxy.request.Request` once; ``Pipeline.handle`` runs the stages on it, each a
-value in and a value out: the handshake and authentication the proxy answers itself,
-tenancy admission (``proxy.tenancy.gate.admit``), classification
+``Pipeline.handle_message`` unwraps compression (negotiated compressors only, bounded,
+large messages off the loop: ``proxy.pipeline.inflate``), dispatches on the opcode and
+parses the :class:`~proxy.request.Request` once; ``Pipeline.handle`` runs the stages on
+it, each a value in and a value out: the handshake and authentication (throttled:
+``proxy.identity.throttle``) the proxy answers itself, what a connection may do before
+login (``proxy.identity.preauth``), tenancy admission (``proxy.tenancy.gate.admit``), classification
 (``proxy.classify.classify``), the routing decision (``proxy.route.rules.decide``),
 the rewrite (``proxy.pipeline.rewrite``), the cache's part and the upstream exchange
 (``proxy.cache.upstream.CachedUpstream`` around ``proxy.upstream.roundtrip.Roundtrip``).
@@ -39,11 +41,14 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.identity.handshake import hello_reply, read_client_hello
+from proxy.identity.preauth import message_limit, preauth_decision, preauth_reply, refusal
 from proxy.identity.scram import ClientAuthenticator
+from proxy.identity.throttle import AuthThrottle, authenticate
 from proxy.observe.hub import Observer
 from proxy.observe.record import Timer
 from proxy.observe.shape import describe
 from proxy.pipeline.audit import superuser_event, tenancy_event
+from proxy.pipeline.inflate import inflate
 from proxy.pipeline.reply import NO_PARTS, Reply, error_message, message_for, query_failure
 from proxy.pipeline.rewrite import forwarded_message, with_injected, with_route
 from proxy.pipeline.session import Session
@@ -59,7 +64,6 @@ from proxy.wire import (
     OpMsg,
     WireError,
     compress,
-    decompress,
     encode_op_reply,
     parse_header,
     parse_op_msg,
@@ -99,14 +103,17 @@ class Pipeline:
         cached: CachedUpstream | None,
         policy: TenantPolicy,
         authenticator: ClientAuthenticator,
+        throttle: AuthThrottle,
         observer: Observer,
     ) -> None:
         self.roundtrip = roundtrip
         self.cached = cached
         self.policy = policy
         self.authenticator = authenticator
+        self.throttle = throttle
         self.observer = observer
-        self._users_configured = len(authenticator) > 0
+        # With users configured, a connection must log in before anything else.
+        self.users_configured = len(authenticator) > 0
         self._cursor_tenant = roundtrip.cursors.tenant_of  # bound once, not per request
         # listen.workers > 1: learns the cursors another worker opened (worker_siblings).
         self.siblings: CursorLookup | None = None
@@ -127,8 +134,11 @@ class Pipeline:
         try:
             compressor: str | None = None
             if op_code == OpCode.OP_COMPRESSED:
-                message, compressor = decompress(
-                    message, snapshot.listen.max_message_size_bytes)
+                listen = snapshot.listen
+                message, compressor = await inflate(message, message_limit(
+                    listen.max_message_size_bytes, listen.max_preauth_message_bytes,
+                    before_login=self.users_configured and session.identity is None,
+                ), session.compressors)
                 op_code = parse_header(message).op_code
             if op_code == OpCode.OP_MSG:
                 msg = parse_op_msg(message)
@@ -192,17 +202,19 @@ class Pipeline:
             return Reply((message_for(request.request_id,
                                       self._hello(name, command, session, snapshot)),))
         if name in AUTH_COMMANDS:
-            return self._authenticate(request, session, timer)
+            return await self._authenticate(request, session, timer)
+        if session.identity is None and self.users_configured:
+            return self._before_login(request, session, timer)
         if self.siblings is not None and request.cursor_ids:
             await self.siblings.resolve(request.cursor_ids)  # before tenancy reads them
         admission = admit(
             self.policy, name, command, request.msg.body, request.sequences,
-            users_configured=self._users_configured,
             bound_tenant=session.tenant,
             cursor_tenant=self._cursor_tenant,
         )
         if admission.refused is not None or admission.violation is not None:
-            tenancy_event(self.observer.metrics, session, name, request.collection, admission)
+            tenancy_event(self.observer.metrics, session, name, request.collection, admission,
+                          snapshot.observability.log_values)
         elif admission.superuser and name not in SAFE_DATABASE_COMMANDS:
             superuser_event(session, name, admission)
         if admission.refused is not None:
@@ -244,10 +256,12 @@ class Pipeline:
         timer = reply.timer
         try:
             if access is None:
-                done = await self.roundtrip.exchange(request, message, decision, timer)
+                done = await self.roundtrip.exchange(request, message, decision, timer,
+                                                     session.connection_id)
             else:
                 assert self.cached is not None
-                done = await self.cached.forward(request, message, decision, access, timer)
+                done = await self.cached.forward(request, message, decision, access, timer,
+                                                 session.connection_id)
         except ProxyError as exc:
             if access is not None:
                 access.abandon()
@@ -304,15 +318,32 @@ class Pipeline:
         reply.reply_bytes = len(data)
         return reply
 
-    def _authenticate(self, request: Request, session: Session, timer: Timer) -> Reply:
+    def _before_login(self, request: Request, session: Session, timer: Timer) -> Reply:
+        """Users are configured and the connection has not logged in: an allowlisted
+        command is answered here, anything else refused; nothing is forwarded."""
         name = request.raw_name
-        document, user = session.auth.handle(request.command)
+        session.login_requested = True  # the login timeout runs from here
+        if preauth_decision(name, users_configured=True, authenticated=False) == "local":
+            document = preauth_reply(name, self.roundtrip.limits().max_wire_version)
+            return Reply((message_for(request.request_id, document),))
+        error = ProxyError(UNAUTHORIZED, refusal(name))
+        data = error_message(request.request_id, error)
+        # Recorded by name only: an unauthenticated client's values are not kept.
+        reply = Reply((data,), timer, name, {name: 1}, request)
+        reply.error_code = error.code
+        reply.reply_bytes = len(data)
+        return reply
+
+    async def _authenticate(self, request: Request, session: Session, timer: Timer
+                            ) -> Reply:
+        name = request.raw_name
+        session.login_requested = True
+        # Throttled per peer and user; each failure logged with the peer's address.
+        document, user = await authenticate(session.auth, self.throttle, session.peer,
+                                            request.command)
         if user is not None:
             session.identity = user
             session.set_context()
-        elif not document.get("ok"):
-            log.info("client %d: %s failed: %s", session.connection_id, name,
-                     session.auth.last_failure)
         # The payload carries the client's proof: never logged, even with log_values.
         reply = Reply((message_for(request.request_id, document),), timer, name,
                       {name: 1, "$db": request.db})

@@ -18,7 +18,8 @@ class Session:
     """One client connection's identity, handshake facts and authentication state."""
 
     __slots__ = ("app_name", "auth", "compressors", "connected_at", "connection_id",
-                 "context", "identity", "in_flight", "in_flight_since", "interrupted", "peer")
+                 "context", "identity", "in_flight", "in_flight_since", "interrupted",
+                 "login_requested", "peer")
 
     def __init__(self, connection_id: int, peer: object, auth: ClientAuthSession) -> None:
         self.connection_id = connection_id
@@ -27,6 +28,9 @@ class Session:
         self.app_name: str | None = None
         self.context: ClientContext = NO_CONTEXT
         self.identity: AuthenticatedUser | None = None
+        # The connection sent something that needs a login (users configured): the
+        # server's login timeout runs from then (proxy.server.session_limits).
+        self.login_requested = False
         self.compressors: list[str] = []
         # The reply owed to a request whose handling was cancelled (shutdown): the
         # session loop sends it before it stops.

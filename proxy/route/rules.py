@@ -1,74 +1,11 @@
 """Command-class routing: named classes, ordered rules, and the pure routing decision.
 
-Configuration (mounted as ``Config.routing``)::
-
-    routing:
-      default: {read_preference: primary}
-      classes:
-        dashboard: {read_preference: secondaryPreferred, max_staleness_s: 90}
-        report:    {read_preference: secondary, tags: [{use: analytics}], max_time_ms: 60000}
-        blocked:   {deny: "exports are disabled during business hours"}
-      rules:
-        - {match: {command: aggregate, collection: "projects|portfolios",
-                   has_stage: "$group"}, class: dashboard}
-        - {match: {app_name: "billing-export"}, class: report}
-
-**Order.** Rules are tried in order; the first whose ``match`` fits the command decides
-its class; a command no rule matches gets ``default``. Every key given in a ``match``
-must fit (AND); an empty ``match`` fits everything. A key a rule gives never fits a
-value the command does not have (``collection: "*"`` does not match ``listCollections``,
-``app_name: "*"`` does not match a client that sent no appName).
-
-**Name syntax** (``command``, ``database``, ``collection``, ``has_stage``, ``app_name``,
-``user``, ``tenant``), case-sensitive like MongoDB names:
-
-* ``users`` — exactly that name;
-* ``users|accounts`` — any of the ``|``-separated alternatives;
-* each alternative may be a shell glob: ``*`` any run of characters, ``?`` one
-  character, ``[abc]`` one of a set (``reports_*``, ``tenant_??``);
-* ``/regex/`` — the whole value between slashes is a Python regular expression,
-  searched unanchored as MongoDB's ``$regex`` is (write ``/^audit_\\d+$/`` to anchor);
-  ``|`` inside it is regex alternation. Use a regex to match ``*``, ``?``, ``[`` or ``|``
-  literally;
-* a YAML list of any of these (``command: [find, count]``) fits when one item fits.
-
-Quote patterns in YAML when they start with ``*``, ``[`` or ``|`` (YAML syntax).
-``has_stage`` fits when any top-level stage of an aggregate pipeline fits.
-``text_search: true|false`` compares with the classification's ``text_search``.
-``comment`` is either a string, equal to the command's string comment, or a document
-whose every key must be present with an equal value in the command's document comment
-(``{class: report}`` fits ``comment: {class: "report", by: "ana"}``).
-
-**Classes.**
-
-* ``read_preference`` (``primary``, ``primaryPreferred``, ``secondary``,
-  ``secondaryPreferred``, ``nearest``), ``tags`` (a list of tag sets, tried in order) and
-  ``max_staleness_s`` (at least 90, MongoDB's minimum; refused at load otherwise)
-  build the class's pymongo read preference.
-* ``client_read_preference``: ``override`` (the class's read preference is used whatever
-  the driver sent) or ``honor`` (the driver's ``$readPreference`` is used when it sent
-  one; the class's otherwise). Default: ``override`` when the class names a
-  ``read_preference``, ``honor`` when it does not. ``override`` needs a
-  ``read_preference``. The built-in default class is ``{}``: honour the driver, primary
-  when it sent nothing (the proxy's behaviour without routing rules).
-* ``max_time_ms`` caps and injects ``maxTimeMS``: when the command has no ``maxTimeMS``,
-  ``maxTimeMS: 0`` (no limit) or one larger than the cap, the decision says to set it to
-  the cap; a smaller one is left alone. Not applied to cursor continuations
-  (``getMore``'s ``maxTimeMS`` means something else).
-* ``deny``: the command is refused with the message as an error reply, code 13
-  ``Unauthorized`` (what a server answers for a command the client may not run:
-  not retryable, and drivers pass the message through). A deny class takes no other
-  option. Connection housekeeping is never refused (``NEVER_DENIED``: handshake,
-  authentication, ``ping``, ``endSessions``, ``commitTransaction``/``abortTransaction``,
-  and cursor continuations), so a denied client still connects and sees the message.
-
-**Writes** always go to the primary whatever the class says; ``deny`` and ``max_time_ms``
-do apply to them. A rule whose ``command`` lists only write commands (exact names) and
-sends them to a class reading from anything but the primary is a config error.
-Transaction statements (``autocommit: false``) are matched by rules too (class, deny,
-max_time_ms) but their server is pinned by the caller: the decision says
-``pinned="transaction"`` with a primary read preference for the first statement.
-Cursor continuations skip the rules: ``pinned="cursor"``, class ``(cursor)``.
+Rules are tried in order; the first whose ``match`` fits (every key given must fit; a
+key never fits a value the command does not have) names the class, else ``default``.
+Writes always go to the primary (``deny`` and ``max_time_ms`` still apply); transaction
+statements are pinned by the caller (``pinned="transaction"``); cursor continuations
+skip the rules (``pinned="cursor"``). The user-facing reference, with the name-pattern
+syntax and every class option, is docs/routing.md and config/routing.yaml.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 This is the only place that touches client sockets (through
 :class:`~proxy.server.stream.ClientStream`). Messages on one connection are handled in
 order (drivers never pipeline requests on a connection), so a slow reply for one client
-never delays another.
+never delays another. Each connection has its limits (message size, idle, login and
+write timeouts, the pre-login message rate: :class:`~proxy.server.session_limits.SessionLimits`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from proxy.config import Config
 from proxy.errors import SHUTDOWN_IN_PROGRESS, ProxyError
 from proxy.pipeline import Pipeline, Reply
 from proxy.pipeline.reply import error_message
-from proxy.server.stream import ClientStream, StalledMessageError
+from proxy.server.session_limits import SessionLimits
+from proxy.server.stream import ClientStream, IdleTimeoutError, StalledMessageError
 from proxy.wire import WireError, parse_header
 
 __all__ = ["ClientSession", "Live"]
@@ -34,7 +36,7 @@ class Live(Protocol):
 class ClientSession:
     """Serves one client socket until it closes or the proxy shuts down."""
 
-    __slots__ = ("busy", "live", "pipeline", "session", "stream")
+    __slots__ = ("busy", "limits", "live", "pipeline", "session", "stream")
 
     def __init__(self, live: Live, pipeline: Pipeline, stream: ClientStream,
                  connection_id: int) -> None:
@@ -42,6 +44,7 @@ class ClientSession:
         self.pipeline = pipeline
         self.stream = stream
         self.session = pipeline.session(connection_id, stream.peer)
+        self.limits = SessionLimits(live.config.listen, pipeline.users_configured)
         # True while a request is being handled: shutdown waits for these.
         self.busy = False
 
@@ -54,7 +57,7 @@ class ClientSession:
         try:
             while True:
                 config = live.config  # one snapshot per request
-                received = await self._read_message(config)
+                received = await self._read_message()
                 if received is None:
                     return
                 message, started_ns = received
@@ -83,8 +86,10 @@ class ClientSession:
                     raise
                 finally:
                     self.busy = False
-                if stream.paused:
-                    await stream.drain()
+                if stream.paused and not await stream.drain(self.limits.write_timeout_s):
+                    log.info("closing client %s: %s", session.peer,
+                             self.limits.write_timeout_text)
+                    return
         except ConnectionError:
             pass  # the client went away; nothing to answer
         except WireError as exc:
@@ -105,16 +110,24 @@ class ClientSession:
         """Close the client socket (an idle connection at shutdown)."""
         self.stream.close()
 
-    async def _read_message(self, config: Config) -> tuple[bytes, int] | None:
+    async def _read_message(self) -> tuple[bytes, int] | None:
         """The next whole message and when its first byte arrived (perf_counter ns), or
         None once the client closed its end."""
-        listen = config.listen
+        limits, session = self.limits, self.session
+        identity = session.identity
+        if session.login_requested:
+            limits.login_started()
         try:
-            return await self.stream.next_message(
-                listen.max_message_size_bytes, listen.read_timeout_ms / 1000)
+            received = await self.stream.next_message(
+                limits.max_size(identity), limits.read_timeout_s, limits.wait_s(identity))
+            if limits.paced(identity):
+                await limits.pace()
+            return received
+        except IdleTimeoutError as exc:
+            raise limits.timed_out(identity, exc) from None
         except StalledMessageError:
             raise
         except WireError as exc:  # a header that cannot be framed: say why, then close
             self.stream.write(error_message(exc.request_id or 0, exc))
-            await self.stream.drain()
+            await self.stream.drain(limits.write_timeout_s)
             raise

@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import cast
 
+from proxy.server.limits import MemoryBudget
 from proxy.wire import HEADER_SIZE, MAX_MESSAGE_SIZE, WireError, declared_length, parse_header
 
-__all__ = ["ClientStream", "StalledMessageError"]
+__all__ = ["ClientStream", "IdleTimeoutError", "StalledMessageError"]
 
 # Bytes a client may have sent beyond the message being read before the proxy stops
 # reading its socket (the kernel's buffers then push back on the client): a client that
@@ -28,11 +29,23 @@ class StalledMessageError(WireError):
     reply (the client is not reading or writing as it should)."""
 
 
+class IdleTimeoutError(WireError):
+    """The client sent nothing for the idle timeout: the connection is closed."""
+
+
 class ClientStream(asyncio.Protocol):
     """Buffers one client's bytes; ``next_message`` returns them message by message."""
 
-    def __init__(self, on_connect: Callable[[ClientStream], None]) -> None:
+    def __init__(
+        self, on_connect: Callable[[ClientStream], None], budget: MemoryBudget | None = None
+    ) -> None:
         self._on_connect = on_connect
+        # Bytes reserved in the budget: the message being received (its declared
+        # length) and the unsent replies while the client is not reading.
+        self._budget = budget
+        self._reserved = 0
+        self._out_reserved = 0
+        self._budget_wait = False
         self.transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         # perf_counter_ns when the first byte of the buffered message arrived.
@@ -62,10 +75,13 @@ class ClientStream(asyncio.Protocol):
         # large message in between just accumulate.
         if first:
             self._wake()
-        elif len(buffer) >= HEADER_SIZE:
+        if len(buffer) >= HEADER_SIZE:
             length = declared_length(buffer)
             if len(buffer) >= length or not HEADER_SIZE <= length <= self._max_size:
-                self._wake()
+                if not first:
+                    self._wake()
+            elif not (self._reserved or self._budget_wait) and self._budget is not None:
+                self._reserve(length)  # a message arriving in pieces is charged
             if len(buffer) - max(length, 0) > READ_HIGH_WATER and not self._reading_paused:
                 assert self.transport is not None
                 self.transport.pause_reading()  # resumed when more bytes are needed
@@ -80,14 +96,21 @@ class ClientStream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._wake()
+        self._release_all()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
     def pause_writing(self) -> None:
         self.paused = True
+        if self._budget is not None and self.transport is not None:
+            self._out_reserved = self.transport.get_write_buffer_size()
+            self._budget.used += self._out_reserved  # charged, never refused: it is sent
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self._out_reserved and self._budget is not None:
+            self._budget.release(self._out_reserved)
+            self._out_reserved = 0
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -97,12 +120,15 @@ class ClientStream(asyncio.Protocol):
     def peer(self) -> object:
         return None if self.transport is None else self.transport.get_extra_info("peername")
 
-    async def next_message(self, max_size: int, timeout_s: float) -> tuple[bytes, int] | None:
+    async def next_message(
+        self, max_size: int, timeout_s: float, idle_timeout_s: float | None = None
+    ) -> tuple[bytes, int] | None:
         """The next whole message and when its first byte arrived (perf_counter ns), or
         None once the client has closed its end.
 
         Raises a fatal WireError for a header that cannot be framed (the caller answers
-        and closes) or for a message not complete within ``timeout_s`` of its first byte.
+        and closes), for a message not complete within ``timeout_s`` of its first byte,
+        or when no byte arrived within ``idle_timeout_s`` (None: wait forever).
         """
         self._max_size = max_size
         buffer = self._buffer
@@ -112,6 +138,8 @@ class ClientStream(asyncio.Protocol):
                 if length < HEADER_SIZE or length > max_size:
                     parse_header(buffer, max_size)  # raises the WireError that says why
                 if len(buffer) >= length:
+                    if self._reserved:
+                        self._release_message()
                     started_ns = self._started_ns
                     if len(buffer) == length:
                         message = bytes(buffer)
@@ -123,11 +151,14 @@ class ClientStream(asyncio.Protocol):
                     return message, started_ns
             if self._eof:
                 return None  # a clean end, or a client gone mid-message: nothing to answer
-            if self._reading_paused and self.transport is not None:
+            if self._reading_paused and not self._budget_wait and self.transport is not None:
                 self.transport.resume_reading()
                 self._reading_paused = False
             if not buffer:
-                await self._wait(None)  # an idle client may stay as long as it likes
+                if not await self._wait(idle_timeout_s):
+                    raise IdleTimeoutError(
+                        f"no message within the idle timeout of {idle_timeout_s:g} s",
+                        fatal=True)
                 continue
             # One deadline per message, from its first byte: trickling bytes (one every
             # few seconds) does not extend it.
@@ -171,15 +202,66 @@ class ClientStream(asyncio.Protocol):
         assert self.transport is not None
         self.transport.writelines(parts)
 
-    async def drain(self) -> None:
-        """Wait while the client is not reading what it was sent (flow control)."""
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait while the client is not reading what it was sent (flow control); False
+        when it still was not reading after ``timeout_s``."""
         if not self.paused or self.transport is None or self.transport.is_closing():
-            return
-        self._drain_waiter = asyncio.get_running_loop().create_future()
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._drain_waiter = loop.create_future()
+        timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, waiter)
         try:
-            await self._drain_waiter
+            await waiter
+        except TimeoutError:
+            return False
         finally:
             self._drain_waiter = None
+            if timer is not None:
+                timer.cancel()
+        return True
+
+    # -- the memory budget ------------------------------------------------------------------
+
+    def _reserve(self, length: int) -> None:
+        """Charge the message being received, or stop reading until it fits."""
+        assert self._budget is not None and self.transport is not None
+        if self._budget.try_reserve(length):
+            self._reserved = length
+            return
+        self._budget_wait = True
+        self.transport.pause_reading()
+        self._reading_paused = True
+        self._budget.wait(self._retry_reserve)
+
+    def _retry_reserve(self) -> bool:
+        assert self._budget is not None and self.transport is not None
+        if self._eof:
+            return True  # gone: stop waiting
+        length = declared_length(self._buffer)
+        if not self._budget.try_reserve(length):
+            return False
+        self._reserved = length
+        self._budget_wait = False
+        self.transport.resume_reading()
+        self._reading_paused = False
+        return True
+
+    def _release_message(self) -> None:
+        assert self._budget is not None
+        reserved, self._reserved = self._reserved, 0
+        self._budget.release(reserved)
+
+    def _release_all(self) -> None:
+        if self._budget is None:
+            return
+        if self._budget_wait:
+            self._budget.forget(self._retry_reserve)
+            self._budget_wait = False
+        if self._reserved:
+            self._release_message()
+        if self._out_reserved:
+            self._budget.release(self._out_reserved)
+            self._out_reserved = 0
 
     def close(self) -> None:
         if self.transport is not None:

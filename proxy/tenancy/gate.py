@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.tenancy.decode import DuplicateKeyError, decode_sequences, reuse_if_unique
-from proxy.tenancy.policy import SAFE_DATABASE_COMMANDS, TenantPolicy, Verdict
+from proxy.tenancy.policy import TenantPolicy, Verdict
 from proxy.wire import DocumentSequence
 
 # cursor id -> (known to the proxy, tenant that opened it)
@@ -46,17 +46,14 @@ def admit(
     body: bytes,
     raw_sequences: Sequence[DocumentSequence],
     *,
-    users_configured: bool,
     bound_tenant: str | None,
     cursor_tenant: CursorTenant,
 ) -> Admission:
     if policy.mode == "off":
         return _PASS
+    # Before login (users configured) nothing reaches here: the pipeline answers or
+    # refuses every command first (proxy.identity.preauth), whatever the mode.
     audit = policy.mode == "audit"
-    if users_configured and bound_tenant is None and name not in SAFE_DATABASE_COMMANDS:
-        return _refuse_or_audit(
-            audit, f"command {name} requires authentication: this proxy binds every "
-            "connection to a tenant through its users", None)
     superuser = bound_tenant == "*"
     try:
         command = reuse_if_unique(decoded, body)

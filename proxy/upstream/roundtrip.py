@@ -4,10 +4,12 @@ are routed by.
 
 Requests from clients (:meth:`Roundtrip.exchange`) and the proxy's own commands (the
 ``killCursors`` of a departed client's cursors, :meth:`Roundtrip.release_cursors`) take
-the same path, so a failure is handled the same way whoever caused it: the server is
-marked failed (SDAM would mark it Unknown) and, on a network error, its pool cleared.
-Those two reactions are :meth:`Roundtrip._server_failed`, the one place an outlier
-policy hooks in.
+the same path, so a failure is handled the same way whoever caused it, in
+:meth:`Roundtrip._server_failed`: a refused connect marks the server failed (SDAM would
+mark it Unknown) and clears its pool at once; a dropped or timed-out exchange goes to
+the outlier detector (``proxy.pool.outlier``), which does the same only once other
+clients' failures or a health probe confirm it (one client's command can make a
+server drop the connection it arrived on; that must not evict the server for everyone).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from proxy.errors import (
 )
 from proxy.identity.handshake import UpstreamLimits
 from proxy.pool.connection import UpstreamConnection, UpstreamProtocolError, next_request_id
+from proxy.pool.outlier import OutlierDetector
 from proxy.pool.pool import ConnectFailed, UpstreamPool
 from proxy.pool.registry import Pools
 from proxy.request import Request
@@ -71,6 +74,8 @@ class Roundtrip:
         self.cursors = cursors
         self.router = Router(topology, cursors)
         self.timeout_ms = socket_timeout_ms
+        # Set by the wiring (proxy.server.guard); None: every failure marks the server.
+        self.outliers: OutlierDetector | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     # -- what other layers ask of the upstream --------------------------------------------
@@ -89,9 +94,10 @@ class Roundtrip:
     # -- one client request -----------------------------------------------------------------
 
     async def exchange(self, request: Request, message: bytes, decision: RouteDecision,
-                       timer: Any) -> Exchanged:
+                       timer: Any, client: int = 0) -> Exchanged:
         """Send ``message`` (the request as forwarded) to the server the decision points
         to and return its reply. Raises ProxyError for a failure the client is told of.
+        ``client``: the client connection's id (outlier detection counts them).
 
         Always reads a reply: the moreToCome flag was cleared before forwarding, because
         a pooled connection must never be left with an unread reply.
@@ -112,7 +118,8 @@ class Roundtrip:
                     await _acquire(slots, pool)
                 try:
                     conn, header, body = await self._on(pool, address, request.raw_name,
-                                                        message, request.request_id, timer)
+                                                        message, request.request_id, timer,
+                                                        client)
                 finally:
                     if slots is not None:
                         slots.release()
@@ -136,21 +143,24 @@ class Roundtrip:
             return done
 
     async def _on(self, pool: UpstreamPool, address: Address, name: str, message: bytes,
-                  request_id: int, timer: Any
+                  request_id: int, timer: Any, client: int
                   ) -> tuple[UpstreamConnection, bytes, bytes]:
         try:
             conn = await pool.checkout()
         except ConnectFailed:
-            # Between heartbeats, a refused connect is the first sign the server is down.
-            self._server_failed(address, pool, clear=True)
+            # Between heartbeats, a refused connect is the first sign the server is down
+            # (and no client's doing): marked at once.
+            self._server_failed(address, pool, clear=True, client=None)
             raise
         timer.mark("checkout_wait")
         reusable = False
         try:
             header, body = await conn.exchange(message, request_id, self.timeout_ms / 1000)
             reusable = True
+            if self.outliers is not None:
+                self.outliers.success(address)
         except TimeoutError:
-            self._server_failed(address, pool, clear=False)
+            self._server_failed(address, pool, clear=False, client=client)
             raise SentFailed(
                 NETWORK_TIMEOUT,
                 f"no reply from upstream {pool.label} to {name} within {self.timeout_ms} ms",
@@ -158,8 +168,8 @@ class Roundtrip:
             ) from None
         except (OSError, asyncio.IncompleteReadError, UpstreamProtocolError) as exc:
             # The server (or the path to it) failed: its other idle connections are
-            # suspect too, as SDAM clears a pool on a network error.
-            self._server_failed(address, pool, clear=True)
+            # suspect too, as SDAM clears a pool on a network error (once confirmed).
+            self._server_failed(address, pool, clear=True, client=client)
             raise SentFailed(
                 HOST_UNREACHABLE,
                 f"connection to upstream {pool.label} failed during {name}: {_describe(exc)}",
@@ -170,11 +180,24 @@ class Roundtrip:
         timer.mark("upstream")
         return conn, header, body
 
-    def _server_failed(self, address: Address, pool: UpstreamPool, *, clear: bool) -> None:
-        """A failure of ``address`` seen by an exchange (the outlier policy's input)."""
+    def _server_failed(self, address: Address, pool: UpstreamPool, *, clear: bool,
+                       client: int | None) -> None:
+        """A failure of ``address`` seen by an exchange on ``client``'s request (None: a
+        failure no client can cause). With outlier detection, the server is marked
+        failed and its pool cleared (:meth:`eject`) only once the detector confirms it;
+        the failed connection itself is discarded either way."""
+        outliers = self.outliers
+        if outliers is not None and client is not None:
+            outliers.failure(address, client)
+            return
         self.topology.mark_failed(address)
         if clear:
             pool.clear()
+
+    def eject(self, address: Address) -> None:
+        """The outlier detector's verdict: ``address`` is down (as SDAM's Unknown)."""
+        self.topology.mark_failed(address)
+        self.pools.get(address).clear()
 
     # -- cursors ------------------------------------------------------------------------------
 
@@ -232,7 +255,7 @@ class Roundtrip:
         request_id = next_request_id()
         message = encode_op_msg(request_id, 0, bson.encode({**command, "$db": database}))
         _, header, body = await self._on(pool, server, next(iter(command)), message,
-                                         request_id, _NO_TIMER)
+                                         request_id, _NO_TIMER, _PROXY_CLIENT)
         return decode_body(parse_op_msg(header + body))
 
     def runner(self, timeout_s: float) -> Callable[
@@ -254,6 +277,8 @@ class _NoTimer:
 
 
 _NO_TIMER = _NoTimer()
+# The "client" of the proxy's own commands for outlier detection (client ids start at 1).
+_PROXY_CLIENT = 0
 
 
 async def _acquire(slots: asyncio.Semaphore, pool: UpstreamPool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import snappy
 import zstandard
@@ -17,6 +17,7 @@ __all__ = [
     "COMPRESSOR_IDS",
     "SUPPORTED_COMPRESSORS",
     "compress",
+    "declared_size",
     "decompress",
     "negotiate",
 ]
@@ -97,14 +98,24 @@ def _decompress_payload(compressor: str, payload: bytes, size: int) -> bytes:
     return out_snappy
 
 
+def declared_size(message: bytes | bytearray | memoryview) -> int:
+    """The uncompressedSize an OP_COMPRESSED message declares (-1 if too short)."""
+    if len(message) < _MIN_COMPRESSED:
+        return -1
+    return int(_COMPRESSED_FIELDS.unpack_from(message, HEADER_SIZE)[1])
+
+
 def decompress(
-    message: bytes | bytearray | memoryview, max_size: int = MAX_MESSAGE_SIZE
+    message: bytes | bytearray | memoryview,
+    max_size: int = MAX_MESSAGE_SIZE,
+    negotiated: Collection[str] | None = None,
 ) -> tuple[bytes, str]:
     """Unwrap a complete OP_COMPRESSED message (header included).
 
     Returns the original message (with a rebuilt 16-byte header: same requestID and
     responseTo, originalOpcode, length 16 + uncompressedSize) and the compressor name.
-    Every failure is a non-fatal :class:`WireError` code 17.
+    With ``negotiated``, a compressor other than those (or ``noop``) is refused before
+    any work. Every failure is a non-fatal :class:`WireError` code 17.
     """
     data = as_bytes(message)
     header = check_message_header(data, "OP_COMPRESSED", OpCode.OP_COMPRESSED)
@@ -131,6 +142,13 @@ def decompress(
         raise WireError(
             f"OP_COMPRESSED compressorId at offset {HEADER_SIZE + 8}: unknown "
             f"compressor id {compressor_id}",
+            request_id=rid,
+        )
+    if negotiated is not None and compressor != "noop" and compressor not in negotiated:
+        raise WireError(
+            f"OP_COMPRESSED compressorId at offset {HEADER_SIZE + 8}: {compressor} was "
+            "not negotiated in this connection's hello (compression: "
+            f"{sorted(negotiated)})",
             request_id=rid,
         )
     payload = data[_MIN_COMPRESSED:]
