@@ -183,22 +183,29 @@ class Topology(ABC):
     def _adapt(self, selector: _ServerMode) -> _ServerMode:
         return selector
 
-    def select_now(self, selector: _ServerMode) -> Address | None:
-        """A server for ``selector`` if one is suitable now (no await: the common case)."""
+    def select_now(self, selector: _ServerMode,
+                   avoid: tuple[Address, float] | None = None) -> Address | None:
+        """A server for ``selector`` if one is suitable now (no await: the common case).
+        ``avoid``: (a server, a time.monotonic()): that server only once a check newer
+        than the time has seen it (a request's own failure there, not yet a verdict for
+        every request: see outlier detection)."""
         servers = self.candidates(selector)
+        if avoid is not None:
+            servers = _checked_since(servers, *avoid)
         if not servers:
             return None
         host, port = random.choice(servers).address
         return host, port or 27017
 
-    async def select(self, selector: _ServerMode, deadline: float | None = None) -> Address:
+    async def select(self, selector: _ServerMode, deadline: float | None = None,
+                     avoid: tuple[Address, float] | None = None) -> Address:
         """A server for ``selector``, waiting up to server_selection_timeout_ms (or until
-        the ``deadline``, a time.monotonic()) for one."""
+        the ``deadline``, a time.monotonic()) for one; ``avoid`` as in select_now."""
         timeout_ms = self.config.server_selection_timeout_ms
         if deadline is None:
             deadline = time.monotonic() + timeout_ms / 1000
         while True:
-            address = self.select_now(selector)
+            address = self.select_now(selector, avoid)
             if address is not None:
                 return address
             remaining = deadline - time.monotonic()
@@ -430,6 +437,13 @@ def make_topology(config: UpstreamConfig) -> Topology:
     if config.members:
         return DeclaredTopology(config)
     return DiscoveryTopology(config)
+
+
+def _checked_since(servers: list[ServerDescription], address: Address, since: float
+                   ) -> list[ServerDescription]:
+    return [sd for sd in servers
+            if (sd.address[0], sd.address[1] or 27017) != address
+            or sd.last_update_time > since]
 
 
 def _describe(selector: _ServerMode) -> str:

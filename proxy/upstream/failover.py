@@ -77,7 +77,7 @@ class Failover:
     """One request's way past failed exchanges: its selection deadline (set at the first
     failure) and whether its one retry after sending was used."""
 
-    __slots__ = ("deadline", "decision", "request", "retried", "topology")
+    __slots__ = ("avoid", "deadline", "decision", "request", "retried", "topology")
 
     def __init__(self, topology: Topology, request: Request, decision: RouteDecision) -> None:
         self.topology = topology
@@ -85,10 +85,13 @@ class Failover:
         self.decision = decision
         self.deadline = time.monotonic() + topology.config.server_selection_timeout_ms / 1000
         self.retried = False
+        # The server the sent attempt failed on, and when: the retry goes there only
+        # after a newer check has seen it healthy.
+        self.avoid: tuple[Address, float] | None = None
 
-    async def after_error(self, error: ProxyError) -> Address:
-        """The server to try next after ``error``; raises ``error`` when the client is
-        to have it (or 133 when no server became suitable before the deadline)."""
+    async def after_error(self, error: ProxyError, address: Address) -> Address:
+        """The server to try next after ``error`` on ``address``; raises ``error`` when
+        the client is to have it (or 133 when no server became suitable in time)."""
         if isinstance(error, ConnectFailed):
             # Nothing was sent. The server is marked failed (Roundtrip._server_failed):
             # selection now waits for a check newer than the failure. pymongo never
@@ -96,13 +99,18 @@ class Failover:
             if (self.decision.pinned is not None or self.topology.description()
                     .topology_type == TOPOLOGY_TYPE.LoadBalanced):
                 raise error
-            return await self.topology.select(self.decision.read_preference, self.deadline)
+            return await self.topology.select(self.decision.read_preference, self.deadline,
+                                              self.avoid)
         if (not isinstance(error, SentFailed) or error.timed_out or self.retried
                 or self._kind() == NO_RETRY):
             # A timeout is not retried: the request would outlive socket_timeout_ms.
             raise error
         self.retried = True
-        return await self.topology.select(self.decision.read_preference, self.deadline)
+        # Whether the server is down for everyone is outlier detection's verdict; this
+        # request waits for a check of it (or goes to another suitable server).
+        self.avoid = (address, time.monotonic())
+        return await self.topology.select(self.decision.read_preference, self.deadline,
+                                          self.avoid)
 
     async def after_not_primary(self) -> Address | None:
         """Where to retry a request a server answered "not primary" (it is marked

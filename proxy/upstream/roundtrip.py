@@ -126,7 +126,7 @@ class Roundtrip:
             except ProxyError as exc:
                 if failover is None:
                     failover = Failover(self.topology, request, decision)
-                address = await failover.after_error(exc)  # or raises exc
+                address = await failover.after_error(exc, address)  # or raises exc
                 continue
             done = Exchanged(address, conn, header, body)
             code = done.error_code = reply_error_code(body)
