@@ -19,6 +19,8 @@ Subcommands:
          (bench/attack.py)
   ab     the proxy at a git revision against this checkout, side by side: CPU and wall
          time per forwarded find and per cache hit (bench/ab.py)
+  failover  FerretDB SIGKILLed and restarted under load: client-visible errors, lost
+            and doubled writes, recovery; direct vs the proxy (bench/failover.py)
   workers  listen.workers 1 vs 2: throughput at saturation (cache hits, forwarded finds),
            cores per process, RSS with idle clients (bench/workers.py)
 """
@@ -34,6 +36,7 @@ from bench import (
     attack,
     cache,
     core,
+    failover,
     harness,
     observe_cost,
     pool,
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_parser(subparsers)
     attack.add_parser(subparsers)
     workers.add_parser(subparsers)
+    failover.add_parser(subparsers)
     return parser
 
 

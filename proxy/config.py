@@ -161,8 +161,9 @@ class UpstreamConfig(_Strict):
     pool: PoolConfig = PoolConfig()  # per upstream server
     # When a failed exchange marks its server down (docs/security.md).
     outlier: UpstreamHealthConfig = UpstreamHealthConfig()
-    # A request waits this long for a suitable server, then fails 133
-    # FailedToSatisfyReadPreference.
+    # A request waits this long for a suitable server (also when its server refused
+    # the connect: it waits for that server's return or another; docs/failover.md),
+    # then fails 133 FailedToSatisfyReadPreference.
     server_selection_timeout_ms: int = Field(default=10_000, gt=0)
     # Latency window among suitable servers, as in the drivers.
     local_threshold_ms: int = Field(default=15, ge=0)

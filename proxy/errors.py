@@ -62,18 +62,22 @@ def error_document(
     return doc
 
 
-def network_error_labels(command: Mapping[str, Any]) -> list[str]:
+def network_error_labels(command: Mapping[str, Any], retryable_writes: bool = False
+                         ) -> list[str]:
     """Labels mongos adds when the exchange with a shard failed at the network level.
 
-    A retryable write (txnNumber outside a transaction) is safe to retry because the
-    server deduplicates it; a transaction statement makes the whole transaction retryable.
-    Anything else gets no label: the write may or may not have been applied.
+    A retryable write (txnNumber outside a transaction) is safe to retry only because
+    the server deduplicates it by txnNumber: so the label is given only when the
+    upstream does (``retryable_writes``: a replica set or mongos; never a standalone
+    server nor FerretDB, where a retry could apply the write twice). A transaction
+    statement makes the whole transaction retryable. Anything else gets no label: the
+    write may or may not have been applied.
     """
     if "txnNumber" not in command:
         return []
     if command.get("autocommit") is False:
         return [TRANSIENT_TRANSACTION_ERROR]
-    return [RETRYABLE_WRITE_ERROR]
+    return [RETRYABLE_WRITE_ERROR] if retryable_writes else []
 
 
 def encode(doc: Mapping[str, Any]) -> bytes:

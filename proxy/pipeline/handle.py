@@ -269,7 +269,8 @@ class Pipeline:
             log.warning("%s from client %d failed: %s", reply.name, session.connection_id,
                         exc.errmsg)
             if not request.more_to_come:
-                reply.parts = (error_message(request.request_id, exc, request.command),)
+                reply.parts = (error_message(request.request_id, exc, request.command,
+                                             self.roundtrip.retryable_writes()),)
             return reply
         except asyncio.CancelledError:
             # Shutdown gave up waiting for this request: the session loop tells the client.
@@ -279,7 +280,7 @@ class Pipeline:
             if not request.more_to_come:
                 reply.parts = (error_message(request.request_id, ProxyError(
                     SHUTDOWN_IN_PROGRESS, "mongoproxy shut down before the reply arrived"
-                ), request.command),)
+                ), request.command, self.roundtrip.retryable_writes()),)
             session.interrupted = reply
             raise
         except BaseException:

@@ -61,12 +61,14 @@ def message_for(response_to: int, document: Mapping[str, Any]) -> bytes:
 
 
 def error_message(response_to: int, error: ProxyError,
-                  command: Mapping[str, Any] | None = None) -> bytes:
-    """The one way an error becomes a reply; a failed exchange of a retryable write or
-    a transaction statement carries the label drivers retry by."""
+                  command: Mapping[str, Any] | None = None,
+                  retryable_writes: bool = False) -> bytes:
+    """The one way an error becomes a reply; a failed exchange of a retryable write (when
+    the upstream deduplicates them) or of a transaction statement carries the label
+    drivers retry by."""
     labels = list(error.labels)
     if command is not None:
-        labels += network_error_labels(command)
+        labels += network_error_labels(command, retryable_writes)
     return message_for(response_to, error_document(error.code, error.code_name,
                                                    error.errmsg, labels))
 

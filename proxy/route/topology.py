@@ -50,6 +50,13 @@ log = logging.getLogger("mongoproxy.topology")
 # Read preference objects whose cache key is remembered per description: the routing
 # rules' (long-lived); one-off client $readPreference objects beyond this are not kept.
 _MAX_SELECTOR_KEYS = 256
+_DEDUPING_TOPOLOGIES = frozenset({
+    TOPOLOGY_TYPE.ReplicaSetWithPrimary, TOPOLOGY_TYPE.ReplicaSetNoPrimary,
+    TOPOLOGY_TYPE.Sharded, TOPOLOGY_TYPE.LoadBalanced,
+})
+# A woken declared-member check runs at most this often (pymongo's minimum, 0.5 s, is
+# for a driver's many clients; one proxy can afford a quicker look).
+MIN_CHECK_INTERVAL_S = 0.25
 _ROLES = {
     SERVER_TYPE.RSPrimary: "primary",
     SERVER_TYPE.RSSecondary: "secondary",
@@ -76,6 +83,9 @@ class Topology(ABC):
         # read preference object seen (building it reprs the tag sets).
         self._roles: dict[Address, str] = {}
         self._selector_keys: dict[int, tuple[_ServerMode, tuple[Any, ...]]] = {}
+        # Whether the upstream deduplicates retryable writes, as last known (kept while
+        # every server is down: a restart does not change what the deployment is).
+        self._retryable_writes = False
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -115,6 +125,26 @@ class Topology(ABC):
         self._failed[address] = time.monotonic()
         self._selection_cache.clear()
 
+    @abstractmethod
+    def request_check(self) -> None:
+        """Requests are waiting for a server: check the servers soon (rate-limited by
+        the monitors themselves, so every waiting request shares one check)."""
+
+    def retryable_writes(self) -> bool:
+        """The upstream deduplicates writes by txnNumber (a replica set or mongos with
+        sessions): only then may a failed write be labelled RetryableWriteError or
+        retried by the proxy. Never for a standalone server, nor FerretDB."""
+        description = self._current()
+        if description.known_servers:
+            self._retryable_writes = self._dedupes_writes(description)
+        return self._retryable_writes
+
+    def _dedupes_writes(self, description: TopologyDescription) -> bool:
+        return (
+            description.topology_type in _DEDUPING_TOPOLOGIES
+            and description.logical_session_timeout_minutes is not None
+        )
+
     def _not_recently_failed(self, servers: list[ServerDescription]) -> list[ServerDescription]:
         if not self._failed:
             return servers
@@ -142,26 +172,40 @@ class Topology(ABC):
                 )
             except ConfigurationError as exc:  # e.g. maxStalenessSeconds below the minimum
                 raise ProxyError(MAX_STALENESS_OUT_OF_RANGE, str(exc)) from None
+            if description.topology_type == TOPOLOGY_TYPE.Single:
+                # pymongo ignores every selector (custom ones too) for a Single topology:
+                # without this, a server a request just failed to reach would be
+                # selected again until pymongo's own monitor noticed.
+                servers = self._not_recently_failed(servers)
             self._selection_cache[key] = servers
         return servers
 
     def _adapt(self, selector: _ServerMode) -> _ServerMode:
         return selector
 
-    def select_now(self, selector: _ServerMode) -> Address | None:
-        """A server for ``selector`` if one is suitable now (no await: the common case)."""
+    def select_now(self, selector: _ServerMode,
+                   avoid: tuple[Address, float] | None = None) -> Address | None:
+        """A server for ``selector`` if one is suitable now (no await: the common case).
+        ``avoid``: (a server, a time.monotonic()): that server only once a check newer
+        than the time has seen it (a request's own failure there, not yet a verdict for
+        every request: see outlier detection)."""
         servers = self.candidates(selector)
+        if avoid is not None:
+            servers = _checked_since(servers, *avoid)
         if not servers:
             return None
         host, port = random.choice(servers).address
         return host, port or 27017
 
-    async def select(self, selector: _ServerMode) -> Address:
-        """A server for ``selector``, waiting up to server_selection_timeout_ms for one."""
+    async def select(self, selector: _ServerMode, deadline: float | None = None,
+                     avoid: tuple[Address, float] | None = None) -> Address:
+        """A server for ``selector``, waiting up to server_selection_timeout_ms (or until
+        the ``deadline``, a time.monotonic()) for one; ``avoid`` as in select_now."""
         timeout_ms = self.config.server_selection_timeout_ms
-        deadline = time.monotonic() + timeout_ms / 1000
+        if deadline is None:
+            deadline = time.monotonic() + timeout_ms / 1000
         while True:
-            address = self.select_now(selector)
+            address = self.select_now(selector, avoid)
             if address is not None:
                 return address
             remaining = deadline - time.monotonic()
@@ -173,6 +217,7 @@ class Topology(ABC):
                     f"{_summary(self.description())}{_errors(self.description())}",
                 )
             self._changed.clear()
+            self.request_check()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
 
@@ -189,6 +234,8 @@ class DiscoveryTopology(Topology):
             serverSelectionTimeoutMS=config.server_selection_timeout_ms,
             localThresholdMS=config.local_threshold_ms,
             heartbeatFrequencyMS=config.heartbeat_ms,
+            # A check of a stopped (SIGSTOPped) server gives up as a connect would.
+            connectTimeoutMS=config.pool.connect_timeout_ms,
             connect=False,
             appname="mongoproxy-monitor",
         )
@@ -201,6 +248,14 @@ class DiscoveryTopology(Topology):
 
     def description(self) -> TopologyDescription:
         return self.client.topology_description
+
+    def request_check(self) -> None:
+        # pymongo's monitors run a woken check at most every 0.5 s (its minimum
+        # heartbeat interval), however many requests ask.
+        topology = getattr(self.client, "_topology", None)
+        wake = getattr(topology, "_request_check_all", None)
+        if wake is not None:
+            wake()
 
 
 class _ChangeListener(TopologyListener):
@@ -239,6 +294,11 @@ class DeclaredTopology(Topology):
         self._description = self._build()
         self._tasks: list[asyncio.Task[None]] = []
         self._tls = UpstreamTLS(config)
+        # Set to run a member's next check now (requests are waiting for a server).
+        self._wake = {addr: asyncio.Event() for addr in self.members}
+        # Whether each member's own hello says it deduplicates retryable writes (the
+        # synthetic description above always says replica set).
+        self._dedupes: dict[Address, bool] = {}
 
     async def start(self) -> None:
         first_checks = [asyncio.Event() for _ in self.members]
@@ -256,6 +316,13 @@ class DeclaredTopology(Topology):
 
     def description(self) -> TopologyDescription:
         return self._description
+
+    def request_check(self) -> None:
+        for event in self._wake.values():
+            event.set()
+
+    def _dedupes_writes(self, description: TopologyDescription) -> bool:
+        return bool(self._dedupes) and all(self._dedupes.values())
 
     def _adapt(self, selector: _ServerMode) -> _ServerMode:
         # Declared members report no lastWrite, so staleness cannot be estimated:
@@ -305,15 +372,22 @@ class DeclaredTopology(Topology):
     async def _monitor(self, address: Address, first_check: asyncio.Event) -> None:
         member = self.members[address]
         timeout_s = self.config.pool.connect_timeout_ms / 1000
+        wake = self._wake[address]
         conn: UpstreamConnection | None = None
         while True:
             try:
-                if conn is None:
-                    conn = await UpstreamConnection.open(
-                        address, timeout_s, HANDSHAKE, None, self._tls.context_for(address))
-                start = time.monotonic()
-                reply = await conn.command({"hello": 1, "$db": "admin"}, timeout_s)
-                self._rtt[address].add_sample(time.monotonic() - start)
+                try:
+                    conn, reply, rtt = await self._check(address, conn, timeout_s)
+                except (OSError, EOFError, asyncio.IncompleteReadError):
+                    if conn is None:
+                        raise
+                    # The kept connection died (a restarted server): one fresh attempt
+                    # before calling the member down, as pymongo's monitor does.
+                    conn.close()
+                    conn = None
+                    conn, reply, rtt = await self._check(address, conn, timeout_s)
+                self._rtt[address].add_sample(rtt)
+                self._dedupes[address] = _dedupes(reply)
                 self._update(address, ServerDescription(
                     address,
                     Hello(self._synthetic_hello(member, reply)),
@@ -330,13 +404,46 @@ class DeclaredTopology(Topology):
                 self._rtt[address].reset()
                 self._update(address, ServerDescription(address, error=exc))
             first_check.set()
-            await asyncio.sleep(self.config.heartbeat_ms / 1000)
+            wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), self.config.heartbeat_ms / 1000)
+            if wake.is_set():  # woken by waiting requests: not more often than this
+                await asyncio.sleep(MIN_CHECK_INTERVAL_S)
+
+    async def _check(self, address: Address, conn: UpstreamConnection | None,
+                     timeout_s: float) -> tuple[UpstreamConnection, dict[str, Any], float]:
+        fresh = conn is None
+        if conn is None:
+            conn = await UpstreamConnection.open(
+                address, timeout_s, HANDSHAKE, None, self._tls.context_for(address))
+        start = time.monotonic()
+        try:
+            reply = await conn.command({"hello": 1, "$db": "admin"}, timeout_s)
+        except BaseException:
+            if fresh:  # the caller never saw it: not left open
+                conn.close()
+            raise
+        return conn, reply, time.monotonic() - start
+
+
+def _dedupes(hello: dict[str, Any]) -> bool:
+    """A server that deduplicates retryable writes: a replica-set member or mongos
+    with sessions (a standalone server and FerretDB do not)."""
+    member = "setName" in hello or hello.get("msg") == "isdbgrid"
+    return member and hello.get("logicalSessionTimeoutMinutes") is not None
 
 
 def make_topology(config: UpstreamConfig) -> Topology:
     if config.members:
         return DeclaredTopology(config)
     return DiscoveryTopology(config)
+
+
+def _checked_since(servers: list[ServerDescription], address: Address, since: float
+                   ) -> list[ServerDescription]:
+    return [sd for sd in servers
+            if (sd.address[0], sd.address[1] or 27017) != address
+            or sd.last_update_time > since]
 
 
 def _describe(selector: _ServerMode) -> str:

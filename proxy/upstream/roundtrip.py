@@ -41,6 +41,7 @@ from proxy.route.readpref import read_preference
 from proxy.route.router import Router
 from proxy.route.rules import RouteDecision
 from proxy.route.topology import Topology
+from proxy.upstream.failover import Failover, SentFailed
 from proxy.wire import decode_body, encode_op_msg, parse_op_msg, reply_cursor, reply_error_code
 
 __all__ = ["Exchanged", "Roundtrip"]
@@ -86,6 +87,10 @@ class Roundtrip:
     def role_of(self, address: Address) -> str:
         return self.topology.role_of(address)
 
+    def retryable_writes(self) -> bool:
+        """The upstream deduplicates writes by txnNumber (see Topology.retryable_writes)."""
+        return self.topology.retryable_writes()
+
     # -- one client request -----------------------------------------------------------------
 
     async def exchange(self, request: Request, message: bytes, decision: RouteDecision,
@@ -103,23 +108,39 @@ class Roundtrip:
         if address is None:  # pinned, or nothing suitable now: wait for a server
             address = await self.router.server_for(request, decision)
         timer.mark("select")
-        pool = self.pools.get(address)
-        slots = None if decision.pinned == "cursor" else pool.ordinary_slots
-        if slots is not None:
-            await _acquire(slots, pool)
-        try:
-            conn, header, body = await self._on(pool, address, request.raw_name, message,
-                                                request.request_id, timer, client)
-        finally:
-            if slots is not None:
-                slots.release()
-        done = Exchanged(address, conn, header, body)
-        code = done.error_code = reply_error_code(body)
-        if code in NOT_PRIMARY_CODES:
-            # SDAM marks such a server Unknown: select again instead of waiting for the
-            # next heartbeat.
-            self.topology.mark_failed(address)
-        return done
+        failover: Failover | None = None
+        slots_for_cursor = decision.pinned == "cursor"
+        while True:
+            pool = self.pools.get(address)
+            slots = None if slots_for_cursor else pool.ordinary_slots
+            try:
+                if slots is not None:
+                    await _acquire(slots, pool)
+                try:
+                    conn, header, body = await self._on(pool, address, request.raw_name,
+                                                        message, request.request_id, timer,
+                                                        client)
+                finally:
+                    if slots is not None:
+                        slots.release()
+            except ProxyError as exc:
+                if failover is None:
+                    failover = Failover(self.topology, request, decision)
+                address = await failover.after_error(exc, address)  # or raises exc
+                continue
+            done = Exchanged(address, conn, header, body)
+            code = done.error_code = reply_error_code(body)
+            if code in NOT_PRIMARY_CODES:
+                # SDAM marks such a server Unknown: select again instead of waiting for
+                # the next heartbeat; a retryable request goes to the new primary.
+                self.topology.mark_failed(address)
+                if failover is None:
+                    failover = Failover(self.topology, request, decision)
+                retry_on = await failover.after_not_primary()
+                if retry_on is not None:
+                    address = retry_on
+                    continue
+            return done
 
     async def _on(self, pool: UpstreamPool, address: Address, name: str, message: bytes,
                   request_id: int, timer: Any, client: int
@@ -140,17 +161,19 @@ class Roundtrip:
                 self.outliers.success(address)
         except TimeoutError:
             self._server_failed(address, pool, clear=False, client=client)
-            raise ProxyError(
+            raise SentFailed(
                 NETWORK_TIMEOUT,
                 f"no reply from upstream {pool.label} to {name} within {self.timeout_ms} ms",
+                timed_out=True,
             ) from None
         except (OSError, asyncio.IncompleteReadError, UpstreamProtocolError) as exc:
             # The server (or the path to it) failed: its other idle connections are
             # suspect too, as SDAM clears a pool on a network error (once confirmed).
             self._server_failed(address, pool, clear=True, client=client)
-            raise ProxyError(
+            raise SentFailed(
                 HOST_UNREACHABLE,
                 f"connection to upstream {pool.label} failed during {name}: {_describe(exc)}",
+                timed_out=False,
             ) from None
         finally:
             pool.checkin(conn, reusable)
