@@ -59,6 +59,9 @@ BACKOFF_S = 0.25
 BACKOFF_MAX_S = 5.0
 # After the drain time, how long workers get to close before they are killed.
 EXIT_GRACE_S = 5.0
+# A worker's stdout line (one slow-log line) longer than this is dropped, not fatal:
+# the pipe must keep being read or the worker blocks on its next write.
+MAX_LOG_LINE = 16 * 1024 * 1024
 
 
 def describe_exit(code: int) -> str:
@@ -231,6 +234,7 @@ class Supervisor:
             str(self.count), "--admin-socket", slot.admin_socket, "--log-level",
             self.log_level,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            limit=MAX_LOG_LINE,
             # SIGHUP ignored until the worker installs its reload handler: a reload
             # while it starts must not kill it (SIG_IGN survives exec, handlers do not).
             preexec_fn=_ignore_sighup,
@@ -249,7 +253,15 @@ class Supervisor:
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
         """The worker's slow-log lines (its stdout) into the one slow log."""
         assert proc.stdout is not None
-        while line := await proc.stdout.readline():
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except ValueError:  # a line over MAX_LOG_LINE: asyncio dropped it; go on
+                log.warning("worker pid %d wrote a log line over %d bytes; dropped",
+                            proc.pid, MAX_LOG_LINE)
+                continue
+            if not line:
+                return
             self.slowlog.append(line.decode(errors="replace").rstrip("\n"))
 
     async def _watch(self, slot: _Slot, proc: asyncio.subprocess.Process) -> None:
@@ -272,7 +284,12 @@ class Supervisor:
         await asyncio.sleep(delay)
         if not self.stopping:
             self.restarts += 1
-            await self._spawn(slot)
+            try:
+                await self._spawn(slot)
+            except OSError as exc:  # no process or no snapshot file: stop, saying why
+                self.failure = f"could not start worker {slot.index}: {exc}"
+                log.error("%s", self.failure)
+                self._request_stop()
 
     def _request_stop(self) -> None:
         self.stopping = True  # from now on nothing is (re)started

@@ -22,6 +22,7 @@ import itertools
 import os
 import re
 import socket
+import struct
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -33,8 +34,9 @@ from bson.binary import Binary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.wire import OpCode
 from tests.support import FerretDBProcess, ProxyProcess, RedisProcess
-from tests.test_bad_input import Reply, connect, op_msg, read_reply
+from tests.test_bad_input import Reply, connect, op_msg, raw_message, read_reply
 from tests.test_routing_integration import example_routing
 
 DB = "one_reply"
@@ -95,6 +97,28 @@ def test_non_string_db_gets_one_invalid_namespace_reply(
         assert reply.doc["ok"] == 0.0 and reply.doc["code"] == 73, reply.doc
         assert reply.doc["codeName"] == "InvalidNamespace"
         assert "$db" in reply.doc["errmsg"], reply.doc
+    _no_tracebacks(full_proxy)
+
+
+def test_corrupt_document_in_a_sequence_is_invalid_bson_not_internal_error(
+    full_proxy: ProxyProcess, sock: socket.socket
+) -> None:
+    """A sequence document whose framing is sound but whose content is not (a string
+    claiming 1,000 bytes in a 12-byte document) reaches the tenancy check undecoded: it
+    must be answered 22 InvalidBSON, once, with no traceback."""
+    corrupt = struct.pack("<i", 12) + b"\x02a\x00" + struct.pack("<i", 1000) + b"\x00"
+    section = b"documents\x00" + corrupt
+    sequence = b"\x01" + struct.pack("<i", 4 + len(section)) + section
+    rid, ping_id = next(_ids), next(_ids)
+    body = bson.encode({"insert": "scoped_seq", "$db": DB})
+    rest = struct.pack("<I", 0) + b"\x00" + body + sequence
+    sock.sendall(raw_message(rid, OpCode.OP_MSG, rest)
+                 + op_msg({"ping": 1, "$db": "admin"}, ping_id))
+    reply = read_reply(sock)
+    assert reply.response_to == rid, reply
+    assert reply.doc["ok"] == 0.0 and reply.doc["code"] == 22, reply.doc
+    assert reply.doc["codeName"] == "InvalidBSON" and "insert" in reply.doc["errmsg"]
+    assert read_reply(sock).response_to == ping_id  # and no second reply
     _no_tracebacks(full_proxy)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from proxy.tenancy.decode import DuplicateKeyError, decode_sequences, reuse_if_unique
 from proxy.tenancy.policy import TenantPolicy, Verdict
-from proxy.wire import DocumentSequence
+from proxy.wire import DocumentSequence, WireError
 
 # cursor id -> (known to the proxy, tenant that opened it)
 CursorTenant = Callable[[int], tuple[bool, Any]]
@@ -60,6 +60,10 @@ def admit(
         sequences = decode_sequences((s.identifier, s.documents()) for s in raw_sequences)
     except DuplicateKeyError as exc:
         return _refuse_or_audit(audit, f"{name}: {exc}; refused as ambiguous", None)
+    except Exception as exc:  # bson raises several types; framing was checked, content not
+        raise WireError(
+            f"{name}: a document of an OP_MSG document sequence is invalid BSON "
+            f"({type(exc).__name__}: {exc})", code=22, code_name="InvalidBSON") from None
     verdict = policy.check(command, sequences, None if superuser else bound_tenant, superuser)
     if verdict.allowed and verdict.needs_cursor_owner_check and not superuser:
         verdict = _check_cursor_owner(name, command, bound_tenant, cursor_tenant, audit)
