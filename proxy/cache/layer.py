@@ -160,6 +160,14 @@ class Access:
             await self._cache.store.invalidate(self.targets)
         self.abandon()
 
+    def cancelled(self) -> None:
+        """The request was cancelled during its upstream exchange (shutdown, client
+        gone): a write may have been applied, so its invalidation is left pending (the
+        retry loop lands it); then release the flight. Nothing is awaited."""
+        if self.targets:
+            self._cache.store.invalidations.cancelled(self.targets)
+        self.abandon()
+
     def abandon(self) -> None:
         """Release flight waiters without awaiting anything (cancellation)."""
         if self._flight is not None:

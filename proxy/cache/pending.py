@@ -111,6 +111,13 @@ class Invalidator:
                 failures[:] = [exc]
                 await asyncio.sleep(RETRY_S)
 
+    def cancelled(self, targets: WriteTargets) -> None:
+        """A write whose request was cancelled before its invalidation started (the
+        upstream exchange itself was interrupted): it may have been applied, so its
+        targets are pending like any invalidation that could not land."""
+        if targets:
+            self._mark(targets, "the request was cancelled")
+
     def _mark(self, targets: WriteTargets, why: str) -> None:
         was_empty = not self
         self._marks += 1

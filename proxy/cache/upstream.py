@@ -9,6 +9,7 @@ returns, and stores a read's reply after sending it (:meth:`CachedUpstream.after
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from proxy.cache.config import CacheConfig
@@ -64,6 +65,9 @@ class CachedUpstream:
                                                  client)
         except ProxyError:
             await access.failed()  # a write may have been applied anyway
+            raise
+        except asyncio.CancelledError:
+            access.cancelled()  # likewise, but nothing may be awaited now
             raise
         # Before the client sees the reply: invalidate before acknowledging.
         await access.replied(done.body)

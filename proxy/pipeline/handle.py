@@ -465,6 +465,6 @@ def _statement_samples(sequences: Any) -> dict[str, list[dict[str, Any]]] | None
     samples = {}
     for sequence in sequences:
         if sequence.identifier in ("updates", "deletes"):
-            docs = sequence.documents()[:_SHAPE_SAMPLE]
+            docs = sequence.documents(_SHAPE_SAMPLE)  # not the whole batch
             samples[sequence.identifier] = [bson.decode(doc) for doc in docs]
     return samples or None

@@ -52,13 +52,14 @@ class DocumentSequence:
     identifier: str
     payload: bytes
 
-    def documents(self) -> list[bytes]:
-        """Split ``payload`` into raw BSON documents (framing is checked, contents are not)."""
+    def documents(self, limit: int | None = None) -> list[bytes]:
+        """Split ``payload`` into raw BSON documents (framing is checked, contents are
+        not); with ``limit``, only the first ``limit`` of them (the rest is not read)."""
         data = self.payload
         end = len(data)
         docs: list[bytes] = []
         offset = 0
-        while offset < end:
+        while offset < end and (limit is None or len(docs) < limit):
             stop = check_document(
                 data, offset, end, f"document sequence {self.identifier!r} payload", 0
             )
