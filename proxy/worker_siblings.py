@@ -54,8 +54,8 @@ class Siblings:
     async def resolve(self, cursor_ids: Sequence[int]) -> None:
         """Learn from the siblings the cursors of a getMore/killCursors not known here."""
         unknown = [i for i in cursor_ids[:MAX_LOOKUPS] if i and self.cursors.get(i) is None]
-        for cursor_id in unknown:
-            found = await self._ask(f"/cursor?id={cursor_id}")
+        answers = await asyncio.gather(*(self._ask(f"/cursor?id={i}") for i in unknown))
+        for cursor_id, found in zip(unknown, answers, strict=True):
             if found is not None:
                 host, port = found["server"]
                 self.cursors.add_foreign(cursor_id, (str(host), int(port)),

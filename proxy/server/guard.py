@@ -23,12 +23,15 @@ __all__ = ["Guard"]
 
 
 def upstream_fds(config: Config) -> int:
-    """File descriptors the upstream side may hold: pools and monitors per server."""
+    """File descriptors the proxy holds besides counted client connections: pools and
+    monitors per server, and TLS clients still in their handshake (not yet counted)."""
     upstream = config.upstream
     servers = len(upstream.members)
     if not servers and upstream.uri is not None:
         servers = len(parse_uri(upstream.uri)["nodelist"])
-    return max(1, servers) * (upstream.pool.max_size + 2)
+    tls = config.listen.tls
+    handshakes = 0 if tls is None else tls.max_pending_handshakes
+    return max(1, servers) * (upstream.pool.max_size + 2) + handshakes
 
 
 class Guard:
