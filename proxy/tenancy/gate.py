@@ -60,7 +60,8 @@ def admit(
         sequences = decode_sequences((s.identifier, s.documents()) for s in raw_sequences)
     except DuplicateKeyError as exc:
         return _refuse_or_audit(audit, f"{name}: {exc}; refused as ambiguous", None)
-    verdict = policy.check(command, sequences, None if superuser else bound_tenant, superuser)
+    verdict = policy.check(command, sequences, None if superuser else bound_tenant, superuser,
+                           name)
     if verdict.allowed and verdict.needs_cursor_owner_check and not superuser:
         verdict = _check_cursor_owner(name, command, bound_tenant, cursor_tenant, audit)
     return _admission(verdict)
