@@ -340,7 +340,7 @@ class Pipeline:
         session.login_requested = True
         # Throttled per peer and user; each failure logged with the peer's address.
         document, user = await authenticate(session.auth, self.throttle, session.peer,
-                                            request.command)
+                                            request.command, name)
         if user is not None:
             session.identity = user
             session.set_context()
