@@ -124,13 +124,23 @@ class Classification:
         )
 
 
-def classify(command: Mapping[str, Any], context: ClientContext = NO_CONTEXT) -> Classification:
-    """Classify a decoded command document (see the module docstring for definitions)."""
-    if not command:
-        return Classification("", None, None, app_name=context.app_name,
-                              user=context.user, tenant=context.tenant)
+def classify(
+    command: Mapping[str, Any],
+    context: ClientContext = NO_CONTEXT,
+    raw_name: str | None = None,
+) -> Classification:
+    """Classify a decoded command document (see the module docstring for definitions).
+
+    ``raw_name``: the command's name as sent, when the caller has parsed it already
+    (the request path passes ``Request.raw_name``: the document is not read again for
+    it); None reads it from the document (tests, ad-hoc callers).
+    """
+    if raw_name is None:
+        if not command:
+            return Classification("", None, None, app_name=context.app_name,
+                                  user=context.user, tenant=context.tenant)
+        raw_name = next(iter(command))
     outer = command
-    raw_name = next(iter(command))
     name = _ALIASES.get(raw_name, raw_name)
     explain = False
     database = _str_or_none(outer.get("$db"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import bson
 from bson.binary import Binary
 
 from proxy.commands import ALIASES, COLLECTION_COMMANDS, CONTINUATIONS
@@ -32,9 +33,13 @@ from proxy.wire import (
     OpMsg,
     WireError,
     decode_body,
+    encode_op_msg,
+    parse_op_msg,
 )
 
-__all__ = ["STRIPPED_FLAGS", "Request", "bson_type_name", "request_from_op_msg"]
+__all__ = [
+    "STRIPPED_FLAGS", "Request", "bson_type_name", "request_from_command", "request_from_op_msg",
+]
 
 # Flags the upstream must not see: exhaust replies would stream several messages into a
 # pooled connection (the client falls back to plain getMore), moreToCome would leave the
@@ -175,6 +180,14 @@ class Request:
 def request_from_op_msg(message: bytes, msg: OpMsg, compressor: str | None) -> Request:
     """Decode the body of a parsed OP_MSG and read its fields (see :class:`Request`)."""
     return Request(message, msg, decode_body(msg), compressor)
+
+
+def request_from_command(command: dict[str, Any], flags: int = 0) -> Request:
+    """A :class:`Request` for a command document given as such (``explain-route``,
+    tests): encoded as the OP_MSG a client would send, then parsed as the pipeline
+    parses one, so both share one parse (and its client errors)."""
+    message = encode_op_msg(0, 0, bson.encode(command), flags=flags)
+    return request_from_op_msg(message, parse_op_msg(message), None)
 
 
 def _is_int(value: Any) -> bool:

@@ -25,6 +25,7 @@ from hypothesis import given, settings
 
 from proxy import commands
 from proxy.cache.config import CacheConfig
+from proxy.cache.key import entry_digest
 from proxy.cache.layer import ResultCache
 from proxy.classify import ClientContext, classify
 from proxy.config import parse_config
@@ -188,16 +189,26 @@ def _stages(request: Request) -> None:
                           request.sequences, bound_tenant=bound,
                           cursor_tenant=lambda _id: (True, "acme"))
         command = admission.command or request.command
-        classification = classify(command, CONTEXT)
+        name = request.raw_name
+        classification = classify(command, CONTEXT, name)
+        # The deciders given the parsed name decide as they did reading the document.
+        assert classification == classify(command, CONTEXT)
         try:
             preference = None if request.read_preference is None else from_command(command)
         except ReadPreferenceError:
             continue  # answered as BadValue by the pipeline
         decision = decide(classification, CONFIG.routing, preference)
         command = with_route(command, decision) or command
-        CACHE.begin(command, classification, decision, (bound, admission.tenant),
-                    has_sequences=False, rules=CACHE.config)
-        describe(command, None)
+        tenants = (bound, admission.tenant)
+        access = CACHE.begin(command, classification, decision, tenants,
+                             has_sequences=False, rules=CACHE.config, name=name)
+        if access is not None and access.digest:
+            assert access.digest == entry_digest(
+                command, decision.read_preference.document, tenants)
+        assert describe(command, None, name) == describe(command, None)
+    for policy in (ENFORCE, INJECT):
+        assert policy.check(request.command, {}, "acme", False, request.raw_name) == \
+            policy.check(request.command, {}, "acme", False)
 
 
 @settings(max_examples=int(os.environ.get("REQUEST_EXAMPLES", "1500")), deadline=None,

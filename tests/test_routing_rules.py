@@ -738,6 +738,13 @@ def test_explain_route_deny_and_honor() -> None:
     ("[1, 2]", "must be a non-empty JSON object"),
     ("{}", "must be a non-empty JSON object"),
     ('{"find": "t", "$readPreference": {"mode": "bogus"}}', "$readPreference: unknown read"),
+    # Parsed as the pipeline parses a client's command: its client errors, word for word.
+    ('{"find": 5, "$db": "a"}', "the proxy refuses it: code 73 InvalidNamespace: find: "
+                                "collection name has invalid type int"),
+    ('{"getMore": "x", "collection": "c", "$db": "a"}',
+     "code 14 TypeMismatch: BSON field 'getMore.getMore' is the wrong type 'string'"),
+    ('{"find": "t", "$db": "a", "maxTimeMS": "1"}',
+     "code 2 BadValue: find: maxTimeMS must be a number, not string"),
 ])
 def test_explain_route_rejects_bad_input(text: str, message: str) -> None:
     with pytest.raises(ExplainError, match=message.replace("$", r"\$").replace("(", r"\(")

@@ -53,9 +53,12 @@ def canonical(
     command: Mapping[str, Any],
     read_preference: Mapping[str, Any] | None,
     tenants: tuple[Any, ...],
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """The canonical document hashed into the key (exposed for tests and debugging)."""
-    name = next(iter(command))
+    """The canonical document hashed into the key (exposed for tests and debugging).
+    ``name``: the command's name as sent, when the caller parsed it (``Request.raw_name``)."""
+    if name is None:
+        name = next(iter(command))
     out: dict[str, Any] = {
         "ns": f"{command.get('$db')}.{command[name]}",
         "cmd": name,
@@ -75,7 +78,8 @@ def entry_digest(
     command: Mapping[str, Any],
     read_preference: Mapping[str, Any] | None,
     tenants: tuple[Any, ...],
+    name: str | None = None,
 ) -> str:
     """32 hex digits identifying the result of ``command`` (see the module docstring)."""
-    raw = bson.encode(canonical(command, read_preference, tenants))
+    raw = bson.encode(canonical(command, read_preference, tenants, name))
     return hashlib.blake2b(raw, digest_size=16).hexdigest()

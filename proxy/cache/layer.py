@@ -218,12 +218,14 @@ class ResultCache:
         *,
         has_sequences: bool,
         rules: CacheConfig,
+        name: str | None = None,
     ) -> Access | None:
         """The cache's part in ``command`` as it will be forwarded, or None.
 
         ``rules`` is the live configuration's cache section (its rules reload live);
         ``tenants`` the connection's bound tenant and the tenant the policy admitted the
-        command for: both are part of the key.
+        command for: both are part of the key. ``name``: the command's name as sent
+        (``Request.raw_name``), so the key does not read the document for it again.
         """
         if c.is_read:
             rule = rules.compiled.ttl_for(c, decision.class_name)
@@ -235,7 +237,8 @@ class ResultCache:
             return Access(
                 self,
                 ns=f"{c.database}.{c.collection}",
-                digest=entry_digest(command, decision.read_preference.document, tenants),
+                digest=entry_digest(command, decision.read_preference.document, tenants,
+                                    name),
                 ttl_s=rule[0],
             )
         if c.is_write:

@@ -44,7 +44,8 @@ class CachedUpstream:
         routing), or None when the cache has nothing to do with it."""
         cache = self.cache
         access = cache.begin(command, classification, decision, tenants,
-                             has_sequences=has_sequences, rules=rules or cache.config)
+                             has_sequences=has_sequences, rules=rules or cache.config,
+                             name=request.raw_name)
         if access is not None and access.is_read and request.more_to_come:
             return None  # no reply expected: nothing to serve from the cache
         return access

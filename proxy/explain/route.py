@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from bson import json_util
-from bson.errors import InvalidBSON
+from bson.errors import InvalidBSON, InvalidDocument
 from pymongo.errors import ConfigurationError
 from pymongo.read_preferences import _ServerMode, make_read_preference
 from pymongo.topology_description import TopologyDescription
 
 from proxy.classify import Classification, ClientContext, classify
+from proxy.errors import ProxyError
+from proxy.request import Request, request_from_command
 from proxy.route.readpref import ReadPreferenceError, from_command
 from proxy.route.rules import RouteDecision, RoutingConfig, decide
 
@@ -59,29 +61,31 @@ def explain_route(
     if not isinstance(command, Mapping) or not command:
         raise ExplainError("the command must be a non-empty JSON object, e.g. "
                            '\'{"find": "users", "filter": {}, "$db": "app"}\'')
+    request = _parse(dict(command))
+    name = request.raw_name
     try:
-        client = from_command(command) if command.get("$readPreference") is not None else None
+        client = None if request.read_preference is None else from_command(request.command)
     except ReadPreferenceError as exc:
         raise ExplainError(f"$readPreference: {exc}") from None
     from proxy.explain.verdicts import cache_line, tenancy_outcome
 
     tenant_line: str | None = None
     bound: Any = None
-    forwarded: dict[str, Any] = dict(command)
+    forwarded: dict[str, Any] = request.command
     if tenancy is not None:
         try:
-            outcome = tenancy_outcome(tenancy, forwarded, user)
+            outcome = tenancy_outcome(tenancy, request, user)
         except ValueError as exc:
             raise ExplainError(str(exc)) from None
         tenant_line, forwarded = outcome.line, outcome.command
         if outcome.refused:
-            c = classify(forwarded, ClientContext(app_name=app_name, user=user))
+            c = classify(forwarded, ClientContext(app_name=app_name, user=user), name)
             return "\n".join([f"command:          {_describe_command(c)}",
                               f"features:         {_features(c)}",
                               f"tenancy:          {tenant_line}"]) + "\n"
         bound = next((u.tenant for u in tenancy.users if u.username == user), None)
     context = ClientContext(app_name=app_name, user=user, tenant=bound)
-    classification = classify(forwarded, context)
+    classification = classify(forwarded, context, name)
     decision = decide(classification, config, client)
     lines = [
         f"command:          {_describe_command(classification)}",
@@ -104,6 +108,18 @@ def explain_route(
     if topology_description is not None:
         lines.append(f"member:           {_member(decision, topology_description)}")
     return "\n".join(lines) + "\n"
+
+
+def _parse(command: dict[str, Any]) -> Request:
+    """The command parsed as the pipeline parses a client's (``proxy.request``): a
+    field of the wrong type is the client error the proxy would answer."""
+    try:
+        return request_from_command(command)
+    except ProxyError as exc:
+        raise ExplainError(f"the proxy refuses it: code {exc.code} {exc.code_name}: "
+                           f"{exc.errmsg}") from None
+    except (InvalidDocument, ValueError, OverflowError) as exc:
+        raise ExplainError(f"not encodable as BSON: {exc}") from None
 
 
 def _describe_command(c: Classification) -> str:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import bson
-
 from proxy.cache.config import CacheConfig
 from proxy.cache.eligibility import read_bypass, written_namespaces
 from proxy.classify import Classification
 from proxy.identity.preauth import preauth_decision, refusal
+from proxy.request import Request
 from proxy.route.rules import RouteDecision, rule_label
 from proxy.tenancy import TenancyConfig, TenantPolicy
 from proxy.tenancy.gate import admit
@@ -38,10 +37,12 @@ class TenancyOutcome:
 
 
 def tenancy_outcome(
-    tenancy: TenancyConfig, command: dict[str, Any], user: str | None
+    tenancy: TenancyConfig, request: Request, user: str | None
 ) -> TenancyOutcome:
-    """Run the tenancy policy on ``command`` as ``user`` (a configured proxy user) would
-    send it. Raises ValueError for a user the configuration does not have."""
+    """Run the tenancy policy on ``request`` (parsed by ``proxy.request``, as the
+    pipeline parses it) as ``user`` (a configured proxy user) would send it. Raises
+    ValueError for a user the configuration does not have."""
+    command = request.command
     bound: str | None = None
     if user is not None:
         found = next((u for u in tenancy.users if u.username == user), None)
@@ -49,7 +50,7 @@ def tenancy_outcome(
             known = ", ".join(u.username for u in tenancy.users) or "none configured"
             raise ValueError(f"--user {user!r} is not a configured proxy user ({known})")
         bound = found.tenant
-    name = next(iter(command))
+    name = request.raw_name
     # Before login the proxy answers or refuses every command itself, whatever the mode.
     before_login = preauth_decision(name, users_configured=bool(tenancy.users),
                                     authenticated=user is not None)
@@ -62,7 +63,7 @@ def tenancy_outcome(
     if tenancy.mode == "off":
         return TenancyOutcome("off (tenancy.mode: off): not checked", command)
     admission = admit(
-        TenantPolicy(tenancy), name, command, bson.encode(command), (),
+        TenantPolicy(tenancy), name, command, request.msg.body, request.sequences,
         bound_tenant=bound,
         cursor_tenant=lambda _cursor: (False, None),
     )

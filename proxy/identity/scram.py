@@ -371,12 +371,16 @@ class ClientAuthSession:
         del reply["ok"]
         return reply
 
-    def handle(self, command: Mapping[str, Any]) -> tuple[dict[str, Any], AuthenticatedUser | None]:
-        """Answer one auth command; the user is set when this reply completes a login."""
-        name = next(iter(command), None)
+    def handle(
+        self, command: Mapping[str, Any], name: str | None = None
+    ) -> tuple[dict[str, Any], AuthenticatedUser | None]:
+        """Answer one auth command; the user is set when this reply completes a login.
+        ``name``: the command's name as parsed (``Request.raw_name``); None reads it."""
+        if name is None:
+            name = next(iter(command), None)
         try:
             if name == "saslStart":
-                return self._start(command, command.get("$db")), None
+                return self._start(command, command.get("$db"), name), None
             if name == "saslContinue":
                 return self._continue(command)
             if name == "authenticate":
@@ -394,12 +398,13 @@ class ClientAuthSession:
 
     # -- steps ------------------------------------------------------------------
 
-    def _start(self, command: Mapping[str, Any], source: Any) -> dict[str, Any]:
+    def _start(self, command: Mapping[str, Any], source: Any,
+               name: str | None = None) -> dict[str, Any]:
         self._conversation = None  # a new saslStart abandons any conversation in progress
         mechanism = command.get("mechanism")
         if mechanism != SCRAM_SHA_256:
             raise _Refused(f"mechanism {mechanism!r} is not supported (only {SCRAM_SHA_256})")
-        payload = _payload(command)
+        payload = _payload(command, name)
         options = command.get("options")
         skip = isinstance(options, Mapping) and options.get("skipEmptyExchange") is True
         conversation = ScramServerConversation(
@@ -437,7 +442,7 @@ class ClientAuthSession:
                 PROTOCOL_ERROR,
             )
         self._attempt = conversation
-        payload = _payload(command)
+        payload = _payload(command, "saslContinue")
         try:
             server_payload, done = conversation.step(payload)
         except ScramFailure as exc:
@@ -507,9 +512,12 @@ def _reply(conversation_id: int, done: bool, payload: bytes) -> dict[str, Any]:
     }
 
 
-def _payload(command: Mapping[str, Any]) -> bytes:
-    """The SASL payload: BinData, or a base64 string (MongoDB accepts both)."""
-    name = next(iter(command), "speculativeAuthenticate")
+def _payload(command: Mapping[str, Any], name: str | None) -> bytes:
+    """The SASL payload: BinData, or a base64 string (MongoDB accepts both). ``name``
+    for messages: the request's parsed name; None for the hello's speculative document
+    (a document of its own)."""
+    if name is None:
+        name = next(iter(command), "speculativeAuthenticate")
     payload = command.get("payload")
     if isinstance(payload, bytes):
         return bytes(payload)

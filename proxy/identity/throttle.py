@@ -119,11 +119,12 @@ def peer_host(peer: object) -> str:
 async def authenticate(
     session: ClientAuthSession, throttle: AuthThrottle, peer: object,
     command: Mapping[str, Any],
+    name: str,
 ) -> tuple[dict[str, Any], AuthenticatedUser | None]:
     """``session.handle(command)`` with throttling, lockout and a log line per failure
-    (with the client's address)."""
+    (with the client's address); ``name``: the command's name as parsed
+    (``Request.raw_name``)."""
     host = peer_host(peer)
-    name = next(iter(command), "")
     pending = session.pending_user
     if name in ("saslStart", "saslContinue") and throttle.locked(host, pending):
         session.abandon()
@@ -131,7 +132,7 @@ async def authenticate(
         log.warning("authentication from %s refused: locked out after repeated failures "
                     "(user %r)", peer, pending)
         return error_document(*AUTHENTICATION_FAILED, FAILED), None
-    reply, user = session.handle(command)
+    reply, user = session.handle(command, name)
     if user is not None:
         throttle.succeeded(host, user.username)
     elif reply.get("code") == AUTHENTICATION_FAILED[0]:

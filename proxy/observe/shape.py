@@ -333,14 +333,18 @@ def _projection_keys(projection: Any) -> Any:
 
 
 def query_shape(
-    command: Mapping[str, Any], sequences: Mapping[str, Any] | None = None
+    command: Mapping[str, Any],
+    sequences: Mapping[str, Any] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """The normalised shape of a command document (see the module docstring).
 
     ``sequences`` are the OP_MSG document sequences by identifier (``updates``,
-    ``deletes``); only those two are read.
+    ``deletes``); only those two are read. ``name``: the command's name as sent, when
+    the caller parsed it (``Request.raw_name``).
     """
-    name = next(iter(command), "")
+    if name is None:
+        name = next(iter(command), "")
     target = command.get(name)
     if name == "getMore":
         target = command.get("collection")
@@ -441,10 +445,12 @@ _MARSHAL_VERSION = 2
 
 
 def describe(
-    command: Mapping[str, Any], sequences: Mapping[str, Any] | None = None
+    command: Mapping[str, Any],
+    sequences: Mapping[str, Any] | None = None,
+    name: str | None = None,
 ) -> Shape:
     """Shape, its text and its hash (text and hash computed once per distinct shape)."""
-    shape = query_shape(command, sequences)
+    shape = query_shape(command, sequences, name)
     try:
         key = marshal.dumps(shape, _MARSHAL_VERSION)
     except ValueError:  # a value marshal cannot write (kept as written by _keep)

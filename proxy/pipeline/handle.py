@@ -224,7 +224,7 @@ class Pipeline:
         injected = admission.command is not None or admission.sequences is not None
         if injected:
             command, sequences = with_injected(request, admission)
-        classification = classify(command, session.context)
+        classification = classify(command, session.context, name)
         try:
             client_preference = (
                 None if request.read_preference is None else from_command(command))
@@ -340,7 +340,7 @@ class Pipeline:
         session.login_requested = True
         # Throttled per peer and user; each failure logged with the peer's address.
         document, user = await authenticate(session.auth, self.throttle, session.peer,
-                                            request.command)
+                                            request.command, name)
         if user is not None:
             session.identity = user
             session.set_context()
@@ -418,7 +418,9 @@ class Pipeline:
     def _record(self, reply: Reply, session: Session, timer: Timer) -> None:
         command = reply.command or {}
         name = reply.name
-        shape = describe(command, _statement_samples(reply.request_sequences))
+        # The name as parsed (Request.raw_name), not read from the document again.
+        shape = describe(command, _statement_samples(reply.request_sequences),
+                         name if command else None)
         decision = reply.decision
         address = reply.address
         access = reply.access

@@ -64,7 +64,8 @@ def admit(
         raise WireError(
             f"{name}: a document of an OP_MSG document sequence is invalid BSON "
             f"({type(exc).__name__}: {exc})", code=22, code_name="InvalidBSON") from None
-    verdict = policy.check(command, sequences, None if superuser else bound_tenant, superuser)
+    verdict = policy.check(command, sequences, None if superuser else bound_tenant, superuser,
+                           name)
     if verdict.allowed and verdict.needs_cursor_owner_check and not superuser:
         verdict = _check_cursor_owner(name, command, bound_tenant, cursor_tenant, audit)
     return _admission(verdict)

@@ -141,14 +141,17 @@ class TenantPolicy(ReadChecks, WriteChecks):
         sequences: Mapping[str, Sequence[Mapping[str, Any]]],
         bound_tenant: str | None,
         is_superuser: bool,
+        raw_name: str | None = None,
     ) -> Verdict:
+        """The verdict on ``command``; ``raw_name``: its name as sent, when the caller
+        parsed it (the request path passes ``Request.raw_name``)."""
         mode = self.mode
         if mode == "off":
             return _ALLOWED
         try:
             verdict = self._check(command, sequences, bound_tenant, is_superuser,
                                   inject=mode == "inject" and bound_tenant is not None
-                                  and not is_superuser)
+                                  and not is_superuser, raw_name=raw_name)
         except _Deny as exc:
             ns = exc.args[1] if len(exc.args) > 1 else None
             if mode == "audit":
@@ -169,10 +172,12 @@ class TenantPolicy(ReadChecks, WriteChecks):
         bound: str | None,
         is_superuser: bool,
         inject: bool,
+        raw_name: str | None,
     ) -> Verdict:
-        if not command:
-            raise _Deny("empty command")
-        raw_name = next(iter(command))
+        if raw_name is None:  # not parsed by the caller (tests, ad-hoc callers)
+            if not command:
+                raise _Deny("empty command")
+            raw_name = next(iter(command))
         name = _ALIASES.get(raw_name, raw_name)
         db = command.get("$db")
         if not isinstance(db, str) or not db:
