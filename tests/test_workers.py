@@ -81,7 +81,11 @@ def start(proxy_factory: ProxyFactory, uri: str, extra: Doc | None = None,
 
 
 def slow_lines(proxy: ProxyProcess) -> list[Doc]:
-    return [json.loads(line) for line in proxy.log_text().splitlines()
+    """The slow-log lines written so far; a last line still being written (no newline
+    yet) is left for the next read."""
+    text = proxy.log_text()
+    complete = text if text.endswith("\n") else text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines()
             if line.startswith('{"worker":')]
 
 
