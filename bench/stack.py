@@ -440,6 +440,27 @@ def _tls_setup(workdir: Path) -> _TLSSetup | str:
     return _TLSSetup(free_port(), certs.ca, certs.cert, certs.key)
 
 
+def _start_second_proxy(
+    stack: Stack, name: str, config_path: Path, port: int, admin_port: int, uri: str,
+    env: dict[str, str], timeout: float,
+) -> None:
+    """A proxy target besides the main one (TLS, cache): ``uri`` once it serves."""
+    workdir = config_path.parent
+    child = _Child(
+        name, [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
+        workdir / f"{name}.log",
+    )
+
+    def ready(deadline: float) -> None:
+        assert child.proc is not None
+        _wait_for_http_ok(f"http://{HOST}:{admin_port}/healthz", child.proc, deadline)
+        _wait_for_port(port, child.proc, deadline)
+
+    if _start_optional(stack, child, ready, timeout, cwd=REPO_ROOT, env=env):
+        stack.targets[name] = uri
+        stack.admin_urls[name] = f"http://{HOST}:{admin_port}"
+
+
 def _start_tls_proxy(
     stack: Stack, workdir: Path, tls: _TLSSetup, pool_max_size: int | None,
     proxy_extra: dict[str, Any] | None, env: dict[str, str], timeout: float,
@@ -453,19 +474,8 @@ def _start_tls_proxy(
     config_path.write_text(proxy_config_text(
         port, admin_port, tls.uri(tls.fdb_port), pool_max_size,
         {**(proxy_extra or {}), **listen_tls}))
-    child = _Child(
-        name, [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
-        workdir / f"{name}.log",
-    )
-
-    def ready(deadline: float) -> None:
-        assert child.proc is not None
-        _wait_for_http_ok(f"http://{HOST}:{admin_port}/healthz", child.proc, deadline)
-        _wait_for_port(port, child.proc, deadline)
-
-    if _start_optional(stack, child, ready, timeout, cwd=REPO_ROOT, env=env):
-        stack.targets[name] = tls.uri(port)
-        stack.admin_urls[name] = f"http://{HOST}:{admin_port}"
+    _start_second_proxy(stack, name, config_path, port, admin_port, tls.uri(port), env,
+                        timeout)
 
 
 def _start_optional(stack: Stack, child: _Child, ready: Callable[[float], None],
@@ -562,16 +572,5 @@ def _start_cached_proxy(
     if problem is not None:
         stack.unavailable[name] = f"the proxy rejects the cache config: {problem}"
         return
-    child = _Child(
-        name, [sys.executable, "-m", "proxy", "run", "--config", str(config_path)],
-        workdir / f"{name}.log",
-    )
-
-    def ready(deadline: float) -> None:
-        assert child.proc is not None
-        _wait_for_http_ok(f"http://{HOST}:{admin_port}/healthz", child.proc, deadline)
-        _wait_for_port(port, child.proc, deadline)
-
-    if _start_optional(stack, child, ready, timeout, cwd=REPO_ROOT, env=env):
-        stack.targets[name] = f"mongodb://{HOST}:{port}/"
-        stack.admin_urls[name] = f"http://{HOST}:{admin_port}"
+    _start_second_proxy(stack, name, config_path, port, admin_port,
+                        f"mongodb://{HOST}:{port}/", env, timeout)
