@@ -630,7 +630,9 @@ def test_a_transaction_spread_over_connections_in_both_workers(
             conn = RawConnection(proxy, f"raw-{n}")
             opened.append(conn)
             assert conn.command({"ping": 1, "$db": "admin"})["ok"] == 1
-            worker = next(iter(workers_of(proxy).get(f"raw-{n}", {-1})))
+            # The slow-log line reaches the supervisor's stream after the reply.
+            eventually(lambda n=n: f"raw-{n}" in workers_of(proxy), f"raw-{n}'s log line")
+            worker = next(iter(workers_of(proxy)[f"raw-{n}"]))
             by_worker.setdefault(worker, conn)
             if 0 in by_worker and 1 in by_worker:
                 break
