@@ -8,6 +8,7 @@ file without reading code.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -47,6 +48,7 @@ __all__ = [
     "ConfigError",
     "ListenConfig",
     "MemberConfig",
+    "PlacementConfig",
     "PoolConfig",
     "ShutdownConfig",
     "UpstreamConfig",
@@ -205,6 +207,78 @@ class UpstreamConfig(_Strict):
         return self
 
 
+HOME_CLUSTER = "home"  # the cluster ``upstream`` describes
+_CLUSTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}\Z")
+
+
+class PlacementConfig(_Strict):
+    """Which cluster holds each tenant (docs/placement.md); empty: every tenant is home."""
+
+    # Other clusters by name, each described like upstream (uri or members, pool, ...).
+    clusters: dict[str, UpstreamConfig] = {}
+    # The directory: a tenant (its value as a string) -> a cluster name (or "home").
+    tenants: dict[str, str] = {}
+    # Tenants the directory does not list: by rendezvous hash over these cluster names;
+    # empty: they stay home.
+    hash: tuple[str, ...] = ()
+    # Online moves (mongoproxy move-tenant): the Redis all instances share for the
+    # directory overrides and the moves' state; absent: no moves, the file only.
+    redis_url: str | None = None
+    key_prefix: str = Field(default="mongoproxy:placement:", min_length=1)  # Redis keys
+    # Each instance re-reads the shared state this often ...
+    refresh_ms: int = Field(default=100, ge=10, le=10_000)
+    # ... and, with redis_url set, refuses writes (retryable) once its last successful
+    # read is older than this: a move cannot switch a tenant under an instance that
+    # cannot hear of it. Moves wait this long for every instance to see a new phase.
+    lease_ms: int = Field(default=2_000, ge=100, le=60_000)
+    # A write of a tenant whose move is in its final catch-up waits at most this long
+    # for the switch, then fails with a retryable error.
+    hold_timeout_ms: int = Field(default=10_000, gt=0)
+    # Fan-out reads (docs/placement.md): documents a merged cursor buffers per cluster.
+    fanout_batch_size: int = Field(default=101, gt=0, le=100_000)
+
+    @field_validator("clusters")
+    @classmethod
+    def _cluster_names(cls, value: dict[str, UpstreamConfig]) -> dict[str, UpstreamConfig]:
+        for name in value:
+            if name == HOME_CLUSTER:
+                raise ValueError(f"{name!r} is the upstream section's cluster; "
+                                 "give the others other names")
+            if not _CLUSTER_NAME.match(name):
+                raise ValueError(f"cluster name {name!r}: letters, digits, '_' and '-', "
+                                 "starting with a letter")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _known_clusters(self) -> PlacementConfig:
+        known = {HOME_CLUSTER, *self.clusters}
+        for tenant, cluster in self.tenants.items():
+            if cluster not in known:
+                raise ValueError(f"tenants.{tenant}: unknown cluster {cluster!r} "
+                                 f"(known: {', '.join(sorted(known))})")
+        for cluster in self.hash:
+            if cluster not in known:
+                raise ValueError(f"hash: unknown cluster {cluster!r} "
+                                 f"(known: {', '.join(sorted(known))})")
+        if len(set(self.hash)) != len(self.hash):
+            raise ValueError("hash: a cluster is listed twice")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.clusters or self.tenants or self.hash or self.redis_url)
+
+    def cluster_names(self) -> tuple[str, ...]:
+        return (HOME_CLUSTER, *self.clusters)
+
+
 class ShutdownConfig(_Strict):
     """Graceful stop on SIGTERM/SIGINT."""
 
@@ -224,6 +298,17 @@ class Config(_Strict):
     advice: AdviceConfig = AdviceConfig()  # index advice (GET /advice, mongoproxy advise)
     # The Redis result cache; absent: no cache.
     cache: CacheConfig | None = None
+    # Tenants on other clusters than upstream, and online moves (docs/placement.md).
+    placement: PlacementConfig = PlacementConfig()
+
+    @model_validator(mode="after")
+    def _placement_needs_tenancy(self) -> Config:
+        if self.placement.enabled and self.tenancy.mode not in ("enforce", "inject"):
+            raise ValueError(
+                f"placement needs tenancy.mode enforce or inject (it is "
+                f"{self.tenancy.mode!r}): a command is routed by the one tenant the "
+                "policy proves it confined to, which modes off and audit do not prove")
+        return self
 
     @model_validator(mode="after")
     def _workers_fit(self) -> Config:

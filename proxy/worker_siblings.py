@@ -59,7 +59,8 @@ class Siblings:
             if found is not None:
                 host, port = found["server"]
                 self.cursors.add_foreign(cursor_id, (str(host), int(port)),
-                                         str(found["namespace"]), found.get("tenant"))
+                                         str(found["namespace"]), found.get("tenant"),
+                                         str(found.get("cluster", "home")))
 
     async def transaction(self, session: bytes, number: int) -> tuple[str, int] | None:
         """The server a sibling pinned this transaction to, if one did."""
@@ -96,7 +97,7 @@ def cursor_handler(cursors: CursorTable) -> Handler:
         if entry is None or entry.owner == FOREIGN_OWNER:
             return json_response(404, {"error": "not a cursor of this worker"})
         return json_response(200, {"server": list(entry.server), "namespace": entry.namespace,
-                                   "tenant": entry.tenant})
+                                   "tenant": entry.tenant, "cluster": entry.cluster})
 
     return handle
 

@@ -29,6 +29,10 @@ class Pools:
                 address, self.config, self.credentials, context)
         return pool
 
+    def find(self, address: Address) -> UpstreamPool | None:
+        """The pool of ``address`` if this registry has one (no pool is created)."""
+        return self._pools.get(address)
+
     def stats(self) -> dict[str, dict[str, int]]:
         """``UpstreamPool.stats()`` per server, keyed by its ``host:port`` label."""
         return {pool.label: pool.stats() for pool in self._pools.values()}

@@ -27,6 +27,8 @@ class CursorEntry:
     conn: UpstreamConnection
     # The tenant the opening command was confined to (tenancy checks getMore against it).
     tenant: Any = None
+    # The placement cluster whose server holds it (proxy.placement).
+    cluster: str = "home"
 
 
 # The owner of cursors another worker of listen.workers opened (client ids start at 1):
@@ -64,20 +66,22 @@ class CursorTable:
         owner: int,
         conn: UpstreamConnection,
         tenant: Any = None,
+        cluster: str = "home",
     ) -> None:
         self.remove(cursor_id)
-        self._cursors[cursor_id] = CursorEntry(server, namespace, owner, conn, tenant)
+        self._cursors[cursor_id] = CursorEntry(server, namespace, owner, conn, tenant,
+                                               cluster)
         self._by_owner[owner].add(cursor_id)
         conn.cursor_opened()
 
     def add_foreign(self, cursor_id: int, server: Address, namespace: str,
-                    tenant: Any = None) -> None:
+                    tenant: Any = None, cluster: str = "home") -> None:
         """A cursor another worker opened, continued by a client connection of this one
         (a driver may send a getMore on any of its pooled connections)."""
         if len(self._foreign) >= MAX_FOREIGN:
             self.remove(next(iter(self._foreign)))
         self.add(cursor_id, server, namespace, FOREIGN_OWNER,
-                 cast("UpstreamConnection", _NoConnection()), tenant)
+                 cast("UpstreamConnection", _NoConnection()), tenant, cluster)
         self._foreign[cursor_id] = None
 
     def get(self, cursor_id: int) -> CursorEntry | None:
@@ -106,4 +110,14 @@ class CursorTable:
             entry = self._cursors.pop(cursor_id)
             entry.conn.cursor_closed()
             groups[(entry.server, entry.namespace)].append(cursor_id)
+        return dict(groups)
+
+    def release_owner_by_cluster(self, owner: int
+                                 ) -> dict[tuple[str, Address, str], list[int]]:
+        """Forget an owner's cursors; grouped by (cluster, server, namespace)."""
+        groups: dict[tuple[str, Address, str], list[int]] = defaultdict(list)
+        for cursor_id in self._by_owner.pop(owner, set()):
+            entry = self._cursors.pop(cursor_id)
+            entry.conn.cursor_closed()
+            groups[(entry.cluster, entry.server, entry.namespace)].append(cursor_id)
         return dict(groups)

@@ -77,6 +77,8 @@ class Roundtrip:
         # Set by the wiring (proxy.server.guard); None: every failure marks the server.
         self.outliers: OutlierDetector | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # Its name among placement's clusters ("home": the upstream section's).
+        self.cluster = "home"
 
     # -- what other layers ask of the upstream --------------------------------------------
 
@@ -217,12 +219,17 @@ class Roundtrip:
                 self.cursors.remove(request.cursor_ids[0])
         elif cursor_id and done.address is not None and done.conn is not None:
             self.cursors.add(cursor_id, done.address, request.namespace, owner, done.conn,
-                             tenant)
+                             tenant, self.cluster)
         return docs
 
     def release_cursors(self, owner: int) -> None:
         """Kill, on their servers, the cursors a departed client connection left open."""
         for (server, namespace), ids in self.cursors.release_owner(owner).items():
+            self.kill_cursors(server, namespace, ids)
+
+    def kill_cursors(self, server: Address, namespace: str, ids: list[int]) -> None:
+        """Kill cursors of this cluster's ``server`` in the background."""
+        if ids:
             database, _, collection = namespace.partition(".")
             # Cursor ids are longs on the wire; a small id encoded as int32 is refused.
             command = {"killCursors": collection, "cursors": [Int64(i) for i in ids]}
