@@ -23,8 +23,9 @@ from __future__ import annotations
 import datetime
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
+from functools import cmp_to_key
 from typing import Any
 
 from bson import DBRef, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
@@ -33,7 +34,7 @@ from bson.code import Code
 from bson.datetime_ms import DatetimeMS
 
 __all__ = [
-    "Key", "SortSpec", "Unmergeable", "count_total", "merge_sorted", "parse_sort",
+    "Key", "SortSpec", "Unmergeable", "count_total", "merge_sorted", "ordering", "parse_sort",
     "per_cluster_limit", "pick", "sort_key", "union_values", "value_key",
 ]
 
@@ -195,6 +196,14 @@ def _less(a: tuple[Key, ...], b: tuple[Key, ...], spec: SortSpec) -> bool:
         if left != right:
             return (left < right) if direction > 0 else (left > right)
     return False
+
+
+def ordering(spec: SortSpec) -> Callable[[Mapping[str, Any]], Any]:
+    """A ``key=`` for :func:`sorted` ordering documents as the server sorts by ``spec``."""
+    def compare(a: tuple[Key, ...], b: tuple[Key, ...]) -> int:
+        return -1 if _less(a, b, spec) else int(_less(b, a, spec))
+    by_key = cmp_to_key(compare)
+    return lambda document: by_key(sort_key(document, spec))
 
 
 def pick(heads: Sequence[tuple[Key, ...] | None], spec: SortSpec) -> int:
