@@ -114,7 +114,7 @@ def test_sort_key_paths(doc: dict[str, Any], path: str, direction: int, expected
 def test_empty_array_sorts_before_null() -> None:
     spec = (("a", 1),)
     docs = [{"a": None}, {"a": []}, {"a": 0}, {}]
-    assert [d.get("a", "missing") for d in sorted(docs, key=ordering(spec))][0] == []
+    assert next(d.get("a", "missing") for d in sorted(docs, key=ordering(spec))) == []
 
 
 @pytest.mark.parametrize(("sort", "reason"), [

@@ -173,6 +173,8 @@ class FanOut:
             for stream in streams:
                 stream.kill()
             raise
+        # In the targets' order (they answered in any): ties and unsorted reads follow it.
+        streams = [s for target in targets for s in streams if s.roundtrip is target]
         if merge.kind == "count":
             total = count_total((_number(r, "n") for r in replies), merge.skip, merge.limit)
             return {"n": total, "ok": 1.0}

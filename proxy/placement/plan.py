@@ -187,7 +187,7 @@ def _aggregate(database: str, collection: str, command: dict[str, Any], tenant: 
         _check_collation(command, "a sorted merge compares")
         position += 1
     skip, limit = _skip_limit(stages[position:len(stages) - counting])
-    forwarded = [stage for _, _, stage in prefix]
+    forwarded = [{operator: argument} for _, operator, argument in prefix]
     if sort is not None:
         forwarded.append({"$sort": tail[0][2]})
     wanted = per_cluster_limit(skip, limit)
