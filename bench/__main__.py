@@ -21,6 +21,7 @@ Subcommands:
          time per forwarded find and per cache hit (bench/ab.py)
   failover  FerretDB SIGKILLed and restarted under load: client-visible errors, lost
             and doubled writes, recovery; direct vs the proxy (bench/failover.py)
+  placement-fanout  fan-out find latency over 2 clusters vs one (bench/placement_fanout.py)
   workers  listen.workers 1 vs 2: throughput at saturation (cache hits, forwarded finds),
            cores per process, RSS with idle clients (bench/workers.py)
 """
@@ -39,6 +40,7 @@ from bench import (
     failover,
     harness,
     observe_cost,
+    placement_fanout,
     pool,
     report,
     seed,
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_parser(subparsers)
     workers.add_parser(subparsers)
     failover.add_parser(subparsers)
+    placement_fanout.add_parser(subparsers)
     return parser
 
 
