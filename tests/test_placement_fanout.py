@@ -19,6 +19,7 @@ from proxy.errors import ProxyError
 from proxy.placement.clusters import cluster_roundtrip
 from proxy.placement.fanout import FanOut
 from proxy.placement.merge import ordering, parse_sort
+from proxy.placement.plan import plan
 from proxy.route.cursors import CursorTable
 from proxy.route.readpref import PRIMARY, read_preference
 from proxy.route.rules import RouteDecision
@@ -395,3 +396,33 @@ async def test_malformed_is_the_servers_error(command: dict[str, Any], code: int
     with pytest.raises(ProxyError) as info:
         await fanout.run(name, command, [], DECISION, 1)
     assert info.value.code == code
+
+
+@pytest.mark.parametrize(("name", "command", "asked", "skip", "limit"), [
+    ("find", {"find": "d", "filter": {"a": 1}, "skip": 5, "limit": 10, "batchSize": 3,
+              "singleBatch": True, "lsid": {"id": 1}, "$clusterTime": {}, "$db": "x"},
+     {"find": "d", "filter": {"a": 1}, "limit": 15}, 5, 10),
+    ("find", {"find": "d", "skip": 5, "readConcern": {"level": "local",
+                                                      "afterClusterTime": 1}},
+     {"find": "d", "readConcern": {"level": "local"}}, 5, None),
+    ("count", {"count": "d", "query": {}, "skip": 2, "limit": -3},
+     {"count": "d", "query": {}, "limit": 5}, 2, 3),
+    ("aggregate", {"aggregate": "d", "pipeline": [
+        {"$match": {"a": 1}}, {"$skip": 4}, {"$limit": 6},
+        {"$group": {"_id": 1, "n": {"$sum": 1}}}], "cursor": {}},
+     {"aggregate": "d", "pipeline": [{"$match": {"a": 1}}, {"$limit": 10},
+                                     {"$group": {"_id": 1, "n": {"$sum": 1}}}],
+      "cursor": {}}, 4, 6),
+    ("aggregate", {"aggregate": "d", "pipeline": [
+        {"$group": {"_id": "$tenant", "n": {"$sum": 1}}}, {"$sort": {"n": 1}},
+        {"$limit": 9}, {"$skip": 2}], "cursor": {"batchSize": 1}},
+     {"aggregate": "d", "pipeline": [{"$group": {"_id": "$tenant", "n": {"$sum": 1}}},
+                                     {"$sort": {"n": 1}}, {"$limit": 9}],
+      "cursor": {}}, 2, 7),
+])
+def test_what_each_cluster_is_asked(name: str, command: dict[str, Any],
+                                    asked: dict[str, Any], skip: int,
+                                    limit: int | None) -> None:
+    planned = plan(name, command, "tenant")
+    assert planned.command == asked
+    assert (planned.skip, planned.limit) == (skip, limit)
