@@ -278,6 +278,10 @@ class PlacementConfig(_Strict):
     def cluster_names(self) -> tuple[str, ...]:
         return (HOME_CLUSTER, *self.clusters)
 
+    def restart_part(self) -> dict[str, Any]:
+        """What a reload cannot change (the directory, ``tenants`` and ``hash``, is live)."""
+        return self.model_dump(exclude={"tenants", "hash"})
+
 
 class ShutdownConfig(_Strict):
     """Graceful stop on SIGTERM/SIGINT."""
