@@ -121,7 +121,8 @@ class Proxy:
             **self.observer.routes(self._readiness),
             "/rules": rules_handler(lambda: self.config),
             "/connections": connections_handler(lambda: self.connections),
-            "/placement": self._placement_handler,
+            **({"/placement": self._placement_handler} if self.placement is not None
+               else {}),
             **(advice_routes(self.advisor) if config.advice.enabled else {}),
         }, self.observer.post_routes(),
             # A worker's admin server is its supervisor's private unix socket (the
@@ -277,8 +278,7 @@ class Proxy:
         return EMPTY_STATE if self.placement is None else self.placement.state
 
     def _placement_handler(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
-        if self.placement is None:
-            return json_response(404, {"error": "placement is not configured"})
+        assert self.placement is not None
         return json_response(200, placement_report(
             self.placement.router, self.config.placement, self._placement_state()))
 
