@@ -20,6 +20,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from proxy.identity.credentials import hash_password
 from tests.support import FerretDBProcess, ProxyProcess
+from tests.test_driver_node import run_crud
 
 Doc = dict[str, Any]
 DB = "placement_e2e"
@@ -247,3 +248,27 @@ def test_a_cluster_down_fails_only_its_tenants(
         proc.stop()
         for p in started.values():
             p.stop()
+
+
+def test_the_node_driver_of_an_unaware_application_lands_on_its_tenants_cluster(
+        clusters: dict[str, FerretDBProcess], direct: dict[str, MongoClient[Doc]],
+        tmp_path: Path) -> None:
+    """tests/node/crud.js never mentions a tenant: in inject mode, as acme_app, the
+    proxy adds the tenant and sends everything to acme's cluster (eu)."""
+    config = _placement_config(clusters)
+    config["tenancy"]["mode"] = "inject"
+    proc = ProxyProcess(clusters["home"].uri, config, workdir=tmp_path).start()
+    try:
+        uri = (f"mongodb://acme_app:{PASSWORDS['acme_app']}@{proc.address}/"
+               "?authMechanism=SCRAM-SHA-256&authSource=admin")
+        via_proxy = run_crud(uri, DB)
+        reference = run_crud(f"{clusters['home'].uri}?directConnection=true", f"{DB}_ref")
+    finally:
+        proc.stop()
+    del via_proxy["hello"], reference["hello"]
+    assert via_proxy["findOne"].pop("tenant_id") == "acme"
+    assert via_proxy == reference
+    counts = _where(direct, "items", {})
+    assert counts == {"home": 0, "eu": 120, "big": 0}
+    assert direct["eu"][DB].items.count_documents({"tenant_id": "acme"}) == 120
+    direct["home"].drop_database(f"{DB}_ref")
