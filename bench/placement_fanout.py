@@ -3,7 +3,14 @@
 Two FerretDB processes as two clusters, each holding half of the tenants' documents;
 the first also holds all of them in another collection. One query, a sorted and
 limited find (``sort: {priority: -1, _id: 1}, limit: 50`` over one status), is timed
-sequentially, in process, on two paths:
+sequentially on five paths. Through the proxy (placement over the two clusters, tenancy
+enforce, pymongo as a ``"*"`` user):
+
+- ``proxy-fanout-2``: the find on the tenant-scoped collection, fanned out to both;
+- ``proxy-single``: the same find on the collection holding everything (exempt from
+  tenancy, so it goes to the first cluster only, as any read of one cluster does).
+
+In process, without a client or the proxy's listener:
 
 - ``fanout-2``: ``proxy.placement.fanout.FanOut.run`` over both clusters (each asked
   for 50, merged in order), the path a ``"*"`` user's cross-tenant read takes;
@@ -15,10 +22,10 @@ sequentially, in process, on two paths:
 FerretDB (SQLite) filters and sorts in its own process, so its time grows with the
 documents a cluster holds: two clusters with half each work in parallel.
 
-Rounds rotate the order of the paths; each round gives p50/p95 per path and
-their ratio; the figures are the ratios over all rounds with each round's lowest and
-highest. Client-side costs (a driver, the proxy's listener) are not in either path.
-Writes bench/results/placement-fanout.json.
+Rounds rotate the order of the paths; each round gives p50/p95 per path and the
+ratios of each fanned-out path to its single-cluster twin; the figures are the medians
+of the rounds with each ratio's lowest and highest round. Writes
+bench/results/placement-fanout.json.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pymongo import MongoClient
 
 from bench.stack import Stack, start_stack
 from proxy.config import UpstreamConfig
+from proxy.identity.credentials import hash_password
 from proxy.placement.clusters import cluster_roundtrip
 from proxy.placement.fanout import FanOut
 from proxy.route.cursors import CursorTable
@@ -53,8 +61,12 @@ DECISION = RouteDecision("default", None, None, PRIMARY)
 QUERY: dict[str, Any] = {"filter": {"status": "open"}, "sort": {"priority": -1, "_id": 1},
                          "limit": 50}
 Op = Callable[[], Awaitable[list[Any]]]
-_FANNED = ("fanout-2", "fanout-1")
-_RATIOS = tuple(f"{path}/single {q}" for path in _FANNED for q in ("p50", "p95"))
+# (fanned-out path, the single-cluster path it is compared with)
+_PAIRS = (("proxy-fanout-2", "proxy-single"), ("fanout-2", "single"), ("fanout-1", "single"))
+_PATHS = ("proxy-fanout-2", "proxy-single", "fanout-2", "fanout-1", "single")
+_RATIOS = tuple(f"{a}/{b} {q}" for a, b in _PAIRS for q in ("p50", "p95"))
+USER, PASSWORD = "ops", "bench-secret"
+TENANT_EXEMPT = ("tenants", "system.*", "admin.*", "config.*", "local.*", "all")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -64,7 +76,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--docs", type=int, default=1_000,
                    help="documents in all (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=6, help="rounds (default: %(default)s)")
-    p.add_argument("--ops", type=int, default=40,
+    p.add_argument("--ops", type=int, default=30,
                    help="finds per path per round (default: %(default)s)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON,
                    help="where to write the results (default: %(default)s)")
@@ -88,6 +100,29 @@ def seed(stacks: list[Stack], docs: int) -> None:
     finally:
         for client in clients:
             client.close()
+
+
+def proxy_extra(other_uri: str) -> dict[str, Any]:
+    """The measured proxy: home is the first cluster, "b" the second (odd tenants)."""
+    users = [{"username": USER, "password_sha256": hash_password(PASSWORD, iterations=4096),
+              "tenant": "*"}]
+    return {
+        "tenancy": {"mode": "enforce", "field": "tenant", "users": users,
+                    "exempt": list(TENANT_EXEMPT)},
+        "placement": {"clusters": {"b": {"uri": other_uri}},
+                      "tenants": {f"t{i}": "b" for i in range(1, 40, 2)}},
+    }
+
+
+def _proxy_ops(client: MongoClient[dict[str, Any]]) -> dict[str, Op]:
+    def find(collection: str) -> Op:
+        coll = client[DB][collection]
+
+        async def op() -> list[Any]:  # a blocking driver call: the loop has nothing else
+            return [d["_id"] for d in coll.find(QUERY["filter"], sort=list(
+                QUERY["sort"].items()), limit=QUERY["limit"])]
+        return op
+    return {"proxy-fanout-2": find("docs"), "proxy-single": find("all")}
 
 
 def _ops(fanout: FanOut, roundtrips: list[Roundtrip]) -> dict[str, Op]:
@@ -123,6 +158,17 @@ def _pct(samples: list[float], q: int) -> float:
 
 
 async def measure(stacks: list[Stack], rounds: int, ops: int) -> dict[str, Any]:
+    client: MongoClient[dict[str, Any]] = MongoClient(
+        stacks[0].proxy_uri, username=USER, password=PASSWORD,
+        authMechanism="SCRAM-SHA-256")
+    try:
+        return await _measure(stacks, client, rounds, ops)
+    finally:
+        client.close()
+
+
+async def _measure(stacks: list[Stack], client: MongoClient[dict[str, Any]], rounds: int,
+                   ops: int) -> dict[str, Any]:
     roundtrips = []
     for index, stack in enumerate(stacks):
         roundtrip = cluster_roundtrip(f"c{index}", UpstreamConfig(uri=stack.direct_uri),
@@ -131,7 +177,7 @@ async def measure(stacks: list[Stack], rounds: int, ops: int) -> dict[str, Any]:
         roundtrips.append(roundtrip)
     fanout = FanOut(101, "tenant")
     try:
-        paths = _ops(fanout, roundtrips)
+        paths = {**_proxy_ops(client), **_ops(fanout, roundtrips)}
         same = [await op() for op in paths.values()]
         if any(ids != same[0] for ids in same):
             raise SystemExit("bench placement-fanout: the fan-out and the single cluster "
@@ -146,9 +192,9 @@ async def measure(stacks: list[Stack], rounds: int, ops: int) -> dict[str, Any]:
             row: dict[str, Any] = {"round": rnd}
             for name, values in samples.items():
                 row[name] = {"p50_us": _pct(values, 50), "p95_us": _pct(values, 95)}
-            for path in _FANNED:
+            for a, b in _PAIRS:
                 for q in ("p50_us", "p95_us"):
-                    row[f"{path}/single {q[:3]}"] = row[path][q] / row["single"][q]
+                    row[f"{a}/{b} {q[:3]}"] = row[a][q] / row[b][q]
             per_round.append(row)
     finally:
         await fanout.close()
@@ -161,7 +207,7 @@ async def measure(stacks: list[Stack], rounds: int, ops: int) -> dict[str, Any]:
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     rows = result["rounds"]
     out: dict[str, Any] = {}
-    for path in (*_FANNED, "single"):
+    for path in _PATHS:
         out[path] = {q: statistics.median(r[path][q] for r in rows)
                      for q in ("p50_us", "p95_us")}
     for key in _RATIOS:
@@ -172,7 +218,12 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    stacks = [start_stack(), start_stack()]
+    other = start_stack()
+    try:
+        stacks = [start_stack(proxy_extra=proxy_extra(other.direct_uri)), other]
+    except BaseException:
+        other.stop()
+        raise
     try:
         print(f"seeding {args.docs} documents ...", flush=True)
         seed(stacks, args.docs)
@@ -181,8 +232,8 @@ def main(args: argparse.Namespace) -> int:
         for stack in stacks:
             stack.stop()
     figures = summary(result)
-    for path in (*_FANNED, "single"):
-        print(f"{path:9s} p50 {figures[path]['p50_us']:8.0f} µs   "
+    for path in _PATHS:
+        print(f"{path:14s} p50 {figures[path]['p50_us']:8.0f} µs   "
               f"p95 {figures[path]['p95_us']:8.0f} µs  (median of rounds)")
     for key in _RATIOS:
         r = figures[key]
