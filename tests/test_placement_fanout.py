@@ -180,6 +180,35 @@ async def _assert_killed_upstream(upstream: list[tuple[Any, ...]]) -> None:
         assert reply["ok"] == 0 and reply["code"] == 43, reply
 
 
+async def test_kill_during_a_get_more_leaves_nothing_open(clusters: list[Cluster],
+                                                         db_name: str) -> None:
+    fanout = FanOut(1, "tenant")  # one document per upstream getMore: many in flight
+    first = await fanout.run("find", {"find": "docs", "sort": {"i": 1}, "batchSize": 1,
+                                      "$db": db_name}, [c.roundtrip for c in clusters],
+                             DECISION, 1)
+    cursor_id = first["cursor"]["id"]
+    merged = fanout._cursors[cursor_id]
+    upstream = _upstream(fanout, cursor_id)
+    task = asyncio.create_task(fanout.get_more(
+        {"getMore": cursor_id, "collection": "docs", "batchSize": 50, "$db": db_name}, 1))
+    while not merged.busy:
+        await asyncio.sleep(0)
+    with pytest.raises(ProxyError) as info:  # a second getMore meanwhile: in use
+        await fanout.get_more({"getMore": cursor_id, "collection": "docs",
+                               "$db": db_name}, 1)
+    assert info.value.code == 143
+    killed = await fanout.kill({"killCursors": "docs", "cursors": [cursor_id]}, 1)
+    assert killed["cursorsKilled"] == [cursor_id]
+    try:
+        reply = await task
+        assert reply["cursor"]["id"] == 0  # it ended with what it had
+    except ProxyError as exc:
+        assert exc.code == 43  # or its next upstream getMore found the cursor killed
+    assert all(s.cursor_id == 0 and s.conn.open_cursors == 0 for s in merged.streams)
+    await _assert_killed_upstream(upstream)
+    await fanout.close()
+
+
 async def test_wrong_namespace_and_busy(clusters: list[Cluster], db_name: str) -> None:
     fanout = FanOut(2, "tenant")
     reply = await fanout.run("find", {"find": "docs", "batchSize": 1, "$db": db_name},

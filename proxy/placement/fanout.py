@@ -61,7 +61,8 @@ _T = TypeVar("_T")
 class _Stream:
     """One cluster's part of a merged cursor: its upstream cursor and read-ahead."""
 
-    __slots__ = ("address", "conn", "cursor_id", "docs", "keys", "namespace", "roundtrip")
+    __slots__ = ("address", "conn", "cursor_id", "docs", "keys", "killed", "namespace",
+                 "roundtrip")
 
     def __init__(self, roundtrip: Roundtrip, address: Address, conn: UpstreamConnection,
                  cursor_id: int, namespace: str) -> None:
@@ -72,10 +73,13 @@ class _Stream:
         self.namespace = namespace
         self.docs: deque[RawBSONDocument] = deque()
         self.keys: deque[tuple[Key, ...]] = deque()
+        self.killed = False
         if cursor_id:
             conn.cursor_opened()  # the pool keeps the connection that holds the cursor
 
     def extend(self, docs: list[RawBSONDocument], cursor_id: int, merge: Plan) -> None:
+        if self.killed:  # a getMore that raced a killCursors or the client's departure
+            return
         self.docs.extend(docs)
         if merge.sort is not None:
             self.keys.extend(sort_key(doc, merge.sort) for doc in docs)
@@ -85,6 +89,9 @@ class _Stream:
 
     def kill(self) -> None:
         """Kill the upstream cursor (in the background) if it is still open."""
+        self.killed = True
+        self.docs.clear()
+        self.keys.clear()
         if self.cursor_id:
             cursor_id, self.cursor_id = self.cursor_id, 0
             self.conn.cursor_closed()
