@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import re
+import uuid
 from typing import Any
 
 import pymongo
@@ -80,6 +81,7 @@ def test_value_key_orders_every_type_as_mongodb() -> None:
     (1, 1.0), (1, Int64(1)), (1, Decimal128("1.0")), (0, -0.0), (Decimal128("-0"), 0),
     (float("nan"), Decimal128("NaN")), (float("inf"), Decimal128("Infinity")),
     ({"a": 1}, {"a": 1.0}), ([1, "x"], [1.0, "x"]),
+    (uuid.UUID(int=7), Binary(uuid.UUID(int=7).bytes, 4)),
 ])
 def test_bson_equal_values_have_equal_keys(a: Any, b: Any) -> None:
     assert value_key(a) == value_key(b)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from functools import cmp_to_key
@@ -105,6 +106,8 @@ def _other_key(value: Any) -> Key:
         return (_BINDATA, len(value), value.subtype, bytes(value))
     if isinstance(value, bytes):  # subtype 0 decodes to bytes
         return (_BINDATA, len(value), 0, value)
+    if isinstance(value, uuid.UUID):  # subtype 4, when decoded with a UUID representation
+        return (_BINDATA, 16, 4, value.bytes)
     if isinstance(value, Timestamp):
         return (_TIMESTAMP, value.time, value.inc)
     if isinstance(value, Regex):
