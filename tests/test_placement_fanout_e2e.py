@@ -13,35 +13,31 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure
 
 from proxy.identity.credentials import hash_password
+from tests import test_placement_routing
 from tests.support import FerretDBProcess, ProxyProcess
 
 Doc = dict[str, Any]
 DB = "fanout_e2e"
 PASSWORDS = {"acme_app": "a-secret", "ops": "o-secret"}
 TENANT_OF = {"acme_app": "acme", "ops": "*"}
+# The three clusters of the routing tests (home, eu, big), started once for this module.
+clusters = test_placement_routing.clusters
 CLUSTER_OF = {"acme": "eu", "globex": "big", "initech": "home", "umbrella": "eu"}
 
 
 @pytest.fixture(scope="module")
-def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, FerretDBProcess]]:
-    started = {name: FerretDBProcess(tmp_path_factory.mktemp(f"ferretdb-{name}")).start()
-               for name in ("home", "eu", "big")}
-    yield started
-    for proc in started.values():
-        proc.stop()
-
-
-@pytest.fixture(scope="module")
 def direct(clusters: dict[str, FerretDBProcess]) -> Iterator[dict[str, MongoClient[Doc]]]:
-    clients: dict[str, MongoClient[Doc]] = {n: MongoClient(p.uri) for n, p in clusters.items()}
-    for client in clients.values():
-        client.drop_database(DB)
+    """Direct clients of each cluster, each holding its tenants' tasks (60 a tenant)."""
+    opened: dict[str, MongoClient[Doc]] = {}
+    for name, proc in clusters.items():
+        opened[name] = MongoClient(proc.uri)
+        opened[name].drop_database(DB)
     for index, (tenant, cluster) in enumerate(CLUSTER_OF.items()):
-        clients[cluster][DB].tasks.insert_many([
+        opened[cluster][DB].tasks.insert_many([
             {"tenant_id": tenant, "n": (i * 37 + index) % 101, "i": i,
              "status": ("open", "done")[i % 2]} for i in range(60)])
-    yield clients
-    for client in clients.values():
+    yield opened
+    for client in opened.values():
         client.drop_database(DB)
         client.close()
 
