@@ -342,13 +342,42 @@ async def test_cursor_limits(clusters: list[Cluster], db_name: str) -> None:
     await fanout.close()
 
 
-async def test_secondary_read_preference_goes_to_each_cluster(clusters: list[Cluster],
-                                                              db_name: str) -> None:
-    decision = RouteDecision("dashboard", 0, "x", read_preference("secondaryPreferred"))
-    fanout = FanOut(50, "tenant")
-    reply = await fanout.run("find", {"find": "docs", "filter": {"i": 0}, "$db": db_name},
-                             [c.roundtrip for c in clusters], decision, 1)
-    assert len(reply["cursor"]["firstBatch"]) == len(TENANTS)
+async def test_a_secondary_read_goes_to_a_secondary_of_each_cluster(
+        ferretdb: FerretDBProcess, ferretdb_factory: FerretDBFactory, db_name: str) -> None:
+    """Two clusters of declared members (FerretDB does not replicate: each member holds
+    its own marker documents, so the answer tells which member each cluster used)."""
+    procs = [ferretdb, ferretdb_factory(), ferretdb_factory(), ferretdb_factory()]
+    roundtrips = []
+    for index in range(2):
+        primary, secondary = procs[2 * index], procs[2 * index + 1]
+        for role, proc in (("primary", primary), ("secondary", secondary)):
+            with pymongo.MongoClient(proc.uri) as client:
+                client[db_name]["docs"].insert_many(
+                    [{"cluster": index, "role": role, "i": i} for i in range(30)])
+        config = UpstreamConfig(members=[
+            {"host": primary.address, "role": "primary"},
+            {"host": secondary.address, "role": "secondary"}])
+        roundtrip = cluster_roundtrip(f"c{index}", config, CursorTable())
+        await roundtrip.topology.start()
+        roundtrips.append(roundtrip)
+    fanout = FanOut(4, "tenant")
+    try:
+        for mode, role in (("secondaryPreferred", "secondary"), ("primary", "primary")):
+            decision = RouteDecision("dashboard", 0, "x", read_preference(mode))
+            reply = await fanout.run("find", {"find": "docs", "sort": {"i": -1},
+                                              "limit": 40, "$db": db_name},
+                                     roundtrips, decision, 1)
+            got = await _drain(fanout, reply, db_name, 7)
+            assert [d["i"] for d in got] == [i for i in range(29, 9, -1) for _ in (0, 1)]
+            assert {(d["cluster"], d["role"]) for d in got} == {(0, role), (1, role)}
+    finally:
+        await fanout.close()
+        for proc in procs:
+            with pymongo.MongoClient(proc.uri) as client:
+                client.drop_database(db_name)
+        for roundtrip in roundtrips:
+            await roundtrip.pools.close()
+            await roundtrip.topology.close()
 
 
 # -- what is refused, and why (no server needed) --------------------------------------------
