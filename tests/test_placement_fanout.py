@@ -340,6 +340,17 @@ async def test_cursor_limits(clusters: list[Cluster], db_name: str) -> None:
     # then a new one may open
     assert (await fanout.run("find", dict(find), targets, DECISION, 1))["cursor"]["id"]
     await fanout.close()
+    # two at once with room for one: one cursor, one refusal, nothing left open upstream
+    fanout = FanOut(2, "tenant", max_cursors=1)
+    results = await asyncio.gather(*(fanout.run("find", dict(find), targets, DECISION, 1)
+                                     for _ in range(2)), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, ProxyError)]
+    assert len(errors) == 1 and errors[0].code == 146 and len(fanout) == 1
+    conns = {id(c.roundtrip): c.roundtrip for c in clusters}
+    open_cursors = sum(conn.open_cursors for r in conns.values() for pool in r.pools.all()
+                       for conn in pool._idle)
+    assert open_cursors == len(targets)  # the one merged cursor's upstream cursors
+    await fanout.close()
 
 
 async def test_a_secondary_read_goes_to_a_secondary_of_each_cluster(

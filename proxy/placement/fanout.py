@@ -167,10 +167,7 @@ class FanOut:
                 f"{name} on {command.get('$db')}.{command.get(name)} spans tenants on "
                 f"several clusters: {exc}")) from None
         if merge.kind == "cursor" and len(self._cursors) >= self.max_cursors:
-            raise ProxyError(EXCEEDED_MEMORY_LIMIT, (
-                f"{name} on {merge.namespace}: {len(self._cursors)} cursors spanning "
-                f"clusters are open, the limit (max_cursors {self.max_cursors}); close "
-                f"some or wait for idle ones to expire"))
+            raise self._too_many(name, merge)
         upstream = self._upstream_command(merge, decision)
         streams: list[_Stream] = []
         try:
@@ -228,10 +225,19 @@ class FanOut:
         cursor_id = 0
         if merge.single_batch or merged.exhausted:
             merged.kill()
+        elif len(self._cursors) >= self.max_cursors:  # others opened meanwhile
+            merged.kill()
+            raise self._too_many(next(iter(merge.command)), merge)
         else:
             cursor_id = self._register(merged)
         return {"cursor": {"firstBatch": docs, "id": Int64(cursor_id),
                            "ns": merge.namespace}, "ok": 1.0}
+
+    def _too_many(self, name: str, merge: Plan) -> ProxyError:
+        return ProxyError(EXCEEDED_MEMORY_LIMIT, (
+            f"{name} on {merge.namespace}: {len(self._cursors)} cursors spanning clusters "
+            f"are open, the limit (max_cursors {self.max_cursors}); close some or wait for "
+            f"idle ones to expire"))
 
     def _register(self, merged: _Merged) -> int:
         cursor_id = _ID_FLOOR + secrets.randbelow(_ID_SPAN)
