@@ -8,6 +8,9 @@ Subcommands:
   observe  cost of timing + shape + digest + metrics (+ a slow-log line) per operation:
            in process, and as proxy CPU per operation end to end (bench/observe_cost.py)
   tenancy  tenancy policy cost per command, in process (bench/tenancy_cost.py)
+  placement  tenant placement's decision cost per command, in process
+             (bench/placement_cost.py)
+  placement-fanout  fan-out find latency over 2 clusters vs one (bench/placement_fanout.py)
   cache  hot cacheable find: proxy + result cache vs FerretDB directly (bench/cache.py)
   seed   load the multi-tenant project-management data set (bench/seed.py, bench/workload.py)
   run    the multi-tenant workload: direct vs tcp vs proxy vs proxy-cache, closed and open
@@ -21,7 +24,6 @@ Subcommands:
          time per forwarded find and per cache hit (bench/ab.py)
   failover  FerretDB SIGKILLed and restarted under load: client-visible errors, lost
             and doubled writes, recovery; direct vs the proxy (bench/failover.py)
-  placement-fanout  fan-out find latency over 2 clusters vs one (bench/placement_fanout.py)
   workers  listen.workers 1 vs 2: throughput at saturation (cache hits, forwarded finds),
            cores per process, RSS with idle clients (bench/workers.py)
 """
@@ -40,6 +42,7 @@ from bench import (
     failover,
     harness,
     observe_cost,
+    placement_cost,
     placement_fanout,
     pool,
     report,
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_parser(subparsers)
     observe_cost.add_parser(subparsers)
     tenancy_cost.add_parser(subparsers)
+    placement_cost.add_parser(subparsers)
     cache.add_parser(subparsers)
     seed.add_parser(subparsers)
     harness.add_parser(subparsers)

@@ -272,3 +272,53 @@ def test_the_node_driver_of_an_unaware_application_lands_on_its_tenants_cluster(
     assert counts == {"home": 0, "eu": 120, "big": 0}
     assert direct["eu"][DB].items.count_documents({"tenant_id": "acme"}) == 120
     direct["home"].drop_database(f"{DB}_ref")
+
+
+def test_with_two_workers_a_cursor_hops_workers_and_stays_on_its_cluster(
+        clusters: dict[str, FerretDBProcess], direct: dict[str, MongoClient[Doc]],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """listen.workers: 2: a getMore arriving at the worker that did not open the cursor
+    learns the cursor's cluster from its sibling; /placement sums the workers."""
+    from tests.test_workers import WORKERS, eventually, readyz, workers_of
+    from tests.test_workers import client as worker_client
+
+    direct["eu"][DB].tasks.insert_many([{"_id": f"acme-{i:02d}", "tenant_id": "acme"}
+                                        for i in range(10)])
+    config = {**_placement_config(clusters), **WORKERS}
+    proc = ProxyProcess(clusters["home"].uri, config,
+                        workdir=tmp_path_factory.mktemp("proxy")).start()
+    opened: list[MongoClient[Doc]] = []
+    try:
+        eventually(lambda: readyz(proc)["ready"], "both workers ready")
+
+        def in_worker(worker: int) -> MongoClient[Doc]:
+            for n in range(64):
+                app = f"placed-{worker}-{n}"
+                mc = worker_client(proc, app, username="acme_app",
+                                   password=PASSWORDS["acme_app"],
+                                   authMechanism="SCRAM-SHA-256")
+                opened.append(mc)
+                mc[DB].tasks.find_one({"tenant_id": "acme"})
+                if workers_of(proc).get(app) == {worker}:
+                    return mc
+            raise AssertionError(f"no connection landed in worker {worker}")
+
+        first_worker, other_worker = in_worker(0), in_worker(1)
+        first = first_worker[DB].command("find", "tasks", filter={"tenant_id": "acme"},
+                                         sort={"_id": 1}, batchSize=4)
+        ids = [d["_id"] for d in first["cursor"]["firstBatch"]]
+        more = other_worker[DB].command("getMore", first["cursor"]["id"],
+                                        collection="tasks")
+        ids += [d["_id"] for d in more["cursor"]["nextBatch"]]
+        assert ids == [f"acme-{i:02d}" for i in range(10)]
+        status, body = _get(proc, "/placement")
+        assert status == 200
+        report = json.loads(body)
+        assert [w["worker"] for w in report["workers"]] == [0, 1]
+        assert report["commands"]["eu"] >= 3
+        # Nothing went home: the getMore in the other worker went to the cursor's cluster.
+        assert "home" not in report["commands"], report["commands"]
+    finally:
+        for mc in opened:
+            mc.close()
+        proc.stop()

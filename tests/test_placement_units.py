@@ -224,3 +224,30 @@ def test_a_transaction_stays_on_one_cluster(router: PlacementRouter) -> None:
     assert commit.cluster == "eu"
     spanning = _place(router, {"find": "t", **txn}, Admission(superuser=True, spans="x"))
     assert spanning.code[0] == 263
+
+
+# -- explain-route names the cluster ---------------------------------------------------------
+
+def test_explain_route_names_the_cluster() -> None:
+    from proxy.explain.route import explain_route
+    from proxy.identity.credentials import hash_password
+    from proxy.route.rules import RoutingConfig
+
+    tenancy = TenancyConfig(mode="enforce", users=[  # type: ignore[arg-type]
+        {"username": "ops", "password_sha256": hash_password("x", iterations=4096),
+         "tenant": "*"}])
+
+    def cluster_line(command: str) -> str:
+        text = explain_route(RoutingConfig(), command, tenancy=tenancy, user="ops",
+                             placement=PLACEMENT)
+        return next(line for line in text.splitlines() if line.startswith("cluster:"))
+
+    assert "eu (tenant 'acme', directory" in cluster_line(
+        '{"find": "t", "filter": {"tenant_id": "acme"}, "$db": "d"}')
+    assert "home (tenant 'zeta', not listed" in cluster_line(
+        '{"find": "t", "filter": {"tenant_id": "zeta"}, "$db": "d"}')
+    assert "every cluster if it can be fanned out" in cluster_line(
+        '{"find": "t", "filter": {}, "$db": "d"}')
+    assert "every cluster in turn" in cluster_line(
+        '{"createIndexes": "t", "indexes": [{"key": {"a": 1}, "name": "a"}], "$db": "d"}')
+    assert "home (not confined" in cluster_line('{"find": "tenants", "$db": "d"}')

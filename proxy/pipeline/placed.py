@@ -99,14 +99,12 @@ class Placement:
         if fanout is not None and name == "killCursors":
             document = await fanout.kill(command, owner)
             return document
-        reason = placed.refused
         why_not = "fan-out reads are off" if fanout is None else fanout.refusal(name, command)
         if why_not is not None:
+            # placed.refused: why the command is not confined to one tenant.
             raise ProxyError(UNAUTHORIZED, (
                 f"{name} on {request.namespace} spans tenants on several clusters and "
-                f"cannot be fanned out ({why_not}); name one tenant "
-                f"({reason})" if reason else f"{name} on {request.namespace} spans "
-                f"tenants on several clusters and cannot be fanned out ({why_not})"))
+                f"cannot be fanned out: {why_not}; name one tenant ({placed.refused})"))
         reply.cluster = "*"
         decision = reply.decision
         assert fanout is not None and decision is not None

@@ -84,11 +84,12 @@ class PlacementRouter:
     def place(self, request: Request, admission: Admission, bound_tenant: str | None,
               config: PlacementConfig, state: PlacementState) -> Placed:
         name = request.name
-        if name in CONTINUATIONS:
-            return self._continuation(request)
         txn = request.transaction_key
         tenant = admission.tenant
-        if tenant is not None:
+        if name in CONTINUATIONS:
+            placed = self._continuation(request)
+            txn = None
+        elif tenant is not None:
             key = tenant_key(tenant)
             placed = self._one(self.cluster_for(key, config, state), key)
         elif admission.spans is not None:
