@@ -10,6 +10,7 @@ Subcommands:
   tenancy  tenancy policy cost per command, in process (bench/tenancy_cost.py)
   placement  tenant placement's decision cost per command, in process
              (bench/placement_cost.py)
+  placement-fanout  fan-out find latency over 2 clusters vs one (bench/placement_fanout.py)
   cache  hot cacheable find: proxy + result cache vs FerretDB directly (bench/cache.py)
   seed   load the multi-tenant project-management data set (bench/seed.py, bench/workload.py)
   run    the multi-tenant workload: direct vs tcp vs proxy vs proxy-cache, closed and open
@@ -42,6 +43,7 @@ from bench import (
     harness,
     observe_cost,
     placement_cost,
+    placement_fanout,
     pool,
     report,
     seed,
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_parser(subparsers)
     workers.add_parser(subparsers)
     failover.add_parser(subparsers)
+    placement_fanout.add_parser(subparsers)
     return parser
 
 

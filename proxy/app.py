@@ -28,6 +28,7 @@ from proxy.pipeline import Pipeline
 from proxy.pipeline.placed import Placement
 from proxy.placement.clusters import Clusters
 from proxy.placement.directory import EMPTY_STATE, PlacementState
+from proxy.placement.fanout import FanOut
 from proxy.placement.health import PlacementMetrics, cluster_health, placement_report
 from proxy.pool.auth import Credentials
 from proxy.pool.registry import Pools
@@ -96,7 +97,8 @@ class Proxy:
         )
         self.placement: Placement | None = None
         if config.placement.enabled:
-            self.placement = Placement(self.clusters)
+            self.placement = Placement(self.clusters, FanOut(
+                config.placement.fanout_batch_size, config.tenancy.field))
             self.pipeline.placement = self.placement
             self.observer.metrics.registry.register(PlacementMetrics(
                 self.placement.router, lambda: self.config.placement,
@@ -224,6 +226,8 @@ class Proxy:
         if self.listen_tls is not None:
             await self.listen_tls.close()
         await self.pools.close()
+        if self.placement is not None and self.placement.fanout is not None:
+            await self.placement.fanout.close()
         await self.clusters.close()
         if self.cache is not None:
             await self.cache.close()

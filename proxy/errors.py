@@ -29,6 +29,9 @@ UNSUPPORTED_OP_QUERY = (352, "UnsupportedOpQueryCommand")
 FAILED_TO_SATISFY_READ_PREFERENCE = (133, "FailedToSatisfyReadPreference")
 MAX_STALENESS_OUT_OF_RANGE = (215, "MaxStalenessOutOfRange")
 INVALID_NAMESPACE = (73, "InvalidNamespace")
+CURSOR_NOT_FOUND = (43, "CursorNotFound")
+CURSOR_IN_USE = (143, "CursorInUse")
+EXCEEDED_MEMORY_LIMIT = (146, "ExceededMemoryLimit")
 # Replies meaning "this server is no longer (or not) the primary": SDAM marks it
 # Unknown so the next request selects again instead of waiting for a heartbeat.
 NOT_PRIMARY_CODES = frozenset({10107, 13435, 13436, 189, 91, 11600, 11602})

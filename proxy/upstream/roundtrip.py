@@ -21,6 +21,7 @@ from typing import Any
 
 import bson
 from bson import Int64
+from pymongo.read_preferences import _ServerMode
 
 from proxy.address import Address
 from proxy.commands import CURSOR_COMMANDS
@@ -264,6 +265,20 @@ class Roundtrip:
         _, header, body = await self._on(pool, server, next(iter(command)), message,
                                          request_id, _NO_TIMER, _PROXY_CLIENT)
         return decode_body(parse_op_msg(header + body))
+
+    async def command_on(self, database: str, command: dict[str, Any],
+                         selector: _ServerMode, server: Address | None = None) -> Exchanged:
+        """One command of the proxy's own on ``server``, else on the member ``selector``
+        picks (fan-out reads, proxy.placement.fanout): the raw reply, with the server
+        and the connection that answered (a cursor it opens lives as long as that
+        connection). Raises ProxyError."""
+        address = server or await self.topology.select(selector)
+        request_id = next_request_id()
+        message = encode_op_msg(request_id, 0, bson.encode({**command, "$db": database}))
+        conn, header, body = await self._on(self.pools.get(address), address,
+                                            next(iter(command)), message, request_id,
+                                            _NO_TIMER, _PROXY_CLIENT)
+        return Exchanged(address, conn, header, body)
 
     def runner(self, timeout_s: float) -> Callable[
             [str, dict[str, Any]], Awaitable[Mapping[str, Any]]]:
