@@ -1,0 +1,163 @@
+"""The mover's side of the clusters (sync pymongo): a tenant's documents of every scoped
+collection, copied, re-synced by id, compared and deleted. Documents are handled as raw
+BSON (``RawBSONDocument``), so the target gets the source's bytes and the content hash
+compares bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import bson
+from bson import ObjectId
+from bson.binary import Binary
+from bson.raw_bson import RawBSONDocument
+from pymongo import DeleteOne, MongoClient, ReplaceOne
+from pymongo.collection import Collection
+from pymongo.errors import OperationFailure
+
+from proxy.config import UpstreamConfig
+from proxy.placement.written import raw_id_doc
+from proxy.tenancy.config import TenancyConfig
+
+__all__ = ["Cluster", "connect", "tenant_values"]
+
+_SYSTEM_DBS = frozenset({"admin", "config", "local"})
+_NAMESPACE_EXISTS = 48
+_INT64 = re.compile(r"-?[0-9]{1,19}")
+# BSON's comparison order of the types an _id can have (the server's, which FerretDB
+# follows): a resumed copy continues after the last _id within its type's bracket
+# ($gt only compares within one) and then takes every later bracket.
+_TYPE_ORDER: tuple[tuple[int, ...], ...] = (
+    (-1,), (10,), (1, 16, 18, 19), (2, 14), (3,), (5,), (7,), (8,), (9,), (17,), (11,),
+    (127,))
+
+
+def tenant_values(key: str) -> list[Any]:
+    """The values a tenant key can stand for in documents: the string itself, and the
+    int64, ObjectId or UUID it spells (the directory's key is the value as a string)."""
+    values: list[Any] = [key]
+    if _INT64.fullmatch(key) and -2**63 <= int(key) < 2**63:
+        values.append(int(key))
+    if ObjectId.is_valid(key) and len(key) == 24:
+        values.append(ObjectId(key))
+    try:
+        parsed = uuid.UUID(key)
+    except ValueError:
+        pass
+    else:
+        if str(parsed) == key.lower():
+            values.append(Binary.from_uuid(parsed))
+    return values
+
+
+def connect(config: UpstreamConfig) -> MongoClient[RawBSONDocument]:
+    """A client for a cluster as configured (uri, or the declared primary member)."""
+    if config.uri is not None and not config.members:
+        return MongoClient(config.uri, document_class=RawBSONDocument)
+    primary = next((m for m in config.members if m.role == "primary"), config.members[0])
+    host, port = primary.address
+    return MongoClient(host, port, directConnection=True, document_class=RawBSONDocument)
+
+
+def _later_types(value: Any) -> list[int]:
+    code = bson.encode({"_id": value})[4]
+    for index, group in enumerate(_TYPE_ORDER):
+        if code in group:
+            return [t for g in _TYPE_ORDER[index + 1:] for t in g]
+    return []
+
+
+class Cluster:
+    """One cluster's documents of one tenant."""
+
+    def __init__(self, name: str, client: MongoClient[RawBSONDocument],
+                 tenancy: TenancyConfig, tenant: str) -> None:
+        self.name = name
+        self.client = client
+        self.field = tenancy.field
+        self._scoped = tenancy.scoped_patterns()
+        self._exempt = tenancy.exempt_patterns()
+        self.match: dict[str, Any] = {tenancy.field: {"$in": tenant_values(tenant)}}
+
+    def close(self) -> None:
+        self.client.close()
+
+    def coll(self, ns: str) -> Collection[RawBSONDocument]:
+        db, _, coll = ns.partition(".")
+        return self.client[db][coll]
+
+    def namespaces(self) -> list[str]:
+        """Every scoped, non-exempt collection outside admin/config/local, sorted."""
+        found = []
+        for db in self.client.list_database_names():
+            if db in _SYSTEM_DBS:
+                continue
+            for info in self.client[db].list_collections():
+                name = info["name"]
+                if info.get("type", "collection") != "collection" or name.startswith("system."):
+                    continue
+                if self._scoped(db, name) and not self._exempt(db, name):
+                    found.append(f"{db}.{name}")
+        return sorted(found)
+
+    def ensure_like(self, source: Cluster, ns: str) -> None:
+        """Create ``ns`` here with the source's options and indexes (idempotent)."""
+        db, _, coll = ns.partition(".")
+        info = next(iter(source.client[db].list_collections(filter={"name": coll})), None)
+        options = dict(info.get("options", {})) if info is not None else {}
+        try:
+            self.client[db].command({"create": coll, **options})
+        except OperationFailure as exc:
+            if exc.code != _NAMESPACE_EXISTS:
+                raise
+        specs = []
+        for index in source.coll(ns).list_indexes():
+            spec = {k: v for k, v in dict(index).items() if k not in ("v", "ns")}
+            if spec.get("name") != "_id_":
+                specs.append(spec)
+        if specs:
+            self.client[db].command({"createIndexes": coll, "indexes": specs})
+
+    def documents(self, ns: str, after: Any = None, *, resume: bool = False,
+                  batch: int = 1000) -> Iterator[RawBSONDocument]:
+        """The tenant's documents of ``ns`` in _id order (``resume``: after ``after``)."""
+        query: dict[str, Any] = dict(self.match)
+        if resume:
+            later = _later_types(after)
+            gt: dict[str, Any] = {"_id": {"$gt": after}}
+            query["$or"] = [gt, {"_id": {"$type": later}}] if later else [gt]
+        return iter(self.coll(ns).find(query, sort=[("_id", 1)], batch_size=batch))
+
+    def upsert(self, ns: str, docs: list[RawBSONDocument]) -> None:
+        if docs:
+            self.coll(ns).bulk_write(
+                [ReplaceOne({"_id": d["_id"], **self.match}, d, upsert=True) for d in docs],
+                ordered=False)
+
+    def delete_ids(self, ns: str, ids: Iterable[Any]) -> None:
+        ops = [DeleteOne({"_id": i, **self.match}) for i in ids]
+        if ops:
+            self.coll(ns).bulk_write(ops, ordered=False)
+
+    def by_ids(self, ns: str, ids: list[Any]) -> list[RawBSONDocument]:
+        return list(self.coll(ns).find({"_id": {"$in": ids}, **self.match}))
+
+    def delete_tenant(self, ns: str) -> int:
+        return self.coll(ns).delete_many(self.match).deleted_count
+
+    def ids(self, ns: str) -> Iterator[bytes]:
+        """The raw ``{_id: v}`` of each of the tenant's documents of ``ns``."""
+        for doc in self.coll(ns).find(self.match, projection={"_id": 1}):
+            id_doc = raw_id_doc(bytes(doc.raw))
+            if id_doc is not None:
+                yield id_doc
+
+    def digest(self, ns: str) -> list[tuple[bytes, bytes]]:
+        """(raw ``{_id: v}``, sha256 of the raw document) of each of the tenant's
+        documents of ``ns``, in _id order."""
+        return [(raw_id_doc(bytes(doc.raw)) or b"", hashlib.sha256(bytes(doc.raw)).digest())
+                for doc in self.coll(ns).find(self.match, sort=[("_id", 1)])]
