@@ -51,7 +51,7 @@ from proxy.placement.shared import (
     parse_state,
     redis_ms,
 )
-from proxy.placement.written import members_after, members_before
+from proxy.placement.written import may_upsert, members_after, members_before
 from proxy.request import Request
 from proxy.upstream.roundtrip import Roundtrip
 from proxy.wire.op_msg import DocumentSequence
@@ -227,7 +227,7 @@ class PlacementAgent:
                                            sequences, roundtrip.command, MAX_WRITE_IDS)
         except ProxyError:
             members = [full_member(f"{db}.{collection}")]
-        if not members:
+        if not members and not may_upsert(request.name, command, sequences):
             return None
         if phase in VERIFYING:
             return _Ticket(key, request.name, db, collection, self.keys.after(key), members)
@@ -240,14 +240,15 @@ class PlacementAgent:
         try:
             async with asyncio.timeout(self._lease_s):
                 pipe = self.client.pipeline(transaction=True)
-                pipe.sadd(ticket.set_key, *ticket.members)
+                if ticket.members:
+                    pipe.sadd(ticket.set_key, *ticket.members)
                 if ticket.inflight_key is None:
                     await pipe.execute()
                     return True
                 pipe.hset(ticket.inflight_key, ticket.entry, b"\n".join(ticket.members))
                 pipe.get(self.keys.state)
                 pipe.time()
-                _, _, raw, now = await pipe.execute()
+                *_, raw, now = await pipe.execute()
                 state = parse_state(raw)
         except (RedisError, OSError, TimeoutError, ValueError) as exc:
             raise ProxyError(PRIMARY_STEPPED_DOWN, (
@@ -276,7 +277,8 @@ class PlacementAgent:
         try:
             async with asyncio.timeout(self._lease_s):
                 pipe = self.client.pipeline(transaction=True)
-                pipe.sadd(ticket.set_key, *ticket.members, *ticket.extra)
+                if ticket.members or ticket.extra:
+                    pipe.sadd(ticket.set_key, *ticket.members, *ticket.extra)
                 if ticket.inflight_key is not None:
                     pipe.hdel(ticket.inflight_key, ticket.entry)
                 await pipe.execute()

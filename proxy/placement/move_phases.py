@@ -62,7 +62,7 @@ def copy_namespace(source: Cluster, target: Cluster, store: MoveStore, ns: str,
 def _flush(target: Cluster, store: MoveStore, ns: str, batch: list[RawBSONDocument]) -> int:
     if not batch:
         return 0
-    target.upsert(ns, batch)
+    target.insert(ns, batch)
     store.save_progress(ns, bson.encode({"_id": batch[-1]["_id"]}).hex().encode())
     count = len(batch)
     batch.clear()
@@ -70,20 +70,16 @@ def _flush(target: Cluster, store: MoveStore, ns: str, batch: list[RawBSONDocume
 
 
 def full_resync(source: Cluster, target: Cluster, ns: str, limits: Limits) -> None:
-    """Make the target's documents of ``ns`` equal the source's: upsert all, delete the
-    extras."""
+    """Make the target's documents of ``ns`` equal the source's (before the switch)."""
     target.ensure_like(source, ns)
-    seen: set[bytes] = set()
+    target.delete_tenant(ns)
     batch: list[RawBSONDocument] = []
     for doc in source.documents(ns, batch=limits.batch):
-        seen.add(bson.encode({"_id": doc["_id"]}))
         batch.append(doc)
         if len(batch) >= limits.batch:
-            target.upsert(ns, batch)
+            target.insert(ns, batch)
             batch = []
-    target.upsert(ns, batch)
-    extras = [bson.decode(i)["_id"] for i in target.ids(ns) if i not in seen]
-    target.delete_ids(ns, extras)
+    target.insert(ns, batch)
 
 
 def _sync_members(source: Cluster, target: Cluster, members: list[bytes],
@@ -102,10 +98,7 @@ def _sync_members(source: Cluster, target: Cluster, members: list[bytes],
         if ns in full:
             continue
         target.ensure_like(source, ns)
-        found = source.by_ids(ns, ids)
-        present = {bson.encode({"_id": d["_id"]}) for d in found}
-        target.upsert(ns, found)
-        target.delete_ids(ns, [i for i in ids if bson.encode({"_id": i}) not in present])
+        target.replace(ns, ids, source.by_ids(ns, ids))
 
 
 def catch_up(source: Cluster, target: Cluster, store: MoveStore, limits: Limits,

@@ -23,7 +23,7 @@ from proxy.placement.shared import full_member, id_member
 from proxy.wire.op_msg import DocumentSequence
 from proxy.wire.reply import _value_end
 
-__all__ = ["Find", "members_after", "members_before"]
+__all__ = ["Find", "may_upsert", "members_after", "members_before"]
 
 _INT32 = struct.Struct("<i")
 _ID_NAME = b"_id\x00"
@@ -156,6 +156,16 @@ async def _find_ids(find: Find, db: str, collection: str, queries: list[Any],
     if len(batch) > limit:
         return None
     return [doc["_id"] for doc in batch if "_id" in doc]
+
+
+def may_upsert(name: str, command: Mapping[str, Any],
+               sequences: Sequence[DocumentSequence]) -> bool:
+    """Whether the write may insert a document whose ``_id`` only its reply names."""
+    if name == "findAndModify":
+        return bool(command.get("upsert"))
+    if name == "update":
+        return any(s.get("upsert") for s in _statements(command, sequences, "updates"))
+    return False
 
 
 def members_after(name: str, db: str, collection: str, body: bytes | None) -> list[bytes]:
