@@ -82,7 +82,7 @@ def setup(ferretdb_factory: FerretDBFactory, redis_factory: RedisFactory,
         "upstream": {"uri": home.uri},
         "tenancy": {"mode": "enforce", "field": "tenant_id"},
         "placement": {"clusters": {"eu": {"uri": eu.uri}}, "redis_url": redis.url,
-                      "key_prefix": "mp:", "refresh_ms": 50, "lease_ms": 300,
+                      "key_prefix": "mp:", "refresh_ms": 50, "lease_ms": 1000,
                       "hold_timeout_ms": 8000},
     }))
     result = Setup(home, eu, redis, path, load_config(path))
@@ -242,7 +242,6 @@ async def move(setup: Setup, *args: str, pause: str | None = None) -> tuple[int,
     async for raw in proc.stdout:
         line = raw.decode()
         lines.append(line)
-        print(line, end='', file=sys.stderr, flush=True)
         if pause is not None and f"paused after {pause}" in line:
             proc.send_signal(signal.SIGKILL)
             break

@@ -32,9 +32,11 @@ _INT64 = re.compile(r"-?[0-9]{1,19}")
 # BSON's comparison order of the types an _id can have (the server's, which FerretDB
 # follows): a resumed copy continues after the last _id within its type's bracket
 # ($gt only compares within one) and then takes every later bracket.
+# Symbol (14, with strings) and MaxKey (127, last) are left out: FerretDB refuses them
+# in $type; an _id of either after a resumed copy's last one would be missed by the
+# copy and then reported by the verification.
 _TYPE_ORDER: tuple[tuple[int, ...], ...] = (
-    (-1,), (10,), (1, 16, 18, 19), (2, 14), (3,), (5,), (7,), (8,), (9,), (17,), (11,),
-    (127,))
+    (-1,), (10,), (1, 16, 18, 19), (2,), (3,), (5,), (7,), (8,), (9,), (17,), (11,))
 
 
 def tenant_values(key: str) -> list[Any]:
