@@ -396,3 +396,67 @@ def test_check_config_shows_overrides_and_moves(setup: Setup) -> None:
                          check=True).stdout
     assert "override: tenant a -> eu" in out
     assert "move in progress: tenant b home -> eu, phase copy" in out
+
+
+async def test_transaction_statements_stay_in_flight_until_the_commit(setup: Setup) -> None:
+    """A transaction's statement is applied at the commit: its in-flight entry stays
+    until commitTransaction passes (which is never held), so the mover's drain waits
+    for it. (FerretDB has no transactions: the agent is driven directly; Redis is real.)"""
+    instance = Instance(setup)
+    await instance.start()
+    keys = Keys(setup.config.placement.key_prefix)
+    client = Redis.from_url(setup.redis.url)
+    try:
+        Mover(setup.config, "a").store.set_move({"phase": "copy", "from": "home", "to": "eu"})
+        await instance.agent.refresh()
+        lsid = {"id": bson.Binary(b"1" * 16, 4)}
+        statement = {"update": "orders", "updates": [{"q": {"_id": 7}, "u": {"$set": {"n": 1}}}],
+                     "$db": DB, "lsid": lsid, "txnNumber": 3, "autocommit": False,
+                     "startTransaction": True}
+        ticket = await instance.agent.before_write(
+            "a", request_from_command(statement), statement, (), instance.roundtrips["home"])
+        await instance.agent.after_write(ticket, None)
+        assert client.hlen(keys.inflight("a")) == 1  # still in flight: not committed
+        Mover(setup.config, "a").store.set_move({"phase": "hold", "hold_until_ms": 2**50})
+        await instance.agent.refresh()
+        commit = {"commitTransaction": 1, "$db": "admin", "lsid": lsid, "txnNumber": 3,
+                  "autocommit": False}
+        ticket = await asyncio.wait_for(instance.agent.before_write(
+            "a", request_from_command(commit), commit, (), instance.roundtrips["home"]), 5)
+        assert ticket is not None  # not held
+        await instance.agent.after_write(ticket, None)
+        assert client.hlen(keys.inflight("a")) == 0
+        member = f"{DB}.orders".encode() + b"\0" + bson.encode({"_id": 7}).hex().encode()
+        assert client.sismember(keys.dirty("a"), member)
+    finally:
+        client.close()
+        await instance.close()
+
+
+async def test_held_write_waits_then_fails_retryably(setup: Setup) -> None:
+    """A write of a held tenant waits for the switch at most hold_timeout_ms, then
+    fails retryably without being sent; an expired hold lets writes through (tracked)."""
+    placement = setup.config.placement.model_copy(update={"hold_timeout_ms": 300})
+    agent = PlacementAgent(placement, "i2")
+    await agent.start()
+    store = Mover(setup.config, "a").store
+    roundtrip = cluster_roundtrip("home", setup.config.upstream, CursorTable())  # _ids known
+    try:
+        until = store.now_ms() + 60_000
+        store.set_move({"phase": "hold", "from": "home", "to": "eu", "hold_until_ms": until})
+        await agent.refresh()
+        command = {"insert": "orders", "documents": [{"_id": "h1", "tenant_id": "a"}],
+                   "$db": DB}
+        request = request_from_command(command)
+        with pytest.raises(ProxyError) as caught:
+            await agent.before_write("a", request, command, (), roundtrip)
+        assert caught.value.code == 189 and "being moved" in caught.value.errmsg
+        store.set_move({"hold_until_ms": store.now_ms()})  # a dead mover's hold runs out
+        await agent.refresh()
+        ticket = await agent.before_write("a", request, command, (), roundtrip)
+        assert ticket is not None
+        await agent.after_write(ticket, None)
+        assert store.inflight() == {} and store.dirty_count() == 1
+    finally:
+        store.close()
+        await agent.close()

@@ -17,6 +17,11 @@ Why the order of operations is safe:
 * The lease: a write is checked against a state read sent at most ``lease_ms`` ago;
   the mover waits ``lease_ms`` (and a margin) after setting a move's first phase
   before it copies, so every write that passed an older check has reached its cluster.
+* A statement inside a multi-document transaction is applied at the commit, not at its
+  reply: its in-flight entry stays until the transaction's ``commitTransaction`` or
+  ``abortTransaction`` passes through :meth:`before_write`/:meth:`after_write` (which
+  records the ids again and clears the entries; never held, it is what the mover waits
+  for), or, failing that, until ``TXN_KEEP_S`` has passed.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ PRIMARY_STEPPED_DOWN = (189, "PrimarySteppedDown")
 # collection for re-copy instead of listing the ids.
 MAX_WRITE_IDS = 1_000
 _PENDING_LIMIT = 10_000  # post-records kept for retry while Redis is unreachable
+# A transaction's entries are kept this long at most (the server's default
+# transactionLifetimeLimitSeconds is 60): then recorded again and cleared.
+TXN_KEEP_S = 120.0
+_TXN_END = frozenset({"commitTransaction", "abortTransaction"})
 
 
 @dataclass(slots=True)
@@ -77,8 +86,10 @@ class _Ticket:
     set_key: str
     members: list[bytes]
     inflight_key: str | None = None
-    entry: str = ""
+    entries: list[str] = field(default_factory=list)
     extra: list[bytes] = field(default_factory=list)
+    txn: tuple[bytes, int] | None = None  # (lsid, txnNumber) of a transaction statement
+    since: float = 0.0
 
 
 def _labels(request: Request) -> list[str]:
@@ -105,6 +116,7 @@ class PlacementAgent:
         self._changed = asyncio.Event()
         self._seq = itertools.count(1)
         self._pending: list[_Ticket] = []
+        self._txns: dict[tuple[bytes, int], list[_Ticket]] = {}
         self._task: asyncio.Task[None] | None = None
         self._down = False
         self.client: Redis = Redis.from_url(
@@ -131,6 +143,8 @@ class PlacementAgent:
         while True:
             await asyncio.sleep(interval)
             await self.refresh()
+            if self._txns:
+                self._expire_txns()
             if self._pending:
                 await self._flush_pending()
 
@@ -185,6 +199,8 @@ class PlacementAgent:
                            roundtrip: Roundtrip) -> object | None:
         """Wait out a hold, record what the write may touch; the ticket for
         :meth:`after_write` (None: nothing recorded). Raises ProxyError (retryable)."""
+        if request.name in _TXN_END:
+            return self._txn_end(request)
         deadline: float | None = None
         while True:
             if time.monotonic() - self._lease_sent > self._lease_s:
@@ -231,8 +247,12 @@ class PlacementAgent:
             return None
         if phase in VERIFYING:
             return _Ticket(key, request.name, db, collection, self.keys.after(key), members)
+        txn = None
+        if request.autocommit is False and request.session_id is not None:
+            txn = (request.session_id, request.txn_number or 0)
         return _Ticket(key, request.name, db, collection, self.keys.dirty(key), members,
-                       self.keys.inflight(key), f"{self.instance}:{next(self._seq)}")
+                       self.keys.inflight(key), [f"{self.instance}:{next(self._seq)}"],
+                       txn=txn)
 
     async def _record(self, ticket: _Ticket, request: Request) -> bool:
         """The pre-record; False when the state read with it says the write must wait
@@ -245,7 +265,7 @@ class PlacementAgent:
                 if ticket.inflight_key is None:
                     await pipe.execute()
                     return True
-                pipe.hset(ticket.inflight_key, ticket.entry, b"\n".join(ticket.members))
+                pipe.hset(ticket.inflight_key, ticket.entries[0], b"\n".join(ticket.members))
                 pipe.get(self.keys.state)
                 pipe.time()
                 *_, raw, now = await pipe.execute()
@@ -261,7 +281,7 @@ class PlacementAgent:
             return True
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(self._lease_s):
-                await self.client.hdel(ticket.inflight_key, ticket.entry)
+                await self.client.hdel(ticket.inflight_key, *ticket.entries)
         return False  # the mover drains in-flight entries; a leftover is re-synced
 
     async def after_write(self, ticket: object, body: bytes | None) -> None:
@@ -270,6 +290,10 @@ class PlacementAgent:
         if not isinstance(ticket, _Ticket):
             return
         ticket.extra = members_after(ticket.name, ticket.db, ticket.collection, body)
+        if ticket.txn is not None:  # applied at the commit: the entry stays until then
+            ticket.since = time.monotonic()
+            self._txns.setdefault(ticket.txn, []).append(ticket)
+            return
         if not await self._post(ticket) and len(self._pending) < _PENDING_LIMIT:
             self._pending.append(ticket)
 
@@ -280,7 +304,7 @@ class PlacementAgent:
                 if ticket.members or ticket.extra:
                     pipe.sadd(ticket.set_key, *ticket.members, *ticket.extra)
                 if ticket.inflight_key is not None:
-                    pipe.hdel(ticket.inflight_key, ticket.entry)
+                    pipe.hdel(ticket.inflight_key, *ticket.entries)
                 await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("could not record the write of moving tenant %r after it was "
@@ -294,3 +318,28 @@ class PlacementAgent:
             if not await self._post(ticket):
                 self._pending.extend(pending[index:])
                 return
+
+    # -- transactions ----------------------------------------------------------------------
+
+    def _txn_end(self, request: Request) -> _Ticket | None:
+        """The commit or abort of a transaction whose statements were recorded: one
+        ticket with all of them, posted by :meth:`after_write`."""
+        if request.session_id is None:
+            return None
+        tickets = self._txns.pop((request.session_id, request.txn_number or 0), None)
+        if not tickets:
+            return None
+        return _merged(tickets)
+
+    def _expire_txns(self) -> None:
+        """Transactions never seen ending: recorded again and cleared after TXN_KEEP_S."""
+        limit = time.monotonic() - TXN_KEEP_S
+        for key in [k for k, v in self._txns.items() if v[0].since < limit]:
+            self._pending.append(_merged(self._txns.pop(key)))
+
+
+def _merged(tickets: list[_Ticket]) -> _Ticket:
+    first = tickets[0]
+    return _Ticket(first.tenant, "", first.db, first.collection, first.set_key,
+                   [m for t in tickets for m in (*t.members, *t.extra)], first.inflight_key,
+                   [e for t in tickets for e in t.entries])
