@@ -117,6 +117,7 @@ class PlacementAgent:
         self._seq = itertools.count(1)
         self._pending: list[_Ticket] = []
         self._txns: dict[tuple[bytes, int], list[_Ticket]] = {}
+        self._refreshed = 0  # the version the last refresh read
         self._task: asyncio.Task[None] | None = None
         self._down = False
         self.client: Redis = Redis.from_url(
@@ -170,18 +171,26 @@ class PlacementAgent:
         if self._down:
             log.info("placement state readable again (version %d)", state.version)
             self._down = False
-        self._adopt(state, redis_ms(now))
+        self._adopt(state, redis_ms(now), refresh=True)
         self._lease_sent = sent
         self._wake()
         return True
 
-    def _adopt(self, state: PlacementState, now_ms: int) -> None:
+    def _adopt(self, state: PlacementState, now_ms: int, *, refresh: bool = False) -> None:
+        """Keep the newer snapshot: a write's own read may be newer than a refresh that
+        was sent before it and answered after. Only a refresh may go back (a Redis that
+        lost the state: it is the truth now, and says so in the log)."""
+        last_refresh, self._refreshed = self._refreshed, (
+            state.version if refresh else self._refreshed)
         if state.version < self.state.version:
+            if not refresh or state.version >= last_refresh:
+                return
             log.error("placement state version went back from %d to %d: was the "
                       "placement Redis restarted without persistence?",
                       self.state.version, state.version)
-        if state.version != self.state.version or now_ms > self.redis_ms:
-            self.state, self.redis_ms = state, now_ms
+        elif state.version == self.state.version and now_ms <= self.redis_ms:
+            return
+        self.state, self.redis_ms = state, now_ms
 
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
