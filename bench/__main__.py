@@ -8,6 +8,8 @@ Subcommands:
   observe  cost of timing + shape + digest + metrics (+ a slow-log line) per operation:
            in process, and as proxy CPU per operation end to end (bench/observe_cost.py)
   tenancy  tenancy policy cost per command, in process (bench/tenancy_cost.py)
+  placement  tenant placement's decision cost per command, in process
+             (bench/placement_cost.py)
   cache  hot cacheable find: proxy + result cache vs FerretDB directly (bench/cache.py)
   seed   load the multi-tenant project-management data set (bench/seed.py, bench/workload.py)
   run    the multi-tenant workload: direct vs tcp vs proxy vs proxy-cache, closed and open
@@ -39,6 +41,7 @@ from bench import (
     failover,
     harness,
     observe_cost,
+    placement_cost,
     pool,
     report,
     seed,
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool.add_parser(subparsers)
     observe_cost.add_parser(subparsers)
     tenancy_cost.add_parser(subparsers)
+    placement_cost.add_parser(subparsers)
     cache.add_parser(subparsers)
     seed.add_parser(subparsers)
     harness.add_parser(subparsers)

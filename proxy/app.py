@@ -25,6 +25,10 @@ from proxy.observe.endpoints import ReadinessFacts, has_usable_primary
 from proxy.observe.hub import Observer
 from proxy.observe.metrics import topology_facts
 from proxy.pipeline import Pipeline
+from proxy.pipeline.placed import Placement
+from proxy.placement.clusters import Clusters
+from proxy.placement.directory import EMPTY_STATE, PlacementState
+from proxy.placement.health import PlacementMetrics, cluster_health, placement_report
 from proxy.pool.auth import Credentials
 from proxy.pool.registry import Pools
 from proxy.reload import ConfigReloader
@@ -61,11 +65,13 @@ class Proxy:
                                    config.upstream.socket_timeout_ms)
         self.policy = TenantPolicy(config.tenancy)
         self.authenticator = ClientAuthenticator(config.tenancy.users)
+        # Tenant placement: the other clusters, each with its own roundtrip.
+        self.clusters = Clusters(self.roundtrip, config.placement.clusters)
         self.observer = Observer(
             config.observability,
-            pool_stats=lambda: {p.label: p.stats() for p in self.pools.all()},
+            pool_stats=self._pool_stats,
             pool_max_size=config.upstream.pool.max_size,
-            topology=lambda: topology_facts(self.topology.description()),
+            topology=self._topology_facts,
         )
         if worker is not None:
             self.observer.slowlog.tag_worker(worker.index)
@@ -76,9 +82,10 @@ class Proxy:
             else ResultCache(config.cache, self.observer.metrics.registry)
         )
         # Connection limit, memory budget, login throttle, outlier detection.
-        self.guard = Guard(config, self.observer.metrics.registry, self.pools.get,
-                           self.roundtrip.eject)
-        self.roundtrip.outliers = self.guard.outliers
+        self.guard = Guard(config, self.observer.metrics.registry, self.clusters.pool_of,
+                           self.clusters.eject)
+        for roundtrip in self.clusters:
+            roundtrip.outliers = self.guard.outliers
         self.pipeline = Pipeline(
             roundtrip=self.roundtrip,
             cached=None if self.cache is None else CachedUpstream(self.cache, self.roundtrip),
@@ -87,6 +94,13 @@ class Proxy:
             throttle=self.guard.throttle,
             observer=self.observer,
         )
+        self.placement: Placement | None = None
+        if config.placement.enabled:
+            self.placement = Placement(self.clusters)
+            self.pipeline.placement = self.placement
+            self.observer.metrics.registry.register(PlacementMetrics(
+                self.placement.router, lambda: self.config.placement,
+                lambda: self._placement_state()))
         RuleHits(lambda: self.config, self.observer.metrics.registry)
         self.data_probe = DataPathProbe(
             lambda: self.topology.select(PRIMARY),
@@ -107,6 +121,8 @@ class Proxy:
             **self.observer.routes(self._readiness),
             "/rules": rules_handler(lambda: self.config),
             "/connections": connections_handler(lambda: self.connections),
+            **({"/placement": self._placement_handler} if self.placement is not None
+               else {}),
             **(advice_routes(self.advisor) if config.advice.enabled else {}),
         }, self.observer.post_routes(),
             # A worker's admin server is its supervisor's private unix socket (the
@@ -138,6 +154,7 @@ class Proxy:
             log.warning("upstream not reachable at start: %s", exc.errmsg)
         for sd in self.topology.description().known_servers:
             await self._fill_pool(sd.address)
+        await self.clusters.start()
         if self.cache is not None:
             await self.cache.start()
         if self.config.advice.enabled:
@@ -207,6 +224,7 @@ class Proxy:
         if self.listen_tls is not None:
             await self.listen_tls.close()
         await self.pools.close()
+        await self.clusters.close()
         if self.cache is not None:
             await self.cache.close()
         await self.topology.close()
@@ -222,6 +240,12 @@ class Proxy:
             state = await self.data_probe.check()
             data_path = state.ok
             detail["data_path"] = state.describe(time.monotonic())
+        if self.placement is not None:
+            # Each cluster's health; the proxy stays ready while home has a primary
+            # (a tenant whose cluster is down gets errors, the others are served).
+            detail["clusters"] = {name: facts["primary"] for name, facts in
+                                  cluster_health(self.clusters).items()}
+            detail["placement_state_version"] = self._placement_state().version
         return ReadinessFacts(
             primary=primary,
             redis=None if self.cache is None else self.cache.state,
@@ -235,6 +259,28 @@ class Proxy:
             if sd.is_writable:
                 return sd.address[0], sd.address[1] or 27017
         return None
+
+    def _pool_stats(self) -> dict[str, dict[str, int]]:
+        stats = {}
+        for roundtrip in self.clusters:
+            max_size = roundtrip.pools.config.max_size
+            for pool in roundtrip.pools.all():
+                stats[pool.label] = {"max_size": max_size, **pool.stats()}
+        return stats
+
+    def _topology_facts(self) -> dict[str, dict[str, Any]]:
+        facts: dict[str, dict[str, Any]] = {}
+        for roundtrip in self.clusters:
+            facts.update(topology_facts(roundtrip.topology.description()))
+        return facts
+
+    def _placement_state(self) -> PlacementState:
+        return EMPTY_STATE if self.placement is None else self.placement.state
+
+    def _placement_handler(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
+        assert self.placement is not None
+        return json_response(200, placement_report(
+            self.placement.router, self.config.placement, self._placement_state()))
 
     def _healthz(self, _query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         return json_response(200, {

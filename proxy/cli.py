@@ -124,7 +124,7 @@ def _explain_route(config: Config, command_json: str, app_name: str | None,
     try:
         print(explain_route(config.routing, command_json, app_name, description,
                             tenancy=config.tenancy, cache=config.cache, explain_cache=True,
-                            user=user))
+                            user=user, placement=config.placement))
     except ExplainError as exc:
         print(f"mongoproxy explain-route: {exc}", file=sys.stderr)
         return 2

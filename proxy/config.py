@@ -212,7 +212,8 @@ _CLUSTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}\Z")
 
 
 class PlacementConfig(_Strict):
-    """Which cluster holds each tenant (docs/placement.md); empty: every tenant is home."""
+    """Which cluster holds each tenant; empty: every tenant is on home (the upstream
+    section's cluster)."""
 
     # Other clusters by name, each described like upstream (uri or members, pool, ...).
     clusters: dict[str, UpstreamConfig] = {}
@@ -277,6 +278,10 @@ class PlacementConfig(_Strict):
 
     def cluster_names(self) -> tuple[str, ...]:
         return (HOME_CLUSTER, *self.clusters)
+
+    def restart_part(self) -> dict[str, Any]:
+        """What a reload cannot change (the directory, ``tenants`` and ``hash``, is live)."""
+        return self.model_dump(exclude={"tenants", "hash"})
 
 
 class ShutdownConfig(_Strict):

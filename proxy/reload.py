@@ -7,7 +7,9 @@ section (and the result cache's ``rules``) is swapped in atomically: requests re
 never a mix. Sections that need new
 sockets, pools, monitors or identities (listen, admin, upstream, observability, shutdown,
 tenancy, and the cache's Redis settings, or adding/removing the cache) take effect
-at the next restart; a change to them is reported in the log.
+at the next restart; a change to them is reported in the log. Tenant placement's
+directory (``placement.tenants`` and ``placement.hash``) is live too, as long as it
+names only the clusters that are running.
 """
 
 from __future__ import annotations
@@ -87,10 +89,28 @@ class ConfigReloader:
             rules = new.cache.model_dump(by_alias=True)["rules"]
             cache = type(cache).model_validate({**cache.model_dump(by_alias=True),
                                                 "rules": rules})
+        placement = current.placement
+        if new.placement != placement:
+            if new.placement.restart_part() != placement.restart_part():
+                pending.append("placement (except tenants and hash)")
+            if not placement.enabled and new.placement.enabled:
+                pending.append("placement (turned on)")
+            else:
+                # The directory is live; it may only name the clusters that are running.
+                placement = placement.model_copy(update={"tenants": new.placement.tenants,
+                                                         "hash": new.placement.hash})
+                unknown = {*placement.tenants.values(), *placement.hash} - set(
+                    placement.cluster_names())
+                if unknown:
+                    log.error("config reload: placement names clusters that are not "
+                              "running (%s); keeping the running directory",
+                              ", ".join(sorted(unknown)))
+                    placement = current.placement
         if pending:
             log.warning("config reload: %s changed; these take effect at the next restart",
                         ", ".join(pending))
-        self.proxy.config = current.model_copy(update={"routing": new.routing, "cache": cache})
+        self.proxy.config = current.model_copy(update={"routing": new.routing, "cache": cache,
+                                                       "placement": placement})
         metrics.config_reloaded(True)
         log.info("config reloaded from %s: %d routing rules, %d classes", self.path,
                  len(new.routing.rules), len(new.routing.classes))

@@ -268,6 +268,23 @@ class _Endpoints:
             "limit": limit, "workers": len(documents), "connections": rows[:limit],
         })
 
+    async def placement(self, _query: dict[str, list[str]]) -> Reply:
+        """Tenant placement as the first worker sees it, commands summed over workers,
+        and each worker's shared-state version (they converge within refresh_ms)."""
+        documents = await self._documents("/placement")
+        if not documents:
+            return json_response(404, {"error": "placement is not configured, or no "
+                                                "worker answered"})
+        merged = documents[0][1]
+        commands: dict[str, int] = {}
+        for _view, document in documents:
+            for cluster, count in document.get("commands", {}).items():
+                commands[cluster] = commands.get(cluster, 0) + int(count)
+        merged["commands"] = commands
+        merged["workers"] = [{"worker": view.index, "state_version": doc.get("state_version")}
+                             for view, doc in documents]
+        return json_response(200, merged)
+
     async def digest_reset(self, _query: dict[str, list[str]]) -> Reply:
         """``POST /digest/reset`` on every worker; ``before`` is their summaries' sum."""
         befores = [doc["before"] for _v, doc in await self._documents("/digest/reset", "POST")]
@@ -301,9 +318,11 @@ def endpoint_routes(
 ) -> tuple[dict[str, Handler], dict[str, Handler]]:
     """GET and POST routes: ``/healthz`` (live while the supervisor is), ``/readyz``
     (every worker ready), ``/metrics`` (summed), ``/digest`` (merged), ``/rules`` (hits
-    summed), ``/connections`` (all workers'); ``POST /digest/reset`` (every worker)."""
+    summed), ``/connections`` (all workers'), ``/placement`` (commands summed);
+    ``POST /digest/reset`` (every worker)."""
     endpoints = _Endpoints(workers, expected, facts, own_metrics)
     return ({"/healthz": endpoints.healthz, "/readyz": endpoints.readyz,
              "/metrics": endpoints.metrics, "/digest": endpoints.digest,
-             "/rules": endpoints.rules, "/connections": endpoints.connections},
+             "/rules": endpoints.rules, "/connections": endpoints.connections,
+             "/placement": endpoints.placement},
             {"/digest/reset": endpoints.digest_reset})

@@ -43,6 +43,7 @@ GUIDES = {
     "routing": "routing.md",
     "tenancy": "tenancy.md",
     "cache": "cache.md",
+    "placement": "placement.md",
 }
 
 HEADER = f"""\
@@ -60,9 +61,9 @@ routing option.
 
 Only `upstream` is required. `name[]` is an item of a list, `name.<key>` an entry of a
 mapping whose keys you choose. Durations are in the unit their name ends with (`_ms`,
-`_s`). Reloading: on `SIGHUP` and when the file changes, `routing` and `cache.rules`
-are swapped in live (an invalid file is refused and the running configuration kept);
-every other key needs a restart.
+`_s`). Reloading: on `SIGHUP` and when the file changes, `routing`, `cache.rules`,
+`placement.tenants` and `placement.hash` are swapped in live (an invalid file is refused
+and the running configuration kept); every other key needs a restart.
 """
 
 

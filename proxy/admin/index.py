@@ -25,6 +25,8 @@ DESCRIPTIONS: dict[tuple[str, str], str] = {
     ("GET", "/rules"): "routing and cache rules with their hit counters",
     ("GET", "/connections"): "client connections: app, user, tenant, peer, age, in-flight "
                              "command and its duration; ?limit=N&active=1",
+    ("GET", "/placement"): "tenant placement: clusters and their health, the directory, "
+                           "overrides, moves in progress, commands per cluster",
     ("GET", "/advice"): "index advice from the digest's shapes: missing, redundant and "
                         "unused indexes; ?limit=N&window=S",
 }

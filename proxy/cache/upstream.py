@@ -51,7 +51,8 @@ class CachedUpstream:
         return access
 
     async def forward(self, request: Request, message: bytes, decision: RouteDecision,
-                      access: Access, timer: Any, client: int = 0) -> Exchanged:
+                      access: Access, timer: Any, client: int = 0,
+                      roundtrip: Roundtrip | None = None) -> Exchanged:
         """A reply for the request: from the cache (a hit), else from the upstream once
         the cache has seen it (a write's invalidation done)."""
         if access.is_read:
@@ -62,8 +63,8 @@ class CachedUpstream:
                                      request.request_id, OpCode.OP_MSG)
                 return Exchanged(None, None, header, cached)
         try:
-            done = await self.roundtrip.exchange(request, message, decision, timer,
-                                                 client)
+            done = await (roundtrip or self.roundtrip).exchange(request, message, decision,
+                                                                timer, client)
         except ProxyError:
             await access.failed()  # a write may have been applied anyway
             raise

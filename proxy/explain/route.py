@@ -25,6 +25,7 @@ from proxy.route.rules import RouteDecision, RoutingConfig, decide
 
 if TYPE_CHECKING:
     from proxy.cache.config import CacheConfig
+    from proxy.config import PlacementConfig
     from proxy.tenancy import TenancyConfig
 
 __all__ = ["ExplainError", "describe_read_preference", "explain_route"]
@@ -44,12 +45,14 @@ def explain_route(
     cache: CacheConfig | None = None,
     explain_cache: bool = False,
     user: str | None = None,
+    placement: PlacementConfig | None = None,
 ) -> str:
     """Classify and route ``command_json`` (Extended JSON) and describe the outcome.
 
     With ``tenancy`` the tenancy verdict comes first (as ``user``, a configured proxy
     user, or unauthenticated); with ``explain_cache`` the result cache's decision
-    (``cache`` None: no cache configured) follows the route.
+    (``cache`` None: no cache configured) follows the route; with ``placement`` (and
+    tenancy) the cluster the command goes to, from the file's directory.
 
     Raises :class:`ExplainError` for text that is not a JSON object naming a command, a
     ``$readPreference`` the proxy would refuse (BadValue), or an unknown ``user``.
@@ -70,11 +73,13 @@ def explain_route(
     from proxy.explain.verdicts import cache_line, tenancy_outcome
 
     tenant_line: str | None = None
+    cluster_line: str | None = None
     bound: Any = None
     forwarded: dict[str, Any] = request.command
     if tenancy is not None:
         try:
-            outcome = tenancy_outcome(tenancy, request, user)
+            outcome = tenancy_outcome(tenancy, request, user,
+                                      placement is not None and placement.enabled)
         except ValueError as exc:
             raise ExplainError(str(exc)) from None
         tenant_line, forwarded = outcome.line, outcome.command
@@ -84,6 +89,8 @@ def explain_route(
                               f"features:         {_features(c)}",
                               f"tenancy:          {tenant_line}"]) + "\n"
         bound = next((u.tenant for u in tenancy.users if u.username == user), None)
+        if placement is not None and placement.enabled:
+            cluster_line = _cluster(placement, request, outcome.tenant, outcome.spans, bound)
     context = ClientContext(app_name=app_name, user=user, tenant=bound)
     classification = classify(forwarded, context, name)
     decision = decide(classification, config, client)
@@ -91,6 +98,7 @@ def explain_route(
         f"command:          {_describe_command(classification)}",
         f"features:         {_features(classification)}",
         *([f"tenancy:          {tenant_line}"] if tenant_line is not None else []),
+        *([f"cluster:          {cluster_line}"] if cluster_line is not None else []),
         f"class:            {decision.class_name}",
         f"rule:             {_rule(decision)}",
     ]
@@ -120,6 +128,33 @@ def _parse(command: dict[str, Any]) -> Request:
                            f"{exc.errmsg}") from None
     except (InvalidDocument, ValueError, OverflowError) as exc:
         raise ExplainError(f"not encodable as BSON: {exc}") from None
+
+
+def _cluster(placement: PlacementConfig, request: Request, tenant: Any, spans: str | None,
+             bound: Any) -> str:
+    """Where tenant placement sends the command (the file's directory; the overrides
+    of finished moves are in /placement)."""
+    from proxy.placement.directory import cluster_of, tenant_key
+    from proxy.placement.route import BROADCAST_COMMANDS
+
+    if request.name in ("getMore", "killCursors"):
+        return "the cluster of the cursor it continues"
+    if spans is not None:
+        if request.name in BROADCAST_COMMANDS:
+            return "every cluster in turn (an index command of the '*' identity)"
+        return (f"every cluster if it can be fanned out (a '*' read naming no single "
+                f"tenant: {spans}), else refused")
+    if tenant == "*":  # the operator identity's own "tenant": none
+        tenant = None
+    if tenant is None and bound is not None and bound != "*" and request.collection is None:
+        tenant = bound
+    if tenant is None:
+        return "home (not confined to one tenant: exempt, unscoped or database-level)"
+    key = tenant_key(tenant)
+    cluster = cluster_of(key, placement.tenants, placement.hash, {})
+    how = ("directory" if key in placement.tenants
+           else "rendezvous hash" if placement.hash else "not listed: home")
+    return f"{cluster} (tenant {key!r}, {how}; a finished move's override wins: /placement)"
 
 
 def _describe_command(c: Classification) -> str:

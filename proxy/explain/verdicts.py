@@ -26,18 +26,19 @@ class TenancyOutcome:
     """``line`` for the output; ``refused``: stop there; ``command``: what is forwarded
     (rewritten in inject mode); ``tenant``: the tenant the command was admitted for."""
 
-    __slots__ = ("command", "line", "refused", "tenant")
+    __slots__ = ("command", "line", "refused", "spans", "tenant")
 
     def __init__(self, line: str, command: dict[str, Any], refused: bool = False,
-                 tenant: Any = None) -> None:
+                 tenant: Any = None, spans: str | None = None) -> None:
         self.line = line
         self.command = command
         self.refused = refused
         self.tenant = tenant
+        self.spans = spans  # with placement: a "*" command naming no single tenant
 
 
 def tenancy_outcome(
-    tenancy: TenancyConfig, request: Request, user: str | None
+    tenancy: TenancyConfig, request: Request, user: str | None, placement: bool = False
 ) -> TenancyOutcome:
     """Run the tenancy policy on ``request`` (parsed by ``proxy.request``, as the
     pipeline parses it) as ``user`` (a configured proxy user) would send it. Raises
@@ -66,6 +67,7 @@ def tenancy_outcome(
         TenantPolicy(tenancy), name, command, request.msg.body, request.sequences,
         bound_tenant=bound,
         cursor_tenant=lambda _cursor: (False, None),
+        placement=placement,
     )
     who = f"as {user!r} (tenant {bound!r})" if user is not None else "unauthenticated"
     if admission.refused is not None:
@@ -87,7 +89,7 @@ def tenancy_outcome(
         verdict += "; the tenant condition is injected"
     if name in ("getMore", "killCursors"):
         verdict += "; cursor ownership is checked against the running proxy's cursors"
-    return TenancyOutcome(verdict, forwarded, tenant=tenant)
+    return TenancyOutcome(verdict, forwarded, tenant=tenant, spans=admission.spans)
 
 
 def cache_line(

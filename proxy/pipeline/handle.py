@@ -49,6 +49,7 @@ from proxy.observe.record import Timer
 from proxy.observe.shape import describe
 from proxy.pipeline.audit import superuser_event, tenancy_event
 from proxy.pipeline.inflate import inflate
+from proxy.pipeline.placed import Placement
 from proxy.pipeline.reply import NO_PARTS, Reply, error_message, message_for, query_failure
 from proxy.pipeline.rewrite import forwarded_message, with_injected, with_route
 from proxy.pipeline.session import Session
@@ -117,6 +118,8 @@ class Pipeline:
         self._cursor_tenant = roundtrip.cursors.tenant_of  # bound once, not per request
         # listen.workers > 1: learns the cursors another worker opened (worker_siblings).
         self.siblings: CursorLookup | None = None
+        # Tenant placement (proxy.placement; set by the wiring when configured).
+        self.placement: Placement | None = None
 
     def session(self, connection_id: int, peer: object) -> Session:
         return Session(connection_id, peer, self.authenticator.session())
@@ -207,10 +210,12 @@ class Pipeline:
             return self._before_login(request, session, timer)
         if self.siblings is not None and request.cursor_ids:
             await self.siblings.resolve(request.cursor_ids)  # before tenancy reads them
+        placement = self.placement
         admission = admit(
             self.policy, name, command, request.msg.body, request.sequences,
             bound_tenant=session.tenant,
             cursor_tenant=self._cursor_tenant,
+            placement=placement is not None,
         )
         if admission.refused is not None or admission.violation is not None:
             tenancy_event(self.observer.metrics, session, name, request.collection, admission,
@@ -243,25 +248,40 @@ class Pipeline:
         reply = Reply(NO_PARTS, timer, name, command, request)
         reply.decision = decision
         reply.tenant = tenant
+        roundtrip = self.roundtrip
+        placed = None
+        if placement is not None:
+            placed = placement.place(request, admission, session.tenant, snapshot)
+            if placed.roundtrip is None:  # every cluster, or refused
+                return await placement.elsewhere(placed, request, command, message,
+                                                 session, reply)
+            roundtrip = placed.roundtrip
+            reply.cluster = placed.cluster
         cached = self.cached
         if cached is not None:
             reply.access = cached.begin(request, command, classification, decision,
                                         (session.tenant, tenant), bool(sequences),
                                         snapshot.cache)
-        return await self._forward(request, message, decision, session, reply, snapshot)
+        if placed is not None and placed.key is not None and classification.is_write:
+            assert placement is not None
+            return await placement.write(placed, request, command, sequences, message,
+                                         roundtrip, self._forward, session, reply, snapshot)
+        return await self._forward(request, message, roundtrip, session, reply, snapshot)
 
-    async def _forward(self, request: Request, message: bytes, decision: RouteDecision,
+    async def _forward(self, request: Request, message: bytes, roundtrip: Roundtrip,
                        session: Session, reply: Reply, snapshot: Config) -> Reply:
         access = reply.access
         timer = reply.timer
+        decision = reply.decision
+        assert decision is not None
         try:
             if access is None:
-                done = await self.roundtrip.exchange(request, message, decision, timer,
-                                                     session.connection_id)
+                done = await roundtrip.exchange(request, message, decision, timer,
+                                                session.connection_id)
             else:
                 assert self.cached is not None
                 done = await self.cached.forward(request, message, decision, access, timer,
-                                                 session.connection_id)
+                                                 session.connection_id, roundtrip)
         except ProxyError as exc:
             if access is not None:
                 access.abandon()
@@ -270,7 +290,7 @@ class Pipeline:
                         exc.errmsg)
             if not request.more_to_come:
                 reply.parts = (error_message(request.request_id, exc, request.command,
-                                             self.roundtrip.retryable_writes()),)
+                                             roundtrip.retryable_writes()),)
             return reply
         except asyncio.CancelledError:
             # Shutdown gave up waiting for this request: the session loop tells the client.
@@ -280,7 +300,7 @@ class Pipeline:
             if not request.more_to_come:
                 reply.parts = (error_message(request.request_id, ProxyError(
                     SHUTDOWN_IN_PROGRESS, "mongoproxy shut down before the reply arrived"
-                ), request.command, self.roundtrip.retryable_writes()),)
+                ), request.command, roundtrip.retryable_writes()),)
             session.interrupted = reply
             raise
         except BaseException:
@@ -292,8 +312,9 @@ class Pipeline:
             reply.docs = reply_cursor(done.body)[1]
         else:
             reply.error_code = done.error_code
-            reply.docs = self.roundtrip.bookkeeping(request, done, session.connection_id,
-                                                    reply.tenant)
+            reply.docs = roundtrip.bookkeeping(request, done, session.connection_id,
+                                               reply.tenant)
+        reply.body = done.body
         reply.reply_bytes = len(done.header) + len(done.body)
         if not request.more_to_come:  # else fire-and-forget: the client reads no reply
             reply.parts = self._reply_parts(done, request, session, snapshot)
@@ -436,7 +457,7 @@ class Pipeline:
             route_class=None if decision is None else decision.class_name,
             route_rule=None if decision is None else decision.rule_index,
             member=None if address is None else _member_label(address),
-            member_role=None if address is None else self.roundtrip.role_of(address),
+            member_role=None if address is None else self._role_of(reply, address),
             cache=None if access is None else access.result,
             docs_returned=reply.docs,
             reply_bytes=reply.reply_bytes,
@@ -445,9 +466,18 @@ class Pipeline:
             raw_command=command,
         ))
 
+    def _role_of(self, reply: Reply, address: tuple[str, int]) -> str:
+        placement = self.placement
+        if placement is None or reply.cluster is None:
+            return self.roundtrip.role_of(address)
+        return placement.roundtrip_of(reply.cluster).role_of(address)
+
     def departed(self, session: Session) -> None:
         """The client connection closed: its cursors are killed on their servers."""
-        self.roundtrip.release_cursors(session.connection_id)
+        if self.placement is not None:
+            self.placement.departed(session.connection_id)
+        else:
+            self.roundtrip.release_cursors(session.connection_id)
 
 
 _MEMBER_LABELS: dict[tuple[str, int], str] = {}

@@ -32,9 +32,9 @@ NO_PARTS: tuple[bytes, ...] = ()
 class Reply:
     """The bytes to send for one request and what the operation record says of it."""
 
-    __slots__ = ("access", "address", "collection", "command", "db", "decision", "docs",
-                 "error_code", "name", "parts", "reply_bytes", "request_sequences", "tenant",
-                 "timer")
+    __slots__ = ("access", "address", "body", "cluster", "collection", "command", "db",
+                 "decision", "docs", "error_code", "name", "parts", "reply_bytes",
+                 "request_sequences", "tenant", "timer")
 
     def __init__(self, parts: tuple[bytes, ...], timer: Timer | None = None,
                  name: str = "", command: Mapping[str, Any] | None = None,
@@ -53,6 +53,8 @@ class Reply:
         self.decision: RouteDecision | None = None
         self.tenant: Any = None
         self.access: Access | None = None
+        self.body: bytes | None = None  # the upstream reply's body (placement's writes)
+        self.cluster: str | None = None  # tenant placement's cluster
 
 
 def message_for(response_to: int, document: Mapping[str, Any]) -> bytes:

@@ -56,10 +56,12 @@ class ClientSession:
         stream, pipeline, session, live = self.stream, self.pipeline, self.session, self.live
         try:
             while True:
-                config = live.config  # one snapshot per request
                 received = await self._read_message()
                 if received is None:
                     return
+                # One snapshot per request, taken when it has arrived (a reload while the
+                # connection was idle applies to its next request).
+                config = live.config
                 message, started_ns = received
                 if live.shutting_down:
                     stream.write(error_message(parse_header(message).request_id, ProxyError(

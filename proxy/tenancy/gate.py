@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.tenancy.core import _SCOPED as SCOPED
 from proxy.tenancy.decode import DuplicateKeyError, decode_sequences, reuse_if_unique
 from proxy.tenancy.policy import TenantPolicy, Verdict
 from proxy.wire import DocumentSequence, WireError
@@ -34,6 +35,9 @@ class Admission:
     command: dict[str, Any] | None = None
     sequences: dict[str, list[dict[str, Any]]] | None = None
     superuser: bool = False
+    # With tenant placement, for a "*" command on a scoped collection that is not
+    # confined to one tenant: why not (``tenant`` is the one it names, if it does).
+    spans: str | None = None
 
 
 _PASS = Admission()
@@ -48,6 +52,7 @@ def admit(
     *,
     bound_tenant: str | None,
     cursor_tenant: CursorTenant,
+    placement: bool = False,
 ) -> Admission:
     if policy.mode == "off":
         return _PASS
@@ -68,7 +73,25 @@ def admit(
                            name)
     if verdict.allowed and verdict.needs_cursor_owner_check and not superuser:
         verdict = _check_cursor_owner(name, command, bound_tenant, cursor_tenant, audit)
-    return _admission(verdict)
+    admission = _admission(verdict)
+    if placement and superuser and verdict.allowed and not verdict.needs_cursor_owner_check:
+        _place_superuser(policy, command, sequences, name, admission)
+    return admission
+
+
+def _place_superuser(policy: TenantPolicy, command: dict[str, Any],
+                     sequences: dict[str, list[dict[str, Any]]], name: str,
+                     admission: Admission) -> None:
+    """Tenant placement routes a "*" command by the one tenant it is confined to, as a
+    tenant's own command would be proven: checked as if it came from no identity."""
+    probe = policy.check(command, sequences, None, False, name)
+    if probe.allowed:
+        admission.tenant = probe.tenant  # None: not a scoped collection (home)
+        return
+    namespace = probe.namespace or ""
+    db, dot, coll = namespace.partition(".")
+    if dot and policy.namespace_kind(db, coll) == SCOPED:
+        admission.spans = probe.reason or "not confined to one tenant"
 
 
 def _check_cursor_owner(
