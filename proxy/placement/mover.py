@@ -160,6 +160,7 @@ class Mover:
                 if self.store.dirty_count() <= self.limits.small:
                     break
             self._paused("catch-up")
+            held_at = time.monotonic()
             hold_until = self.store.now_ms() + self.hold_ms
             self.store.set_move({"phase": HOLD, "hold_until_ms": hold_until},
                                 expect="catch-up")
@@ -174,7 +175,8 @@ class Mover:
             except Refused:
                 self._say(f"hold attempt {attempt + 1}: the hold expired before the switch")
                 continue
-            self._say(f"switched to {target.name}")
+            self._say(f"switched to {target.name} (writes held "
+                      f"{(time.monotonic() - held_at) * 1000:.0f} ms)")
             self._paused("switch")
             return
         raise MoveError(f"could not switch within {_HOLD_ATTEMPTS} holds of {self.hold_ms} "
