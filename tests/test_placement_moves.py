@@ -269,8 +269,10 @@ def _assert_moved(setup: Setup, writer: Writer | None, before_items: dict[Any, D
 
 def test_move_without_traffic(setup: Setup) -> None:
     """Copy, verify, switch and cleanup of a tenant with mixed _id types; the other
-    tenant and the exempt collection stay."""
+    tenant and the exempt collection stay; a leftover on the target is removed."""
     orders, items = _model(setup), setup.docs("home", "items", "a")
+    # A leftover of the tenant on the target (not its data: it lives home) goes.
+    setup.direct("eu")[DB].orders.insert_one({"_id": "stale", "tenant_id": "a"})
     mover = Mover(setup.config, "a")
     try:
         assert mover.run("eu") == 0
@@ -315,6 +317,8 @@ async def test_abort_during_copy_and_during_hold(setup: Setup) -> None:
     async with writing(setup) as writer:
         code, out = await move(setup, "a", "--to", "eu", pause="copy-batch")
         assert code == -signal.SIGKILL
+        code, out = await move(setup, "a", "--status")
+        assert code == 0 and "phase=copy" in out and "to=eu" in out, out
         code, out = await move(setup, "a", "--abort")
         assert code == 0 and "aborted" in out, out
         assert setup.docs("eu", "orders", "a") == {}

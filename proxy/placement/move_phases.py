@@ -44,6 +44,8 @@ def copy_namespace(source: Cluster, target: Cluster, store: MoveStore, ns: str,
     if saved == DONE:
         return 0
     target.ensure_like(source, ns)
+    if saved is None:  # documents of the tenant already there are leftovers, not its own
+        target.delete_tenant(ns)
     after: Any = None
     if saved is not None:
         after = bson.decode(bytes.fromhex(saved.decode()))["_id"]

@@ -21,6 +21,9 @@ import sys
 import time
 from typing import Any
 
+from pymongo.errors import PyMongoError
+from redis.exceptions import RedisError
+
 from proxy.config import Config
 from proxy.placement.directory import HOME, cluster_of
 from proxy.placement.move_data import Cluster, connect
@@ -273,6 +276,10 @@ def main(config: Config, tenant: str, to: str | None, abort: bool, status: bool,
         return mover.run(to)
     except MoveError as exc:
         print(f"mongoproxy move-tenant: {exc}", file=sys.stderr)
+        return 1
+    except (PyMongoError, RedisError) as exc:
+        print(f"mongoproxy move-tenant: {type(exc).__name__}: {exc}; the move stays in its "
+              f"phase (see --status): run the command again to resume", file=sys.stderr)
         return 1
     finally:
         mover.close()
