@@ -464,3 +464,20 @@ async def test_held_write_waits_then_fails_retryably(setup: Setup) -> None:
     finally:
         store.close()
         await agent.close()
+
+
+def test_in_flight_entries_of_a_gone_instance_are_resynced(setup: Setup) -> None:
+    """The drain waits only for live instances: the entry of an instance whose heartbeat
+    expired is put back into the dirty set (its write may or may not have been applied)."""
+    store = Mover(setup.config, "a").store
+    keys = Keys(setup.config.placement.key_prefix)
+    try:
+        store.client.set(keys.live("alive"), b"1", px=60_000)
+        store.client.hset(keys.inflight("a"), mapping={"alive:1": b"m1", "gone:7": b"m2\nm3"})
+        assert store.settle_inflight() == 1
+        assert set(store.inflight()) == {"alive:1"}
+        assert sorted(store.pop_dirty(10)) == [b"m2", b"m3"]
+        store.client.delete(keys.live("alive"))
+        assert store.settle_inflight() == 0 and store.inflight() == {}
+    finally:
+        store.close()
