@@ -404,8 +404,9 @@ def test_check_config_shows_overrides_and_moves(setup: Setup) -> None:
 
 async def test_transaction_statements_stay_in_flight_until_the_commit(setup: Setup) -> None:
     """A transaction's statement is applied at the commit: its in-flight entry stays
-    until commitTransaction passes (which is never held), so the mover's drain waits
-    for it. (FerretDB has no transactions: the agent is driven directly; Redis is real.)"""
+    until commitTransaction passes (which is never held, nor are the transaction's
+    further statements), so the mover's drain waits for it. (FerretDB has no
+    transactions: the agent is driven directly; Redis is real.)"""
     instance = Instance(setup)
     await instance.start()
     keys = Keys(setup.config.placement.key_prefix)
@@ -423,6 +424,13 @@ async def test_transaction_statements_stay_in_flight_until_the_commit(setup: Set
         assert client.hlen(keys.inflight("a")) == 1  # still in flight: not committed
         Mover(setup.config, "a").store.set_move({"phase": "hold", "hold_until_ms": 2**50})
         await instance.agent.refresh()
+        second = {**statement, "updates": [{"q": {"_id": 8}, "u": {"$set": {"n": 1}}}]}
+        del second["startTransaction"]
+        ticket = await asyncio.wait_for(instance.agent.before_write(
+            "a", request_from_command(second), second, (), instance.roundtrips["home"]), 5)
+        assert ticket is not None  # its transaction is in flight already: not held
+        await instance.agent.after_write(ticket, None)
+        assert client.hlen(keys.inflight("a")) == 2
         commit = {"commitTransaction": 1, "$db": "admin", "lsid": lsid, "txnNumber": 3,
                   "autocommit": False}
         ticket = await asyncio.wait_for(instance.agent.before_write(

@@ -210,6 +210,10 @@ class PlacementAgent:
         :meth:`after_write` (None: nothing recorded). Raises ProxyError (retryable)."""
         if request.name in _TXN_END:
             return self._txn_end(request)
+        # A statement of a transaction that already has statements in flight is not held:
+        # the mover waits for those until the commit, which this one precedes.
+        open_txn = (request.autocommit is False and request.session_id is not None
+                    and (request.session_id, request.txn_number or 0) in self._txns)
         deadline: float | None = None
         while True:
             if time.monotonic() - self._lease_sent > self._lease_s:
@@ -222,7 +226,7 @@ class PlacementAgent:
             if move is None:
                 return None
             phase = effective_phase(move, self.redis_ms)
-            if phase == HOLD:
+            if phase == HOLD and not open_txn:
                 if deadline is None:
                     deadline = time.monotonic() + self._hold_s
                 remaining = deadline - time.monotonic()
@@ -240,7 +244,7 @@ class PlacementAgent:
             ticket = await self._ticket(key, request, command, sequences, roundtrip, phase)
             if ticket is None:
                 return None
-            if await self._record(ticket, request):
+            if await self._record(ticket, request, open_txn):
                 return ticket
 
     async def _ticket(self, key: str, request: Request, command: Mapping[str, Any],
@@ -263,9 +267,10 @@ class PlacementAgent:
                        self.keys.inflight(key), [f"{self.instance}:{next(self._seq)}"],
                        txn=txn)
 
-    async def _record(self, ticket: _Ticket, request: Request) -> bool:
+    async def _record(self, ticket: _Ticket, request: Request, open_txn: bool) -> bool:
         """The pre-record; False when the state read with it says the write must wait
-        (a hold) or be recorded elsewhere (switched meanwhile)."""
+        (a hold, unless ``open_txn``) or be recorded elsewhere (switched meanwhile). An
+        entry that may have been written but must not stay is cleared (or retried)."""
         try:
             async with asyncio.timeout(self._lease_s):
                 pipe = self.client.pipeline(transaction=True)
@@ -280,18 +285,23 @@ class PlacementAgent:
                 *_, raw, now = await pipe.execute()
                 state = parse_state(raw)
         except (RedisError, OSError, TimeoutError, ValueError) as exc:
+            if ticket.inflight_key is not None:
+                self._pending.append(ticket)  # the entry may have been written: clear it
             raise ProxyError(PRIMARY_STEPPED_DOWN, (
                 f"tenant placement: tenant {ticket.tenant!r} is being moved and its write "
                 f"could not be recorded in Redis ({exc or type(exc).__name__}); the write "
                 f"was not sent, retry"), _labels(request)) from None
         self._adopt(state, redis_ms(now))
         move = state.moves.get(ticket.tenant)
-        if move is None or effective_phase(move, redis_ms(now)) not in (HOLD, *VERIFYING):
+        phase = None if move is None else effective_phase(move, redis_ms(now))
+        if phase not in VERIFYING and (phase != HOLD or open_txn):
             return True
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        try:
             async with asyncio.timeout(self._lease_s):
                 await self.client.hdel(ticket.inflight_key, *ticket.entries)
-        return False  # the mover drains in-flight entries; a leftover is re-synced
+        except (RedisError, OSError, TimeoutError):
+            self._pending.append(ticket)  # the drain must not wait for it
+        return False
 
     async def after_write(self, ticket: object, body: bytes | None) -> None:
         """Record the write's ids again now that it is done (plus upserted ids) and
