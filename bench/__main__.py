@@ -24,6 +24,8 @@ Subcommands:
          time per forwarded find and per cache hit (bench/ab.py)
   failover  FerretDB SIGKILLed and restarted under load: client-visible errors, lost
             and doubled writes, recovery; direct vs the proxy (bench/failover.py)
+  moves  an online tenant move under write load: the moving tenant's write pause, the
+         other tenants' p99 before and during (bench/moves.py)
   workers  listen.workers 1 vs 2: throughput at saturation (cache hits, forwarded finds),
            cores per process, RSS with idle clients (bench/workers.py)
 """
@@ -41,6 +43,7 @@ from bench import (
     core,
     failover,
     harness,
+    moves,
     observe_cost,
     placement_cost,
     placement_fanout,
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     workers.add_parser(subparsers)
     failover.add_parser(subparsers)
     placement_fanout.add_parser(subparsers)
+    moves.add_parser(subparsers)
     return parser
 
 

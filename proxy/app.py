@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import secrets
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +29,7 @@ from proxy.observe.hub import Observer
 from proxy.observe.metrics import topology_facts
 from proxy.pipeline import Pipeline
 from proxy.pipeline.placed import Placement
+from proxy.placement.agent import PlacementAgent
 from proxy.placement.clusters import Clusters
 from proxy.placement.directory import EMPTY_STATE, PlacementState
 from proxy.placement.fanout import FanOut
@@ -97,8 +101,12 @@ class Proxy:
         )
         self.placement: Placement | None = None
         if config.placement.enabled:
+            # Online moves: the shared state in Redis (placement.redis_url).
+            agent = (None if config.placement.redis_url is None else PlacementAgent(
+                config.placement, f"{socket.gethostname()}:{os.getpid()}:"
+                                  f"{secrets.token_hex(4)}"))
             self.placement = Placement(self.clusters, FanOut(
-                config.placement.fanout_batch_size, config.tenancy.field))
+                config.placement.fanout_batch_size, config.tenancy.field), agent)
             self.pipeline.placement = self.placement
             self.observer.metrics.registry.register(PlacementMetrics(
                 self.placement.router, lambda: self.config.placement,
@@ -157,6 +165,8 @@ class Proxy:
         for sd in self.topology.description().known_servers:
             await self._fill_pool(sd.address)
         await self.clusters.start()
+        if self.placement is not None and self.placement.agent is not None:
+            await self.placement.agent.start()  # a Redis that is down: retried, logged
         if self.cache is not None:
             await self.cache.start()
         if self.config.advice.enabled:
@@ -228,6 +238,8 @@ class Proxy:
         await self.pools.close()
         if self.placement is not None and self.placement.fanout is not None:
             await self.placement.fanout.close()
+        if self.placement is not None and self.placement.agent is not None:
+            await self.placement.agent.close()
         await self.clusters.close()
         if self.cache is not None:
             await self.cache.close()

@@ -1,5 +1,5 @@
 """Command line: ``mongoproxy run --config FILE``, ``check-config FILE``, ``top``,
-``advise``, ``explain-route`` and ``hash-password``."""
+``advise``, ``explain-route``, ``hash-password`` and ``move-tenant``."""
 
 from __future__ import annotations
 
@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
         "--offline", action="store_true",
         help="do not contact the upstream: no member is chosen",
     )
+    from proxy.placement.cli import add_arguments as add_move_arguments
+
+    add_move_arguments(sub.add_parser(
+        "move-tenant", help="move a tenant's documents to another cluster online"))
     return parser
 
 
@@ -80,7 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "check-config":
         print(f"{path}: OK")
+        if config.placement.redis_url is not None:
+            from proxy.placement.cli import print_state
+
+            print_state(config)
         return 0
+    if args.command == "move-tenant":
+        from proxy.placement.cli import run as run_move
+
+        return run_move(config, args)
     if args.command == "explain-route":
         return _explain_route(config, args.command_json, args.app_name, args.offline,
                               args.user)

@@ -254,7 +254,7 @@ class Pipeline:
             placed = placement.place(request, admission, session.tenant, snapshot)
             if placed.roundtrip is None:  # every cluster, or refused
                 return await placement.elsewhere(placed, request, command, message,
-                                                 session, reply)
+                                                 session, reply, snapshot)
             roundtrip = placed.roundtrip
             reply.cluster = placed.cluster
         cached = self.cached

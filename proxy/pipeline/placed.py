@@ -19,7 +19,7 @@ from proxy.errors import UNAUTHORIZED, ProxyError
 from proxy.pipeline.reply import Reply, error_message, message_for
 from proxy.pipeline.session import Session
 from proxy.placement.clusters import Clusters
-from proxy.placement.directory import EMPTY_STATE, HOME, PlacementState
+from proxy.placement.directory import EMPTY_STATE, HOME, PlacementState, tenant_values
 from proxy.placement.route import Placed, PlacementRouter
 from proxy.request import Request
 from proxy.tenancy.gate import Admission
@@ -70,12 +70,14 @@ class Placement:
     # -- what does not go to one cluster ----------------------------------------------------
 
     async def elsewhere(self, placed: Placed, request: Request, command: dict[str, Any],
-                        message: bytes, session: Session, reply: Reply) -> Reply:
+                        message: bytes, session: Session, reply: Reply, snapshot: Config
+                        ) -> Reply:
         """The one reply to a fan-out read, an index command on every cluster, or a
         refusal."""
         try:
             if placed.fanout:
-                document = await self._fan_out(placed, request, command, session, reply)
+                document = await self._fan_out(placed, request, command, session, reply,
+                                               snapshot)
                 reply.parts = (message_for(request.request_id, document),)
                 return reply
             if placed.broadcast:
@@ -88,7 +90,7 @@ class Placement:
             return reply
 
     async def _fan_out(self, placed: Placed, request: Request, command: dict[str, Any],
-                       session: Session, reply: Reply) -> dict[str, Any]:
+                       session: Session, reply: Reply, snapshot: Config) -> dict[str, Any]:
         fanout = self.fanout
         owner = session.connection_id
         name = request.name
@@ -108,8 +110,23 @@ class Placement:
         reply.cluster = "*"
         decision = reply.decision
         assert fanout is not None and decision is not None
-        document = await fanout.run(name, command, list(self.clusters), decision, owner)
+        document = await fanout.run(name, command, list(self.clusters), decision, owner,
+                                    self._moving_elsewhere(snapshot))
         return document
+
+    def _moving_elsewhere(self, snapshot: Config) -> dict[str, list[Any]] | None:
+        """Per cluster, the tenants being moved whose copy there does not serve them:
+        a fan-out read skips those documents, so a moving tenant is counted once."""
+        state = self.state
+        if not state.moves:
+            return None
+        excluded: dict[str, list[Any]] = {}
+        for key in state.moves:
+            serving = self.router.cluster_for(key, snapshot.placement, state)
+            for cluster in self.clusters.by_name:
+                if cluster != serving:
+                    excluded.setdefault(cluster, []).extend(tenant_values(key))
+        return excluded
 
     async def _broadcast(self, request: Request, message: bytes, session: Session,
                          reply: Reply) -> tuple[bytes, ...]:

@@ -9,16 +9,22 @@ cluster added to or removed from ``hash``; every instance computes the same answ
 from __future__ import annotations
 
 import hashlib
+import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from bson import ObjectId
+from bson.binary import Binary
 
 HOME = "home"
 
-__all__ = ["HOME", "PlacementState", "cluster_of", "rendezvous", "tenant_key"]
+__all__ = ["HOME", "PlacementState", "cluster_of", "rendezvous", "tenant_key",
+           "tenant_values"]
+
+_INT64 = re.compile(r"-?[0-9]{1,19}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,24 @@ def tenant_key(tenant: Any) -> str:
     if isinstance(tenant, ObjectId):
         return str(tenant)
     return str(tenant)
+
+
+def tenant_values(key: str) -> list[Any]:
+    """The values a tenant key can stand for in documents: the string itself, and the
+    int64, ObjectId or UUID it spells (the directory's key is the value as a string)."""
+    values: list[Any] = [key]
+    if _INT64.fullmatch(key) and -2**63 <= int(key) < 2**63:
+        values.append(int(key))
+    if ObjectId.is_valid(key) and len(key) == 24:
+        values.append(ObjectId(key))
+    try:
+        parsed = uuid.UUID(key)
+    except ValueError:
+        pass
+    else:
+        if str(parsed) == key.lower():
+            values.append(Binary.from_uuid(parsed))
+    return values
 
 
 @lru_cache(maxsize=65_536)

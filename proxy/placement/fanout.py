@@ -158,8 +158,12 @@ class FanOut:
     # -- a fanned-out command ----------------------------------------------------------------
 
     async def run(self, name: str, command: dict[str, Any], targets: Sequence[Roundtrip],
-                  decision: RouteDecision, owner: int) -> dict[str, Any]:
-        """The merged reply to ``command`` run on every cluster of ``targets``."""
+                  decision: RouteDecision, owner: int,
+                  exclude: Mapping[str, Sequence[Any]] | None = None) -> dict[str, Any]:
+        """The merged reply to ``command`` run on every cluster of ``targets``.
+        ``exclude``: per cluster name, tenant values whose documents there are not read
+        (a tenant being moved has a copy on a cluster that does not serve it yet, or
+        any more)."""
         try:
             merge = plan(name, command, self.tenant_field)
         except Unmergeable as exc:
@@ -171,8 +175,11 @@ class FanOut:
         upstream = self._upstream_command(merge, decision)
         streams: list[_Stream] = []
         try:
-            replies = await _all(self._open(target, merge, upstream, decision, streams)
-                                 for target in targets)
+            replies = await _all(
+                self._open(target, merge, _excluding(upstream, merge, self.tenant_field,
+                                                     (exclude or {}).get(target.cluster)),
+                           decision, streams)
+                for target in targets)
         except BaseException:
             for stream in streams:
                 stream.kill()
@@ -388,6 +395,22 @@ class FanOut:
                     log.info("merged cursor %d on %s idle for %.0f s: killed",
                              merged.cursor_id, merged.plan.namespace, self.idle_timeout_s)
                     self._forget(merged)
+
+
+def _excluding(upstream: dict[str, Any], merge: Plan, field: str,
+               values: Sequence[Any] | None) -> dict[str, Any]:
+    """``upstream`` narrowed to documents whose tenant is none of ``values``."""
+    if not values:
+        return upstream
+    narrowed = dict(upstream)
+    condition = {field: {"$nin": list(values)}}
+    if "pipeline" in narrowed:
+        narrowed["pipeline"] = [{"$match": condition}, *narrowed["pipeline"]]
+    else:
+        key = "filter" if next(iter(narrowed)) == "find" else "query"
+        original = narrowed.get(key)
+        narrowed[key] = {"$and": [original, condition]} if original else condition
+    return narrowed
 
 
 async def _all(calls: Iterable[Awaitable[_T]]) -> list[_T]:

@@ -1,0 +1,148 @@
+"""The mover's side of the clusters (sync pymongo): a tenant's documents of every scoped
+collection, copied, re-synced by id, compared and deleted. Documents are handled as raw
+BSON (``RawBSONDocument``), so the target gets the source's bytes and the content hash
+compares bytes."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import bson
+from bson.raw_bson import RawBSONDocument
+from pymongo import MongoClient
+from pymongo.collection import Collection
+from pymongo.errors import BulkWriteError, OperationFailure
+
+from proxy.config import UpstreamConfig
+from proxy.placement.directory import tenant_values
+from proxy.placement.written import raw_id_doc
+from proxy.tenancy.config import TenancyConfig
+
+__all__ = ["Cluster", "connect", "tenant_values"]
+
+_SYSTEM_DBS = frozenset({"admin", "config", "local"})
+_NAMESPACE_EXISTS = 48
+_DUPLICATE_KEY = 11000
+# BSON's comparison order of the types an _id can have (the server's, which FerretDB
+# follows): a resumed copy continues after the last _id within its type's bracket
+# ($gt only compares within one) and then takes every later bracket.
+# Symbol (14, with strings) and MaxKey (127, last) are left out: FerretDB refuses them
+# in $type; an _id of either after a resumed copy's last one would be missed by the
+# copy and then reported by the verification.
+_TYPE_ORDER: tuple[tuple[int, ...], ...] = (
+    (-1,), (10,), (1, 16, 18, 19), (2,), (3,), (5,), (7,), (8,), (9,), (17,), (11,))
+
+
+def connect(config: UpstreamConfig) -> MongoClient[RawBSONDocument]:
+    """A client for a cluster as configured (uri, or the declared primary member)."""
+    if config.uri is not None and not config.members:
+        return MongoClient(config.uri, document_class=RawBSONDocument)
+    primary = next((m for m in config.members if m.role == "primary"), config.members[0])
+    host, port = primary.address
+    return MongoClient(host, port, directConnection=True, document_class=RawBSONDocument)
+
+
+def _later_types(value: Any) -> list[int]:
+    code = bson.encode({"_id": value})[4]
+    for index, group in enumerate(_TYPE_ORDER):
+        if code in group:
+            return [t for g in _TYPE_ORDER[index + 1:] for t in g]
+    return []
+
+
+class Cluster:
+    """One cluster's documents of one tenant."""
+
+    def __init__(self, name: str, client: MongoClient[RawBSONDocument],
+                 tenancy: TenancyConfig, tenant: str) -> None:
+        self.name = name
+        self.client = client
+        self.field = tenancy.field
+        self._scoped = tenancy.scoped_patterns()
+        self._exempt = tenancy.exempt_patterns()
+        self.match: dict[str, Any] = {tenancy.field: {"$in": tenant_values(tenant)}}
+
+    def close(self) -> None:
+        self.client.close()
+
+    def coll(self, ns: str) -> Collection[RawBSONDocument]:
+        db, _, coll = ns.partition(".")
+        return self.client[db][coll]
+
+    def namespaces(self) -> list[str]:
+        """Every scoped, non-exempt collection outside admin/config/local, sorted."""
+        found = []
+        for db in self.client.list_database_names():
+            if db in _SYSTEM_DBS:
+                continue
+            for info in self.client[db].list_collections():
+                name = info["name"]
+                if info.get("type", "collection") != "collection" or name.startswith("system."):
+                    continue
+                if self._scoped(db, name) and not self._exempt(db, name):
+                    found.append(f"{db}.{name}")
+        return sorted(found)
+
+    def ensure_like(self, source: Cluster, ns: str) -> None:
+        """Create ``ns`` here with the source's options and indexes (idempotent)."""
+        db, _, coll = ns.partition(".")
+        info = next(iter(source.client[db].list_collections(filter={"name": coll})), None)
+        options = dict(info.get("options", {})) if info is not None else {}
+        try:
+            self.client[db].command({"create": coll, **options})
+        except OperationFailure as exc:
+            if exc.code != _NAMESPACE_EXISTS:
+                raise
+        specs = []
+        for index in source.coll(ns).list_indexes():
+            spec = {k: v for k, v in dict(index).items() if k not in ("v", "ns")}
+            if spec.get("name") != "_id_":
+                specs.append(spec)
+        if specs:
+            self.client[db].command({"createIndexes": coll, "indexes": specs})
+
+    def documents(self, ns: str, after: Any = None, *, resume: bool = False,
+                  batch: int = 1000) -> Iterator[RawBSONDocument]:
+        """The tenant's documents of ``ns`` in _id order (``resume``: after ``after``)."""
+        query: dict[str, Any] = dict(self.match)
+        if resume:
+            later = _later_types(after)
+            gt: dict[str, Any] = {"_id": {"$gt": after}}
+            query["$or"] = [gt, {"_id": {"$type": later}}] if later else [gt]
+        return iter(self.coll(ns).find(query, sort=[("_id", 1)], batch_size=batch))
+
+    def insert(self, ns: str, docs: list[RawBSONDocument]) -> None:
+        """Insert ``docs``; one already there (a resumed copy) is left as it is: any
+        change made to it since the move began is in the dirty set."""
+        if not docs:
+            return
+        try:
+            self.coll(ns).insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            others = [e for e in exc.details.get("writeErrors", [])
+                      if e.get("code") != _DUPLICATE_KEY]
+            if others:
+                raise
+
+    def replace(self, ns: str, ids: list[Any], docs: list[RawBSONDocument]) -> None:
+        """Make the documents ``ids`` here equal ``docs`` (the source's; an id missing
+        from ``docs`` is deleted). Delete then insert, not replace-upserts: FerretDB
+        1.24 leaks a SQLite connection per upsert in some batches and then hangs. The
+        target does not serve the tenant before the switch, so the gap is unseen."""
+        if ids:
+            self.coll(ns).delete_many({"_id": {"$in": ids}, **self.match})
+        self.insert(ns, docs)
+
+    def by_ids(self, ns: str, ids: list[Any]) -> list[RawBSONDocument]:
+        return list(self.coll(ns).find({"_id": {"$in": ids}, **self.match}))
+
+    def delete_tenant(self, ns: str) -> int:
+        return self.coll(ns).delete_many(self.match).deleted_count
+
+    def digest(self, ns: str) -> list[tuple[bytes, bytes]]:
+        """(raw ``{_id: v}``, sha256 of the raw document) of each of the tenant's
+        documents of ``ns``, in _id order."""
+        return [(raw_id_doc(bytes(doc.raw)) or b"", hashlib.sha256(bytes(doc.raw)).digest())
+                for doc in self.coll(ns).find(self.match, sort=[("_id", 1)])]
