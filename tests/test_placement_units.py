@@ -251,3 +251,47 @@ def test_explain_route_names_the_cluster() -> None:
     assert "every cluster in turn" in cluster_line(
         '{"createIndexes": "t", "indexes": [{"key": {"a": 1}, "name": "a"}], "$db": "d"}')
     assert "home (not confined" in cluster_line('{"find": "tenants", "$db": "d"}')
+
+
+# -- a fan-out read during a move counts the moving tenant once -------------------------------
+
+def test_a_fan_out_skips_a_moving_tenants_copy_where_it_is_not_served(
+        router: PlacementRouter) -> None:
+    from proxy.config import Config
+    from proxy.pipeline.placed import Placement
+
+    placement = Placement(router.clusters)
+
+    class _Agent:
+        state = PlacementState(3, {"done": "eu"}, {"acme": {"phase": "copy"},
+                                                   "zeta": {"phase": "verify"}})
+
+    placement.agent = _Agent()  # type: ignore[assignment]
+    snapshot = Config.model_validate({"upstream": {"uri": "mongodb://127.0.0.1:1"},
+                                      "tenancy": {"mode": "enforce"},
+                                      "placement": PLACEMENT.model_dump()})
+    excluded = placement._moving_elsewhere(snapshot)
+    # acme is served by eu (the directory) until its move switches: skipped on home;
+    # zeta (no override yet, so home) is skipped on eu. "done" has finished: not skipped.
+    assert excluded == {"home": ["acme"], "eu": ["zeta"]}
+    placement.agent = None
+    assert placement._moving_elsewhere(snapshot) is None
+
+
+@pytest.mark.parametrize(("upstream", "narrowed"), [
+    ({"find": "t", "filter": {"a": 1}},
+     {"find": "t", "filter": {"$and": [{"a": 1}, {"tenant_id": {"$nin": ["x", 7]}}]}}),
+    ({"find": "t"}, {"find": "t", "filter": {"tenant_id": {"$nin": ["x", 7]}}}),
+    ({"count": "t", "query": {}}, {"count": "t", "query": {"tenant_id": {"$nin": ["x", 7]}}}),
+    ({"distinct": "t", "key": "k"},
+     {"distinct": "t", "key": "k", "query": {"tenant_id": {"$nin": ["x", 7]}}}),
+    ({"aggregate": "t", "pipeline": [{"$group": {"_id": "$tenant_id"}}]},
+     {"aggregate": "t", "pipeline": [{"$match": {"tenant_id": {"$nin": ["x", 7]}}},
+                                     {"$group": {"_id": "$tenant_id"}}]}),
+])
+def test_a_fan_out_command_narrowed_by_excluded_tenants(upstream: dict[str, Any],
+                                                        narrowed: dict[str, Any]) -> None:
+    from proxy.placement.fanout import _excluding
+
+    assert _excluding(upstream, "tenant_id", ["x", 7]) == narrowed
+    assert _excluding(upstream, "tenant_id", None) is upstream

@@ -176,7 +176,7 @@ class FanOut:
         streams: list[_Stream] = []
         try:
             replies = await _all(
-                self._open(target, merge, _excluding(upstream, merge, self.tenant_field,
+                self._open(target, merge, _excluding(upstream, self.tenant_field,
                                                      (exclude or {}).get(target.cluster)),
                            decision, streams)
                 for target in targets)
@@ -397,7 +397,7 @@ class FanOut:
                     self._forget(merged)
 
 
-def _excluding(upstream: dict[str, Any], merge: Plan, field: str,
+def _excluding(upstream: dict[str, Any], field: str,
                values: Sequence[Any] | None) -> dict[str, Any]:
     """``upstream`` narrowed to documents whose tenant is none of ``values``."""
     if not values:
