@@ -106,7 +106,9 @@ class Proxy:
                 config.placement, f"{socket.gethostname()}:{os.getpid()}:"
                                   f"{secrets.token_hex(4)}"))
             self.placement = Placement(self.clusters, FanOut(
-                config.placement.fanout_batch_size, config.tenancy.field), agent)
+                config.placement.fanout_batch_size, config.tenancy.field,
+                max_cursors=config.placement.fanout_max_cursors,
+                idle_timeout_s=config.placement.fanout_idle_timeout_ms / 1000), agent)
             self.pipeline.placement = self.placement
             self.observer.metrics.registry.register(PlacementMetrics(
                 self.placement.router, lambda: self.config.placement,

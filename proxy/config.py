@@ -237,6 +237,10 @@ class PlacementConfig(_Strict):
     hold_timeout_ms: int = Field(default=10_000, gt=0)
     # Fan-out reads (docs/placement.md): documents a merged cursor buffers per cluster.
     fanout_batch_size: int = Field(default=101, gt=0, le=100_000)
+    # Merged cursors open at once (per process); a fan-out beyond is refused (146).
+    fanout_max_cursors: int = Field(default=1_000, gt=0, le=1_000_000)
+    # A merged cursor unused this long is killed, as a server times out a cursor.
+    fanout_idle_timeout_ms: int = Field(default=600_000, gt=0)
 
     @field_validator("clusters")
     @classmethod

@@ -208,9 +208,10 @@ class Pipeline:
             return await self._authenticate(request, session, timer)
         if session.identity is None and self.users_configured:
             return self._before_login(request, session, timer)
-        if self.siblings is not None and request.cursor_ids:
-            await self.siblings.resolve(request.cursor_ids)  # before tenancy reads them
         placement = self.placement
+        if self.siblings is not None and request.cursor_ids and (
+                placement is None or not placement.owns_cursor(request.cursor_ids[0])):
+            await self.siblings.resolve(request.cursor_ids)  # before tenancy reads them
         admission = admit(
             self.policy, name, command, request.msg.body, request.sequences,
             bound_tenant=session.tenant,

@@ -62,6 +62,10 @@ class Placement:
         return self.router.place(request, admission, bound_tenant, snapshot.placement,
                                  self.state)
 
+    def owns_cursor(self, cursor_id: int) -> bool:
+        """A merged cursor of a fan-out read of this process (not a sibling's)."""
+        return self.fanout is not None and self.fanout.owns(cursor_id)
+
     def roundtrip_of(self, cluster: str | None) -> Roundtrip:
         if cluster is None or cluster == HOME:
             return self.clusters.home
