@@ -221,7 +221,7 @@ def test_a_transaction_stays_on_one_cluster(router: PlacementRouter) -> None:
     assert "a transaction stays on one cluster" in (other.refused or "")
     commit = _place(router, {"commitTransaction": 1, **txn}, Admission(superuser=True),
                     bound="*")
-    assert commit.cluster == "eu"
+    assert (commit.cluster, commit.key) == ("eu", "acme")  # the move agent's record
     spanning = _place(router, {"find": "t", **txn}, Admission(superuser=True, spans="x"))
     assert spanning.code[0] == 263
 

@@ -53,6 +53,7 @@ from proxy.pipeline.placed import Placement
 from proxy.pipeline.reply import NO_PARTS, Reply, error_message, message_for, query_failure
 from proxy.pipeline.rewrite import forwarded_message, with_injected, with_route
 from proxy.pipeline.session import Session
+from proxy.placement.route import TRANSACTION_ENDS
 from proxy.pool.connection import next_request_id
 from proxy.request import Request, request_from_op_msg
 from proxy.route.readpref import ReadPreferenceError, from_command
@@ -263,7 +264,8 @@ class Pipeline:
             reply.access = cached.begin(request, command, classification, decision,
                                         (session.tenant, tenant), bool(sequences),
                                         snapshot.cache)
-        if placed is not None and placed.key is not None and classification.is_write:
+        if placed is not None and placed.key is not None and (
+                classification.is_write or name in TRANSACTION_ENDS):
             assert placement is not None
             return await placement.write(placed, request, command, sequences, message,
                                          roundtrip, self._forward, session, reply, snapshot)

@@ -20,7 +20,7 @@ from proxy.pipeline.reply import Reply, error_message, message_for
 from proxy.pipeline.session import Session
 from proxy.placement.clusters import Clusters
 from proxy.placement.directory import EMPTY_STATE, HOME, PlacementState, tenant_values
-from proxy.placement.route import Placed, PlacementRouter
+from proxy.placement.route import TRANSACTION_ENDS, Placed, PlacementRouter
 from proxy.request import Request
 from proxy.tenancy.gate import Admission
 from proxy.upstream.roundtrip import Roundtrip
@@ -159,7 +159,8 @@ class Placement:
                     snapshot: Config) -> Reply:
         agent = self.agent
         key = placed.key
-        if agent is None or key is None or not agent.gated(key):
+        if agent is None or key is None or not (
+                agent.gated(key) or request.name in TRANSACTION_ENDS):
             return await forward(request, message, roundtrip, session, reply, snapshot)
         try:
             ticket = await agent.before_write(key, request, command, sequences, roundtrip)

@@ -34,10 +34,11 @@ from proxy.upstream.roundtrip import Roundtrip
 if TYPE_CHECKING:
     from proxy.placement.clusters import Clusters
 
-__all__ = ["BROADCAST_COMMANDS", "OPERATION_NOT_SUPPORTED_IN_TRANSACTION", "Placed",
-           "PlacementRouter"]
+__all__ = ["BROADCAST_COMMANDS", "OPERATION_NOT_SUPPORTED_IN_TRANSACTION", "TRANSACTION_ENDS",
+           "Placed", "PlacementRouter"]
 
 OPERATION_NOT_SUPPORTED_IN_TRANSACTION = (263, "OperationNotSupportedInTransaction")
+TRANSACTION_ENDS = frozenset({"commitTransaction", "abortTransaction"})
 # "*" commands on a scoped collection that run on every cluster: a collection's indexes
 # belong on every cluster that holds some of its tenants (moves copy them too).
 BROADCAST_COMMANDS = frozenset({"createIndexes", "dropIndexes"})
@@ -71,8 +72,8 @@ class PlacementRouter:
     def __init__(self, clusters: Clusters, cursors: CursorTable) -> None:
         self.clusters = clusters
         self.cursors = cursors
-        # (session id, txnNumber) -> (cluster, last used)
-        self._transactions: dict[tuple[bytes, int], tuple[str, float]] = {}
+        # (session id, txnNumber) -> (cluster, tenant key, last used)
+        self._transactions: dict[tuple[bytes, int], tuple[str, str | None, float]] = {}
         # Set by the wiring when fan-out reads exist: owns(cursor_id) -> bool.
         self.fanout_owns: Any = None
         # Commands placed per cluster ("*": every cluster), for the metrics.
@@ -131,11 +132,12 @@ class PlacementRouter:
                         ) -> Placed:
         now = time.monotonic()
         pinned = self._transactions.get(txn)
-        if request.name in ("commitTransaction", "abortTransaction"):
-            cluster = pinned[0] if pinned is not None else placed.cluster
-            if pinned is not None:
-                self._transactions[txn] = (cluster, now)
-            return self._one(cluster, placed.key)
+        if request.name in TRANSACTION_ENDS:
+            if pinned is None:
+                return placed
+            # The key of the tenant whose statements it ends: the move agent's record.
+            self._transactions[txn] = (pinned[0], pinned[1], now)
+            return self._one(pinned[0], pinned[1])
         if placed.roundtrip is None:  # fan-out, broadcast or refused
             if placed.refused is None or placed.fanout:
                 return Placed(refused=f"{request.name} inside a transaction spans the "
@@ -144,7 +146,7 @@ class PlacementRouter:
             return placed
         if pinned is None:
             self._expire(now)
-            self._transactions[txn] = (placed.cluster, now)
+            self._transactions[txn] = (placed.cluster, placed.key, now)
             return placed
         if pinned[0] != placed.cluster:
             return Placed(refused=(
@@ -152,13 +154,14 @@ class PlacementRouter:
                 f"{placed.cluster!r}, this transaction runs on {pinned[0]!r}; a "
                 "transaction stays on one cluster"),
                 code=OPERATION_NOT_SUPPORTED_IN_TRANSACTION)
-        self._transactions[txn] = (pinned[0], now)
+        self._transactions[txn] = (pinned[0], pinned[1] or placed.key, now)
         return placed
 
     def _expire(self, now: float) -> None:
         if len(self._transactions) < 1024:
             return
-        stale = [k for k, (_, t) in self._transactions.items() if now - t > _TRANSACTION_TTL_S]
+        stale = [k for k, (_, _, t) in self._transactions.items()
+                 if now - t > _TRANSACTION_TTL_S]
         for key in stale:
             del self._transactions[key]
         while len(self._transactions) >= _MAX_TRANSACTIONS:
