@@ -489,3 +489,19 @@ def test_in_flight_entries_of_a_gone_instance_are_resynced(setup: Setup) -> None
         assert store.settle_inflight() == 0 and store.inflight() == {}
     finally:
         store.close()
+
+
+def test_a_tenant_is_deleted_in_batches(setup: Setup) -> None:
+    """Cleanup and abort delete a tenant's documents a batch of ids at a time (FerretDB
+    1.24 fails one delete of ~100,000 at once: "too many SQL variables")."""
+    from proxy.placement.move_data import Cluster, connect
+
+    cluster = Cluster("home", connect(setup.config.upstream), setup.config.tenancy, "a")
+    try:
+        assert cluster.delete_tenant(f"{DB}.orders", batch=7) == 180
+        assert cluster.delete_tenant(f"{DB}.items", batch=7) == 40
+        assert cluster.delete_tenant(f"{DB}.items", batch=7) == 0
+    finally:
+        cluster.close()
+    assert setup.docs("home", "orders", "a") == {}
+    assert len(setup.docs("home", "orders", "b")) == 50  # another tenant: untouched
