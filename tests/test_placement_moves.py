@@ -492,16 +492,29 @@ def test_in_flight_entries_of_a_gone_instance_are_resynced(setup: Setup) -> None
 
 
 def test_a_tenant_is_deleted_in_batches(setup: Setup) -> None:
-    """Cleanup and abort delete a tenant's documents a batch of ids at a time (FerretDB
-    1.24 fails one delete of ~100,000 at once: "too many SQL variables")."""
+    """Cleanup and abort delete a tenant's documents a batch of ids at a time when one
+    delete of all is refused (FerretDB 1.24 fails one of ~100,000: "too many SQL
+    variables"); here the one delete is made to fail."""
+    from pymongo.collection import Collection
+    from pymongo.errors import OperationFailure
+
     from proxy.placement.move_data import Cluster, connect
 
     cluster = Cluster("home", connect(setup.config.upstream), setup.config.tenancy, "a")
+    real_delete_many = Collection.delete_many
+
+    def refuse_the_whole_tenant(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        if "_id" not in query:
+            raise OperationFailure("too many SQL variables", code=1)
+        return real_delete_many(self, query, *args, **kwargs)
+
+    Collection.delete_many = refuse_the_whole_tenant  # type: ignore[method-assign]
     try:
         assert cluster.delete_tenant(f"{DB}.orders", batch=7) == 180
         assert cluster.delete_tenant(f"{DB}.items", batch=7) == 40
         assert cluster.delete_tenant(f"{DB}.items", batch=7) == 0
     finally:
+        Collection.delete_many = real_delete_many  # type: ignore[method-assign]
         cluster.close()
     assert setup.docs("home", "orders", "a") == {}
     assert len(setup.docs("home", "orders", "b")) == 50  # another tenant: untouched
