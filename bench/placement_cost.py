@@ -20,9 +20,7 @@ import timeit
 from pathlib import Path
 from typing import Any
 
-import bson
-from bson import Binary, Int64
-
+from bench.tenancy_cost import _ENVELOPE
 from proxy.config import PlacementConfig, UpstreamConfig
 from proxy.placement.clusters import Clusters
 from proxy.placement.directory import EMPTY_STATE
@@ -38,12 +36,6 @@ from proxy.upstream.roundtrip import Roundtrip
 
 DEFAULT_JSON = Path(__file__).parent / "results" / "placement.json"
 
-_ENVELOPE: dict[str, Any] = {
-    "lsid": {"id": Binary(b"\x01" * 16, 4)},
-    "$clusterTime": {"clusterTime": bson.Timestamp(1, 1),
-                     "signature": {"hash": b"\x00" * 20, "keyId": Int64(0)}},
-    "$db": "app",
-}
 _FIND = {"find": "tasks", "filter": {"tenant_id": "tenant-17", "status": "open"},
          "sort": {"priority": -1}, "limit": 50, **_ENVELOPE}
 # label -> (command, the connection's bound tenant)
