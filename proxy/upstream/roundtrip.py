@@ -257,14 +257,8 @@ class Roundtrip:
         catalog's listIndexes) through the same exchange and failure handling as a
         client's request, on ``server`` or the primary (else any member). Raises
         ProxyError."""
-        if server is None:
-            server = await self.topology.select(_PRIMARY_PREFERRED)
-        pool = self.pools.get(server)
-        request_id = next_request_id()
-        message = encode_op_msg(request_id, 0, bson.encode({**command, "$db": database}))
-        _, header, body = await self._on(pool, server, next(iter(command)), message,
-                                         request_id, _NO_TIMER, _PROXY_CLIENT)
-        return decode_body(parse_op_msg(header + body))
+        done = await self.command_on(database, command, _PRIMARY_PREFERRED, server)
+        return decode_body(parse_op_msg(done.header + done.body))
 
     async def command_on(self, database: str, command: dict[str, Any],
                          selector: _ServerMode, server: Address | None = None) -> Exchanged:
