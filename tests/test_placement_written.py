@@ -47,6 +47,10 @@ async def test_filters_by_id_empty_filters_and_merge() -> None:
     command = {"updates": [{"q": {"_id": 5}, "u": {}}, {"q": {"_id": {"x": 1}}, "u": {}}]}
     assert _ids(await members_before("update", "db", "c", command, (), _no_find, 10)) == [
         5, {"x": 1}]
+    # The tenant's own condition beside _id (every enforce-mode write has one) needs no
+    # lookup: the filter matches that one document at most.
+    confined = {"updates": [{"q": {"_id": 7, "tenant_id": "a", "n": {"$gt": 1}}, "u": {}}]}
+    assert _ids(await members_before("update", "db", "c", confined, (), _no_find, 10)) == [7]
     assert await members_before("delete", "db", "c", {"deletes": [{"q": {}, "limit": 0}]},
                                 (), _no_find, 10) == [full_member("db.c")]
     merge = {"pipeline": [{"$match": {}}, {"$merge": {"into": {"db": "o", "coll": "out"}}}]}

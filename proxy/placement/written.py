@@ -59,8 +59,10 @@ def _statements(command: Mapping[str, Any], sequences: Sequence[DocumentSequence
 
 
 def _known_id(query: Any) -> tuple[bool, Any]:
-    """(True, v) when the filter is ``{_id: v}`` (v a plain value, not an operator)."""
-    if isinstance(query, Mapping) and len(query) == 1 and "_id" in query:
+    """(True, v) when the filter has ``_id: v`` at its top level (v a plain value, not
+    an operator): it matches that document at most, whatever else it says (other
+    conditions, such as the tenant's, only narrow it)."""
+    if isinstance(query, Mapping) and "_id" in query:
         value = query["_id"]
         if not isinstance(value, Mapping) or not any(str(k).startswith("$") for k in value):
             return True, value
