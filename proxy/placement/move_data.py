@@ -20,11 +20,14 @@ from proxy.placement.directory import tenant_values
 from proxy.placement.written import raw_id_doc
 from proxy.tenancy.config import TenancyConfig
 
-__all__ = ["Cluster", "connect", "tenant_values"]
+__all__ = ["POINT_IDS", "Cluster", "connect", "tenant_values"]
 
 _SYSTEM_DBS = frozenset({"admin", "config", "local"})
 _NAMESPACE_EXISTS = 48
 _DUPLICATE_KEY = 11000
+# Up to this many written ids are re-copied by point lookups, one {_id: v} each (see
+# Cluster.by_ids); more by one $in query.
+POINT_IDS = 100
 # BSON's comparison order of the types an _id can have (the server's, which FerretDB
 # follows): a resumed copy continues after the last _id within its type's bracket
 # ($gt only compares within one) and then takes every later bracket.
@@ -62,7 +65,8 @@ class Cluster:
         self.field = tenancy.field
         self._scoped = tenancy.scoped_patterns()
         self._exempt = tenancy.exempt_patterns()
-        self.match: dict[str, Any] = {tenancy.field: {"$in": tenant_values(tenant)}}
+        self._values = tenant_values(tenant)
+        self.match: dict[str, Any] = {tenancy.field: {"$in": self._values}}
 
     def close(self) -> None:
         self.client.close()
@@ -131,12 +135,33 @@ class Cluster:
         from ``docs`` is deleted). Delete then insert, not replace-upserts: FerretDB
         1.24 leaks a SQLite connection per upsert in some batches and then hangs. The
         target does not serve the tenant before the switch, so the gap is unseen."""
-        if ids:
+        if len(ids) <= POINT_IDS:
+            coll = self.coll(ns)
+            for value in ids:
+                found = coll.find_one({"_id": value}, {self.field: 1})
+                if found is not None and self.owns(found):
+                    coll.delete_one({"_id": value})
+        elif ids:
             self.coll(ns).delete_many({"_id": {"$in": ids}, **self.match})
         self.insert(ns, docs)
 
     def by_ids(self, ns: str, ids: list[Any]) -> list[RawBSONDocument]:
-        return list(self.coll(ns).find({"_id": {"$in": ids}, **self.match}))
+        """The tenant's documents among ``ids``. A small set is looked up one ``{_id:
+        v}`` at a time: every server answers that from the _id index, while FerretDB
+        1.24 (SQLite) scans the whole collection for any other filter, ``$in``
+        included (docs/placement.md, "Moves on FerretDB")."""
+        if len(ids) > POINT_IDS:
+            return list(self.coll(ns).find({"_id": {"$in": ids}, **self.match}))
+        coll = self.coll(ns)
+        found = (coll.find_one({"_id": value}) for value in ids)
+        return [doc for doc in found if doc is not None and self.owns(doc)]
+
+    def owns(self, doc: RawBSONDocument) -> bool:
+        """Whether ``doc`` is the tenant's (``self.match``, evaluated here)."""
+        value = doc.get(self.field)
+        values = value if isinstance(value, list) else [value]
+        # bool == int in Python, never in BSON's $in
+        return any(not isinstance(v, bool) and v in self._values for v in values)
 
     def delete_tenant(self, ns: str, batch: int = 10_000) -> int:
         """Delete the tenant's documents of ``ns``: in one delete, or, when the server

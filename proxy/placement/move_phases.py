@@ -18,7 +18,7 @@ from proxy.placement.move_data import Cluster
 from proxy.placement.move_store import MoveStore
 from proxy.placement.shared import decode_member
 
-__all__ = ["Limits", "catch_up", "copy_namespace", "full_resync", "verify"]
+__all__ = ["Late", "Limits", "catch_up", "copy_namespace", "full_resync", "verify"]
 
 log = logging.getLogger("mongoproxy.move")
 DONE = b"done"
@@ -71,8 +71,14 @@ def _flush(target: Cluster, store: MoveStore, ns: str, batch: list[RawBSONDocume
     return count
 
 
-def full_resync(source: Cluster, target: Cluster, ns: str, limits: Limits) -> None:
-    """Make the target's documents of ``ns`` equal the source's (before the switch)."""
+class Late(Exception):
+    """The catch-up ran past its deadline (the hold's); what it took is put back."""
+
+
+def full_resync(source: Cluster, target: Cluster, ns: str, limits: Limits,
+                late: Callable[[], bool] = lambda: False) -> None:
+    """Make the target's documents of ``ns`` equal the source's (before the switch).
+    Raises Late between batches once ``late()``: run again, it starts over."""
     target.ensure_like(source, ns)
     target.delete_tenant(ns)
     batch: list[RawBSONDocument] = []
@@ -81,11 +87,13 @@ def full_resync(source: Cluster, target: Cluster, ns: str, limits: Limits) -> No
         if len(batch) >= limits.batch:
             target.insert(ns, batch)
             batch = []
+            if late():
+                raise Late(ns)
     target.insert(ns, batch)
 
 
-def _sync_members(source: Cluster, target: Cluster, members: list[bytes],
-                   limits: Limits) -> None:
+def _sync_members(source: Cluster, target: Cluster, members: list[bytes], limits: Limits,
+                  ensured: set[str], late: Callable[[], bool]) -> None:
     by_ns: dict[str, list[Any]] = defaultdict(list)
     full: set[str] = set()
     for member in members:
@@ -95,32 +103,43 @@ def _sync_members(source: Cluster, target: Cluster, members: list[bytes],
         else:
             by_ns[ns].append(value)
     for ns in sorted(full):
-        full_resync(source, target, ns, limits)
+        full_resync(source, target, ns, limits, late)
+        ensured.add(ns)
     for ns, ids in by_ns.items():
         if ns in full:
             continue
-        target.ensure_like(source, ns)
+        if ns not in ensured:  # a collection or index made on the source meanwhile
+            target.ensure_like(source, ns)
+            ensured.add(ns)
         target.replace(ns, ids, source.by_ids(ns, ids))
 
 
 def catch_up(source: Cluster, target: Cluster, store: MoveStore, limits: Limits,
-             *, until_empty: bool) -> int:
+             *, until_empty: bool, late: Callable[[], bool] | None = None) -> bool:
     """Re-copy the written ids popped from the dirty set; one pass takes what is there
-    now (``until_empty``: until the set is empty). A step that fails puts its ids
-    back. The number of members handled."""
+    now (``until_empty``: until the set is empty). A step that fails or runs late puts
+    its ids back. False when ``late()`` stopped it first (checked before each step):
+    writes released by an expired hold can refill the set as fast as it is emptied."""
     handled = 0
     budget = store.dirty_count()
+    ensured: set[str] = set()
+    is_late = late or (lambda: False)
     while until_empty or handled < budget:
+        if is_late():
+            return False
         members = store.pop_dirty(limits.pop)
         if not members:
             break
         try:
-            _sync_members(source, target, members, limits)
+            _sync_members(source, target, members, limits, ensured, is_late)
+        except Late:
+            store.redirty(members)
+            return False
         except BaseException:
             store.redirty(members)
             raise
         handled += len(members)
-    return handled
+    return True
 
 
 @dataclass(slots=True)

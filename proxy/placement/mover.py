@@ -194,8 +194,11 @@ class Mover:
             if self.store.now_ms() >= hold_until - reserve:
                 return False
             time.sleep(0.01)
-        catch_up(source, target, self.store, self.limits, until_empty=True)
-        return self.store.now_ms() < hold_until - 10
+        def late() -> bool:
+            return self.store.now_ms() >= hold_until - 10
+        return (catch_up(source, target, self.store, self.limits, until_empty=True,
+                         late=late)
+                and not late())
 
     def _verify(self, source: Cluster, target: Cluster) -> bool:
         namespaces = sorted(set(source.namespaces()) | set(target.namespaces()))
