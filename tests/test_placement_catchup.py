@@ -3,10 +3,12 @@ against two real FerretDB servers and a real Redis (the ``setup`` of
 tests/test_placement_moves.py): a small set of ids is re-copied by point lookups and a
 large one by ``$in``, with the same outcome; a catch-up bounded by a deadline stops
 while writes keep refilling the dirty set, and loses none of them; a drain whose hold
-cannot be met returns instead of spinning past it."""
+cannot be met returns instead of spinning past it. And a proxy's agent closes even when
+a cancellation of its refresh is lost."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from typing import Any
 import bson
 import pytest
 
+from proxy.placement.agent import PlacementAgent
 from proxy.placement.move_data import POINT_IDS, Cluster
 from proxy.placement.move_phases import Limits, catch_up
 from proxy.placement.mover import Mover
@@ -156,3 +159,23 @@ def test_a_drain_that_cannot_finish_in_its_hold_returns(setup: Setup, mover: Mov
         stop.set()
         refiller.join()
     assert mover.store.now_ms() >= hold_until - 10
+
+
+async def test_an_agent_closes_when_a_cancellation_is_lost(setup: Setup) -> None:
+    """A proxy's agent stops even if its refresh swallows the cancellation (as a cancel
+    landing inside redis-py's clean-up can): close() returns, the loop is over."""
+    agent = PlacementAgent(setup.config.placement, "i1")
+    await agent.start()
+    swallowed: list[bool] = []
+
+    async def refresh_that_swallows() -> bool:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed.append(True)
+        return True
+
+    agent.refresh = refresh_that_swallows  # type: ignore[method-assign]
+    await asyncio.sleep(0.2)  # the loop is inside the refresh now
+    await asyncio.wait_for(agent.close(), timeout=10)
+    assert swallowed == [True]

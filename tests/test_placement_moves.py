@@ -492,9 +492,10 @@ def test_in_flight_entries_of_a_gone_instance_are_resynced(setup: Setup) -> None
 
 
 def test_a_tenant_is_deleted_in_batches(setup: Setup) -> None:
-    """Cleanup and abort delete a tenant's documents a batch of ids at a time when one
-    delete of all is refused (FerretDB 1.24 fails one of ~100,000: "too many SQL
-    variables"); here the one delete is made to fail."""
+    """Cleanup and abort delete a tenant's documents a batch at a time (by _id range,
+    or $in for a batch spanning types) when one delete of all is refused (FerretDB 1.24
+    fails one of ~100,000: "too many SQL variables"); here the one delete is made to
+    fail."""
     from pymongo.collection import Collection
     from pymongo.errors import OperationFailure
 
@@ -508,6 +509,9 @@ def test_a_tenant_is_deleted_in_batches(setup: Setup) -> None:
             raise OperationFailure("too many SQL variables", code=1)
         return real_delete_many(self, query, *args, **kwargs)
 
+    # another tenant's documents inside the ranges of "a"'s batches: never deleted
+    setup.direct("home")[DB].orders.insert_many([
+        {"_id": 10.5, "tenant_id": "b"}, {"_id": "s1x", "tenant_id": "b"}])
     Collection.delete_many = refuse_the_whole_tenant  # type: ignore[method-assign]
     try:
         assert cluster.delete_tenant(f"{DB}.orders", batch=7) == 180
@@ -517,4 +521,4 @@ def test_a_tenant_is_deleted_in_batches(setup: Setup) -> None:
         Collection.delete_many = real_delete_many  # type: ignore[method-assign]
         cluster.close()
     assert setup.docs("home", "orders", "a") == {}
-    assert len(setup.docs("home", "orders", "b")) == 50  # another tenant: untouched
+    assert len(setup.docs("home", "orders", "b")) == 52  # another tenant: untouched

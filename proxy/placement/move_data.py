@@ -47,6 +47,26 @@ def connect(config: UpstreamConfig) -> MongoClient[RawBSONDocument]:
     return MongoClient(host, port, directConnection=True, document_class=RawBSONDocument)
 
 
+def _bracket(value: Any) -> int | None:
+    """The comparison bracket of an ``_id`` value whose range queries every server
+    handles alike (numbers, strings, ObjectIds, dates); None for the others."""
+    code = bson.encode({"_id": value})[4]
+    for group in ((1, 16, 18, 19), (2,), (7,), (9,)):
+        if code in group:
+            return group[0]
+    return None
+
+
+def _span(ids: list[Any]) -> dict[str, Any]:
+    """A condition on ``_id`` matching ``ids`` (sorted, one batch of a tenant's
+    documents): their range when the first and last are in one bracket (so are all
+    between them, and a range only matches values of its own bracket), else ``$in``."""
+    first = _bracket(ids[0])
+    if first is not None and first == _bracket(ids[-1]):
+        return {"$gte": ids[0], "$lte": ids[-1]}
+    return {"$in": ids}
+
+
 def _later_types(value: Any) -> list[int]:
     code = bson.encode({"_id": value})[4]
     for index, group in enumerate(_TYPE_ORDER):
@@ -134,14 +154,10 @@ class Cluster:
         """Make the documents ``ids`` here equal ``docs`` (the source's; an id missing
         from ``docs`` is deleted). Delete then insert, not replace-upserts: FerretDB
         1.24 leaks a SQLite connection per upsert in some batches and then hangs. The
-        target does not serve the tenant before the switch, so the gap is unseen."""
-        if len(ids) <= POINT_IDS:
-            coll = self.coll(ns)
-            for value in ids:
-                found = coll.find_one({"_id": value}, {self.field: 1})
-                if found is not None and self.owns(found):
-                    coll.delete_one({"_id": value})
-        elif ids:
+        target does not serve the tenant before the switch, so the gap is unseen. One
+        delete for all ids: FerretDB scans the collection for every delete, even
+        ``{_id: v}``."""
+        if ids:
             self.coll(ns).delete_many({"_id": {"$in": ids}, **self.match})
         self.insert(ns, docs)
 
@@ -166,7 +182,9 @@ class Cluster:
     def delete_tenant(self, ns: str, batch: int = 10_000) -> int:
         """Delete the tenant's documents of ``ns``: in one delete, or, when the server
         refuses that (FerretDB 1.24's SQLite backend fails past some tens of thousands:
-        "too many SQL variables"), ``batch`` ids at a time."""
+        "too many SQL variables"), ``batch`` documents at a time in ``_id`` order, each
+        batch by its ``_id`` range (an ``$in`` of 10,000 ids costs FerretDB a comparison
+        per id and document: 26 s against 1.8 s for the range, at 100,000 documents)."""
         coll = self.coll(ns)
         try:
             return coll.delete_many(self.match).deleted_count
@@ -174,10 +192,11 @@ class Cluster:
             pass
         deleted = 0
         while True:
-            ids = [doc["_id"] for doc in coll.find(self.match, {"_id": 1}, limit=batch)]
+            ids = [doc["_id"] for doc in coll.find(self.match, {"_id": 1},
+                                                   sort=[("_id", 1)], limit=batch)]
             if not ids:
                 return deleted
-            done = coll.delete_many({"_id": {"$in": ids}, **self.match}).deleted_count
+            done = coll.delete_many({"_id": _span(ids), **self.match}).deleted_count
             if not done:  # found but not deletable: stop rather than spin
                 raise OperationFailure(f"deleting tenant documents of {ns}: {len(ids)} "
                                        "found, none deleted")
