@@ -20,6 +20,7 @@ import pytest
 from proxy.placement.agent import PlacementAgent
 from proxy.placement.move_data import POINT_IDS, Cluster
 from proxy.placement.move_phases import Limits, catch_up
+from proxy.placement.move_store import MoveError
 from proxy.placement.mover import Mover
 from proxy.placement.shared import full_member, id_member
 from tests.test_placement_moves import DB, Setup, setup
@@ -179,3 +180,23 @@ async def test_an_agent_closes_when_a_cancellation_is_lost(setup: Setup) -> None
     await asyncio.sleep(0.2)  # the loop is inside the refresh now
     await asyncio.wait_for(agent.close(), timeout=10)
     assert swallowed == [True]
+
+
+def test_an_id_of_another_tenant_on_the_target_stops_the_move(setup: Setup) -> None:
+    """A document of another tenant with one of the moving tenant's _ids on the target:
+    the copy stops with an error naming it, before any switch (the tenant stays whole on
+    its source); --abort then leaves the other tenant's document alone."""
+    eu = setup.direct("eu")[DB].orders
+    eu.insert_one({"_id": 5, "tenant_id": "b", "n": "b's own"})
+    mover = Mover(setup.config, "a", Limits(batch=25))
+    try:
+        with pytest.raises(MoveError, match=r"_id 5 of another tenant"):
+            mover.run("eu")
+        assert mover.current_cluster() == "home"
+        assert (mover.store.move() or {}).get("phase") == "copy"
+        assert mover.abort() == 0
+    finally:
+        mover.close()
+    assert eu.find_one({"_id": 5}) == {"_id": 5, "tenant_id": "b", "n": "b's own"}
+    assert eu.count_documents({"tenant_id": "a"}) == 0
+    assert len(setup.docs("home", "orders", "a")) == 180

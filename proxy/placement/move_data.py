@@ -17,6 +17,7 @@ from pymongo.errors import BulkWriteError, OperationFailure
 
 from proxy.config import UpstreamConfig
 from proxy.placement.directory import tenant_values
+from proxy.placement.move_store import MoveError
 from proxy.placement.written import raw_id_doc
 from proxy.tenancy.config import TenancyConfig
 
@@ -138,17 +139,27 @@ class Cluster:
         return iter(self.coll(ns).find(query, sort=[("_id", 1)], batch_size=batch))
 
     def insert(self, ns: str, docs: list[RawBSONDocument]) -> None:
-        """Insert ``docs``; one already there (a resumed copy) is left as it is: any
-        change made to it since the move began is in the dirty set."""
+        """Insert ``docs``; one already there as the tenant's (a resumed copy) is left
+        as it is: any change made to it since the move began is in the dirty set. One
+        already there as another tenant's document is a collision: MoveError, before
+        the switch, so the tenant keeps being served whole from its source."""
         if not docs:
             return
         try:
             self.coll(ns).insert_many(docs, ordered=False)
         except BulkWriteError as exc:
-            others = [e for e in exc.details.get("writeErrors", [])
-                      if e.get("code") != _DUPLICATE_KEY]
-            if others:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != _DUPLICATE_KEY for e in errors):
                 raise
+            for error in errors:
+                value = docs[error["index"]]["_id"]
+                there = self.coll(ns).find_one({"_id": value})
+                if there is not None and not self.owns(there):
+                    raise MoveError(
+                        f"{ns} on cluster {self.name!r} already holds a document with "
+                        f"_id {value!r} of another tenant: _ids collide, the move cannot "
+                        f"go on. The tenant is still served from its source; --abort the "
+                        f"move, or change one of the _ids first") from None
 
     def replace(self, ns: str, ids: list[Any], docs: list[RawBSONDocument]) -> None:
         """Make the documents ``ids`` here equal ``docs`` (the source's; an id missing
