@@ -7,8 +7,9 @@ the proxy (one per tenant: an insert, then an ``$inc`` of a recent document, in 
 after ``--before`` s ``python -m proxy move-tenant mover --to eu`` runs, and the writers
 go on ``--after`` s after it has finished.
 
-Reported per round: the move's wall time; the moving tenant's write latency during the
-move (p50, max: its pause is the hold); the other tenants' p99 before the move and
+Reported per round: the move's wall time; how long the tenant's writes were held (the
+mover's own figure); the moving tenant's write latency before the move (p50) and during
+it (p50, max: its pause is the hold); the other tenants' p99 before the move and
 during it, and their ratio; errors seen by the moving tenant and by the others; whether
 the target then holds exactly the acknowledged documents. JSON goes to
 bench/results/moves.json.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -186,6 +188,8 @@ def _summary(writers: list[_Writer], start: float, end: float,
              left: int) -> dict[str, Any]:
     mover, others = writers[0], writers[1:]
     during = [s for t, s in mover.samples if start <= t <= end]
+    before = [s for t, s in mover.samples if t < start]
+    held = re.search(r"writes held (\d+) ms", moved.stdout)
     before_o = [s for w in others for t, s in w.samples if t < start]
     during_o = [s for w in others for t, s in w.samples if start <= t <= end]
     p99_before, p99_during = _quantile(before_o, 0.99), _quantile(during_o, 0.99)
@@ -193,6 +197,8 @@ def _summary(writers: list[_Writer], start: float, end: float,
         "move_exit": moved.returncode,
         "move_output": moved.stdout[-2000:] + moved.stderr[-2000:],
         "move_s": round(end - start, 3),
+        "held_ms": int(held.group(1)) if held else None,
+        "mover_p50_before_ms": _ms(_quantile(before, 0.5)),
         "mover_writes_during": len(during),
         "mover_p50_ms": _ms(_quantile(during, 0.5)),
         "mover_max_ms": _ms(max(during) if during else None),

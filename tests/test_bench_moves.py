@@ -17,3 +17,4 @@ def test_bench_moves_moves_a_tenant_and_reports(tmp_path: Path) -> None:
     (round_,) = data["rounds"]
     assert round_["move_exit"] == 0 and round_["target_exact"]
     assert round_["others_errors"] == 0
+    assert round_["held_ms"] is not None and round_["mover_p50_before_ms"] is not None
