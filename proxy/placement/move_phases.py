@@ -75,8 +75,12 @@ class Late(Exception):
     """The catch-up ran past its deadline (the hold's); what it took is put back."""
 
 
+def _never() -> bool:
+    return False
+
+
 def full_resync(source: Cluster, target: Cluster, ns: str, limits: Limits,
-                late: Callable[[], bool] = lambda: False) -> None:
+                late: Callable[[], bool] = _never) -> None:
     """Make the target's documents of ``ns`` equal the source's (before the switch).
     Raises Late between batches once ``late()``: run again, it starts over."""
     target.ensure_like(source, ns)
@@ -115,7 +119,7 @@ def _sync_members(source: Cluster, target: Cluster, members: list[bytes], limits
 
 
 def catch_up(source: Cluster, target: Cluster, store: MoveStore, limits: Limits,
-             *, until_empty: bool, late: Callable[[], bool] | None = None) -> bool:
+             *, until_empty: bool, late: Callable[[], bool] = _never) -> bool:
     """Re-copy the written ids popped from the dirty set; one pass takes what is there
     now (``until_empty``: until the set is empty). A step that fails or runs late puts
     its ids back. False when ``late()`` stopped it first (checked before each step):
@@ -123,15 +127,14 @@ def catch_up(source: Cluster, target: Cluster, store: MoveStore, limits: Limits,
     handled = 0
     budget = store.dirty_count()
     ensured: set[str] = set()
-    is_late = late or (lambda: False)
     while until_empty or handled < budget:
-        if is_late():
+        if late():
             return False
         members = store.pop_dirty(limits.pop)
         if not members:
             break
         try:
-            _sync_members(source, target, members, limits, ensured, is_late)
+            _sync_members(source, target, members, limits, ensured, late)
         except Late:
             store.redirty(members)
             return False
