@@ -48,10 +48,15 @@ def connect(config: UpstreamConfig) -> MongoClient[RawBSONDocument]:
     return MongoClient(host, port, directConnection=True, document_class=RawBSONDocument)
 
 
+def _type_code(value: Any) -> int:
+    """The BSON type byte of ``value`` (as an ``_id``)."""
+    return bson.encode({"_id": value})[4]
+
+
 def _bracket(value: Any) -> int | None:
     """The comparison bracket of an ``_id`` value whose range queries every server
     handles alike (numbers, strings, ObjectIds, dates); None for the others."""
-    code = bson.encode({"_id": value})[4]
+    code = _type_code(value)
     for group in ((1, 16, 18, 19), (2,), (7,), (9,)):
         if code in group:
             return group[0]
@@ -69,7 +74,7 @@ def _span(ids: list[Any]) -> dict[str, Any]:
 
 
 def _later_types(value: Any) -> list[int]:
-    code = bson.encode({"_id": value})[4]
+    code = _type_code(value)
     for index, group in enumerate(_TYPE_ORDER):
         if code in group:
             return [t for g in _TYPE_ORDER[index + 1:] for t in g]
